@@ -1,0 +1,171 @@
+"""Loading an SD3 / SD3.5 pipeline: the tiny random model, a local diffusers folder, or a Hugging Face hub id.
+
+Everything that can be checked cheaply (does the folder exist, is it an SD3 pipeline, is the hub reachable, is CUDA
+there for the options that need it) is checked before any weights are read, and fails with a one-line
+`ModelLoadError` that says what to do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from pipelines.pipeline_sd3_logprob import StableDiffusion3LogProbPipeline
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model configuration cannot be loaded; the message says why and what to do."""
+
+
+def load_pipeline(
+    path: str | None = None,
+    *,
+    tiny_seed: int = 0,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: str = "float32",
+    drop_t5: bool = False,
+    t5_8bit: bool = False,
+    cpu_offload: bool = False,
+    compile_transformer: bool = False,
+    compile_vae_decode: bool = False,
+    device: str | torch.device = "cpu",
+) -> StableDiffusion3LogProbPipeline:
+    """Build or load an SD3 / SD3.5 pipeline as a `StableDiffusion3LogProbPipeline`.
+
+    Args:
+        path: a local diffusers pipeline folder, a hub id (e.g. "stabilityai/stable-diffusion-3.5-medium"), or None
+            for the tiny random model built in code.
+        tiny_seed: the seed of the tiny model's weights (used when `path` is None).
+        revision, variant: passed to `from_pretrained` (e.g. variant "fp16").
+        dtype: "float32", "bfloat16" or "float16" for every component.
+        drop_t5: load without the T5 encoder (`text_encoder_3=None`); SD3 then uses zeros for the T5 tokens.
+        t5_8bit: load T5 in 8 bits with bitsandbytes (needs CUDA).
+        cpu_offload: `enable_model_cpu_offload()` instead of moving everything to `device` (needs CUDA).
+        compile_transformer, compile_vae_decode: `torch.compile` the transformer / the VAE decoder.
+        device: where to put the pipeline.
+    """
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    device = torch.device(device)
+    if (t5_8bit or cpu_offload) and not torch.cuda.is_available():
+        option = "model.t5_8bit" if t5_8bit else "model.cpu_offload"
+        raise ModelLoadError(f"{option}=true needs a CUDA GPU and none is available; set {option}=false")
+    if t5_8bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("model.t5_8bit=true needs bitsandbytes: `pip install bitsandbytes`, or set it to false")
+    if t5_8bit and drop_t5:
+        raise ModelLoadError("model.t5_8bit and model.drop_t5 are both set; choose one")
+
+    if path is None:
+        from pipelines.tiny import build_tiny_components
+
+        components = build_tiny_components(seed=tiny_seed)
+        if drop_t5:
+            components.update(text_encoder_3=None, tokenizer_3=None)
+        if t5_8bit:
+            raise ModelLoadError("model.t5_8bit applies to real checkpoints only; the tiny model has no 8-bit T5")
+        pipe = StableDiffusion3LogProbPipeline(**components)
+        if torch_dtype != torch.float32:
+            pipe.to(dtype=torch_dtype)
+    else:
+        source = resolve_source(str(path), revision=revision)
+        kwargs = {"torch_dtype": torch_dtype, "revision": revision, "variant": variant}
+        if drop_t5:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        if t5_8bit:
+            from transformers import BitsAndBytesConfig, T5EncoderModel
+
+            kwargs["text_encoder_3"] = T5EncoderModel.from_pretrained(
+                source,
+                subfolder="text_encoder_3",
+                revision=revision,
+                quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                torch_dtype=torch_dtype,
+            )
+        pipe = StableDiffusion3LogProbPipeline.from_pretrained(source, **kwargs)
+
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    elif t5_8bit:
+        # bitsandbytes modules are placed on the GPU when loaded and cannot be moved with `.to`.
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name != "text_encoder_3":
+                component.to(device)
+    else:
+        pipe.to(device)
+    if compile_transformer:
+        pipe.transformer.compile()
+    if compile_vae_decode:
+        pipe.vae.decode = torch.compile(pipe.vae.decode)
+    return pipe
+
+
+def resolve_source(path: str, revision: str | None = None) -> str:
+    """Check that `path` is a loadable SD3 pipeline before any weights are read; return what to pass to
+    `from_pretrained`. Raises `ModelLoadError` with a one-line message otherwise."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        check_sd3_folder(local)
+        return str(local)
+    if local.exists():
+        raise ModelLoadError(f"model.path={path} is a file; point it at a diffusers pipeline folder")
+    if not _looks_like_hub_id(path):
+        raise ModelLoadError(f"model.path={path}: no such folder (and not a hub id of the form 'org/name')")
+    return _check_hub_id(path, revision)
+
+
+def check_sd3_folder(folder: Path) -> None:
+    """A diffusers SD3 pipeline folder has a `model_index.json` naming an SD3 pipeline and a transformer folder."""
+    index_file = folder / "model_index.json"
+    hint = "save one with `StableDiffusion3Pipeline.save_pretrained` or `python -m scripts.save_tiny_model --out DIR`"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json); {hint}")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{index_file} is not valid JSON ({error}); {hint}") from None
+    class_name = index.get("_class_name", "")
+    if not class_name.startswith("StableDiffusion3"):
+        raise ModelLoadError(f"{folder} holds a {class_name or 'unknown'} pipeline, not an SD3 / SD3.5 one; {hint}")
+    if not (folder / "transformer" / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no transformer/config.json: the SD3 pipeline folder is incomplete")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+
+
+def _check_hub_id(repo_id: str, revision: str | None) -> str:
+    """A hub id loads if it is in the local cache, or if the hub answers; otherwise say what to do."""
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    if isinstance(cached, str):
+        return repo_id
+    download_hint = (
+        f"download it where the hub is reachable (`hf download {repo_id} --local-dir DIR`) "
+        f"and set model.path=DIR"
+    )
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {download_hint}")
+    try:
+        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
+    except GatedRepoError:
+        raise ModelLoadError(f"{repo_id} is gated: accept its licence on its hub page, then `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{repo_id} is neither a local folder nor a model on the Hugging Face hub") from None
+    except Exception as error:  # network failures come as many types (httpx, OSError, timeouts)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(
+            f"cannot reach the Hugging Face hub for {repo_id} ({reason}) and it is not in the local cache; "
+            f"{download_hint}"
+        ) from None
+    return repo_id
