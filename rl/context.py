@@ -1,0 +1,37 @@
+"""What the entry point hands to every algorithm: typed objects built from the config, never the config itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from pipelines import StableDiffusion3LogProbPipeline
+from rl.prompts import Prompt
+from rl.tracking import LoggerConfig, make_accelerator
+
+
+@dataclass
+class RunContext:
+    """The run's directory, seed, model loader, prompt sets, reward and logging choices.
+
+    `load_pipeline(device=...)` loads the configured model (see `pipelines.load_pipeline`); the algorithm calls it once
+    it knows its device. `config` is the resolved configuration as a plain dict, for trackers' hyperparameter tables.
+    """
+
+    run_dir: Path
+    seed: int
+    load_pipeline: Callable[..., StableDiffusion3LogProbPipeline]
+    train_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    logger: LoggerConfig
+    config: dict[str, Any]
+    mixed_precision: str = "no"
+    reward: Callable | None = None
+
+    def accelerator(self, **kwargs) -> Accelerator:
+        """An `Accelerator` for this run, logging to `metrics.jsonl` and the configured trackers."""
+        return make_accelerator(self.run_dir, self.logger, self.config, self.mixed_precision, **kwargs)

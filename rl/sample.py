@@ -1,0 +1,88 @@
+"""`algo=sample`: generate images for a prompt set, save them and a grid into the run directory.
+
+Each image has its own seed (`seed + its index in the set`), so an image does not depend on the batch size or the
+number of processes, and an interrupted run started again in the same directory skips the images already saved.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import PIL.Image
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm.auto import tqdm
+
+from rl.context import RunContext
+from rl.tracking import image_grid, log_image
+
+
+def run(
+    ctx: RunContext,
+    *,
+    prompt_set: Literal["train", "eval"] = "eval",
+    max_prompts: int | None = None,
+    num_images_per_prompt: int = 2,
+    num_inference_steps: int = 28,
+    guidance_scale: float = 4.5,
+    resolution: int | None = None,
+    noise_level: float = 0.0,
+    batch_size: int = 8,
+) -> None:
+    """Sample `num_images_per_prompt` images for each prompt of the chosen set into `<run dir>/samples/`.
+
+    Writes `samples/<prompt>_<image>.png`, `samples/index.jsonl` (file, prompt, seed) and `samples/grid.png`, and logs
+    the count (and the mean reward, when a reward is configured) to `metrics.jsonl`.
+    """
+    prompts = (ctx.eval_prompts if prompt_set == "eval" else ctx.train_prompts)[:max_prompts]
+    jobs = [
+        {
+            "file": f"{p:04d}_{i:02d}.png",
+            "prompt": prompt.text,
+            "prompt_index": p,
+            "seed": ctx.seed + p * num_images_per_prompt + i,
+        }
+        for p, prompt in enumerate(prompts)
+        for i in range(num_images_per_prompt)
+    ]
+    sample_dir = ctx.run_dir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+
+    accelerator = ctx.accelerator()
+    pipe = ctx.load_pipeline(device=accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    todo = [job for job in jobs if not (sample_dir / job["file"]).exists()]
+    with accelerator.split_between_processes(todo) as my_jobs:
+        batches = [my_jobs[i : i + batch_size] for i in range(0, len(my_jobs), batch_size)]
+        for batch in tqdm(batches, desc="sampling", disable=not accelerator.is_local_main_process):
+            generators = [torch.Generator(accelerator.device).manual_seed(job["seed"]) for job in batch]
+            images = pipe(
+                [job["prompt"] for job in batch],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                noise_level=noise_level,
+                generator=generators,
+                output_type="pil",
+            ).images
+            for job, image in zip(batch, images):
+                image.save(sample_dir / job["file"])
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        with (sample_dir / "index.jsonl").open("w") as index:
+            for job in jobs:
+                index.write(json.dumps(job) + "\n")
+        images = torch.stack([pil_to_tensor(PIL.Image.open(sample_dir / job["file"])) for job in jobs]).float() / 255
+        grid = image_grid(images, nrow=num_images_per_prompt if num_images_per_prompt > 1 else None)
+        grid.save(sample_dir / "grid.png")
+        metrics = {"sample/num_images": len(jobs), "sample/num_prompts": len(prompts)}
+        if ctx.reward is not None:
+            metadata = [prompts[job["prompt_index"]].metadata for job in jobs]
+            scores, _ = ctx.reward(images, [job["prompt"] for job in jobs], metadata)
+            metrics.update({"sample/reward_mean": scores.mean().item(), "sample/reward_std": scores.std().item()})
+        accelerator.log(metrics, step=0)
+        log_image(accelerator, "samples", grid, step=0)
+    accelerator.end_training()

@@ -1,0 +1,133 @@
+"""Metrics and images: `metrics.jsonl` in the run directory always, plus wandb and/or tensorboard through accelerate.
+
+Every algorithm logs with `accelerator.log(values, step=step)`; accelerate sends it to each tracker on the main process
+only. `JsonlTracker` is the accelerate tracker that writes the run directory's `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration
+from torchvision.utils import make_grid
+
+BACKENDS = ("wandb", "tensorboard")
+
+
+@dataclass
+class LoggerConfig:
+    """Which trackers to use besides `metrics.jsonl` (built from `conf/logger/*.yaml`)."""
+
+    backends: list[str] = field(default_factory=list)
+    project: str = "sd3-rl"
+    entity: str | None = None
+    mode: str = "online"  # wandb: online, offline (no network; `wandb sync` later) or disabled
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.backends) - set(BACKENDS))
+        if unknown:
+            raise ValueError(f"unknown logger backends {unknown}; choose from {list(BACKENDS)}")
+
+
+class JsonlTracker(GeneralTracker):
+    """Appends one JSON object per `log` call to a file, with the step under the key `step`."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass  # the resolved config is saved as config.yaml next to metrics.jsonl
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        record = {"step": step, **{key: _to_json(value) for key, value in values.items()}}
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def _to_json(value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(value):
+        return None
+    return value
+
+
+def make_accelerator(
+    run_dir: Path,
+    logger: LoggerConfig,
+    config: dict,
+    mixed_precision: str = "no",
+    **accelerator_kwargs,
+) -> Accelerator:
+    """An `Accelerator` that logs to `run_dir/metrics.jsonl` and the configured backends, trackers started."""
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=[JsonlTracker(run_dir / "metrics.jsonl"), *logger.backends],
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        **accelerator_kwargs,
+    )
+    init_kwargs = {
+        "wandb": {
+            "dir": str(run_dir),
+            "name": run_dir.name,
+            "entity": logger.entity,
+            "mode": logger.mode,
+            "tags": list(logger.tags),
+        }
+    }
+    accelerator.init_trackers(logger.project, config=_flatten(config), init_kwargs=init_kwargs)
+    return accelerator
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """Nested config to flat `a.b.c` keys with scalar values, as trackers' hyperparameter tables want."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> PIL.Image.Image:
+    """A grid of NCHW images in [0, 1] as one PIL image (rows of `nrow`, default about square)."""
+    if nrow is None:
+        nrow = max(1, math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    return PIL.Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def log_image(accelerator: Accelerator, name: str, image: PIL.Image.Image, step: int) -> None:
+    """Send one image (e.g. a grid) to the image-capable trackers; `metrics.jsonl` keeps numbers only."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(image), global_step=step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({name: [image]}, step=step)
