@@ -38,10 +38,13 @@ def resolve_prompt_file(file: str) -> Path:
     raise PromptSetError(f"prompt file {file!r} not found (shipped sets: {available})")
 
 
-def load_prompts(file: str, start: int = 0, stop: int | None = None, template: str = "{}") -> list[Prompt]:
+def load_prompts(
+    file: str, start: int = 0, stop: int | None = None, template: str = "{}", unique: bool = True
+) -> list[Prompt]:
     """Read prompts `[start:stop]` of `file`, each formatted into `template` (e.g. "a photo of a {}").
 
-    Blank lines are skipped. A `.jsonl` file needs a `prompt` key on every line; its other keys become metadata.
+    Blank lines are skipped; with `unique`, so are repeats of an earlier prompt (before slicing, so that a train slice
+    and a held-out slice of one file never share a prompt). A `.jsonl` file needs a `prompt` key on every line; its other keys become metadata.
     Raises `PromptSetError` for a missing or empty file, a malformed line, or an empty slice.
     """
     path = resolve_prompt_file(file)
@@ -60,6 +63,9 @@ def load_prompts(file: str, start: int = 0, stop: int | None = None, template: s
             prompts.append(Prompt(template.format(text), record))
     else:
         prompts = [Prompt(template.format(line)) for line in lines]
+    if unique:
+        seen = set()
+        prompts = [p for p in prompts if not (p.text in seen or seen.add(p.text))]
     if not prompts:
         raise PromptSetError(f"prompt file {path} holds no prompts")
     selected = prompts[start:stop]

@@ -6,10 +6,13 @@ Hydra composes `conf/config.yaml`; this file turns the config into typed objects
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -42,10 +45,28 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
     )
 
 
+def shared_run_dir(local_run_dir: Path) -> Path:
+    """The main process's run directory, on every process.
+
+    Under `accelerate launch` each process composes its own config, and `${now:...}` in the run directory's name can
+    differ between processes started a second apart; all of them must write into the main process's directory.
+    """
+    state = PartialState()
+    if state.num_processes == 1:
+        return local_run_dir
+    shared = [str(local_run_dir)]
+    broadcast_object_list(shared, from_process=0)
+    run_dir = Path(shared[0])
+    if run_dir != local_run_dir and not state.is_main_process:
+        shutil.rmtree(local_run_dir, ignore_errors=True)  # only Hydra's own files are in it yet
+    return run_dir
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    run_dir = shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
+    if PartialState().is_main_process:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     try:
         ctx = build_context(cfg, run_dir)
         algorithm = instantiate(cfg.algo)

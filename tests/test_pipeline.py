@@ -1,0 +1,118 @@
+"""The log-prob pipeline: stock-identical ODE sampling, trajectories, log-probabilities, and re-scoring."""
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from pipelines import StableDiffusion3LogProbPipeline, transition_log_probs
+
+PROMPTS = ["a cat", "a dog riding a bike", "an apple on a table"]
+
+
+@pytest.mark.parametrize(
+    "batch_size, num_images_per_prompt, steps, guidance_scale, negative_prompt",
+    [
+        (1, 1, 2, 1.0, None),  # no classifier-free guidance
+        (2, 1, 4, 4.5, None),  # guidance with the empty negative prompt
+        (3, 1, 3, 7.0, "blurry, low quality"),  # guidance with a negative prompt
+        (2, 2, 5, 4.5, "ugly"),  # several images per prompt
+    ],
+)
+def test_zero_noise_reproduces_the_stock_pipeline(
+    tiny_pipe, batch_size, num_images_per_prompt, steps, guidance_scale, negative_prompt
+):
+    stock = StableDiffusion3Pipeline(**tiny_pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt=PROMPTS[:batch_size],
+        negative_prompt=[negative_prompt] * batch_size if negative_prompt else None,
+        num_images_per_prompt=num_images_per_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        output_type="pt",
+    )
+    expected = stock(generator=torch.Generator().manual_seed(7), **kwargs).images
+    out = tiny_pipe(generator=torch.Generator().manual_seed(7), noise_level=0.0, **kwargs)
+    assert out.images.shape == expected.shape
+    assert (out.images - expected).abs().max().item() <= 1e-5
+    assert out.log_probs is None
+
+
+def test_pipeline_is_constructible_like_the_stock_one(tiny_pipe, tmp_path):
+    stock = StableDiffusion3Pipeline(**tiny_pipe.components)
+    pipe = StableDiffusion3LogProbPipeline(**stock.components)
+    assert pipe.transformer is stock.transformer
+    stock.save_pretrained(tmp_path)
+    loaded = StableDiffusion3LogProbPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded, StableDiffusion3LogProbPipeline)
+    for name, param in tiny_pipe.transformer.state_dict().items():
+        torch.testing.assert_close(loaded.transformer.state_dict()[name], param, rtol=0, atol=0)
+
+
+def test_sde_sampling_returns_the_trajectory_and_log_probs(tiny_pipe):
+    latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = tiny_pipe(
+        PROMPTS[:2], num_inference_steps=5, guidance_scale=4.5, latents=latents, noise_level=0.7,
+        generator=torch.Generator().manual_seed(1), output_type="pt",
+    )
+    assert out.latents.shape == (2, 6, 16, 16, 16)
+    assert out.latents.dtype == torch.float32
+    torch.testing.assert_close(out.latents[:, 0], latents)
+    assert out.log_probs.shape == (2, 5)
+    assert torch.isfinite(out.log_probs).all()
+    assert out.timesteps.shape == (5,) and out.sigmas.shape == (6,) and out.sigmas[-1] == 0
+    assert out.images.shape == (2, 3, 32, 32) and 0 <= out.images.min() and out.images.max() <= 1
+    # The images are the decoded final latents of the trajectory.
+    torch.testing.assert_close(tiny_pipe.decode_latents(out.latents[:, -1]), out.images)
+    assert out.prompt_embeds.shape[0] == 2 and out.negative_prompt_embeds.shape == out.prompt_embeds.shape
+    # SDE sampling differs from ODE sampling from the same start.
+    ode = tiny_pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=4.5, latents=latents, output_type="latent")
+    assert not torch.allclose(ode.latents[:, -1], out.latents[:, -1])
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_transition_log_probs_rescore_the_stored_transitions(tiny_pipe, guidance_scale, sde_type):
+    out = tiny_pipe(
+        PROMPTS[:2], num_images_per_prompt=2, num_inference_steps=4, guidance_scale=guidance_scale,
+        noise_level=0.7, sde_type=sde_type, generator=torch.Generator().manual_seed(3), output_type="latent",
+    )
+    batch = torch.arange(4)
+    steps = torch.tensor([0, 3, 1, 2])  # each sample re-scored at a different step, as PPO's shuffled batches are
+    with torch.no_grad():
+        log_prob, mean, _ = transition_log_probs(
+            tiny_pipe.transformer, tiny_pipe.scheduler,
+            latents=out.latents[batch, steps], next_latents=out.latents[batch, steps + 1],
+            timesteps=out.timesteps[steps],
+            prompt_embeds=out.prompt_embeds, pooled_prompt_embeds=out.pooled_prompt_embeds,
+            negative_prompt_embeds=out.negative_prompt_embeds,
+            negative_pooled_prompt_embeds=out.negative_pooled_prompt_embeds,
+            guidance_scale=guidance_scale, noise_level=0.7, sde_type=sde_type,
+        )
+    torch.testing.assert_close(log_prob, out.log_probs[batch, steps], atol=1e-4, rtol=1e-4)
+    assert mean.shape == out.latents[:, 0].shape
+
+
+def test_transition_log_probs_carry_gradients_to_the_transformer(tiny_pipe):
+    out = tiny_pipe(PROMPTS[:1], num_inference_steps=3, guidance_scale=4.5, noise_level=0.7, output_type="latent")
+    tiny_pipe.transformer.zero_grad()
+    log_prob, _, _ = transition_log_probs(
+        tiny_pipe.transformer, tiny_pipe.scheduler, out.latents[:, 1], out.latents[:, 2], out.timesteps[1:2],
+        out.prompt_embeds, out.pooled_prompt_embeds, 4.5, 0.7,
+        out.negative_prompt_embeds, out.negative_pooled_prompt_embeds,
+    )
+    log_prob.sum().backward()
+    grads = [p.grad for p in tiny_pipe.transformer.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    tiny_pipe.transformer.zero_grad(set_to_none=True)
+
+
+def test_per_image_generators_make_images_independent_of_the_batch(tiny_pipe):
+    def sample(prompts, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return tiny_pipe(prompts, num_inference_steps=3, guidance_scale=4.5, noise_level=0.7,
+                         generator=generators, output_type="latent").latents
+
+    together = sample(PROMPTS[:2], [10, 11])
+    alone = sample(PROMPTS[1:2], [11])
+    torch.testing.assert_close(together[1:], alone, atol=1e-4, rtol=1e-4)

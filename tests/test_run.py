@@ -1,0 +1,76 @@
+"""`python -m rl.run` as a user runs it: the run directory contract, trackers, resume, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["algo.max_prompts=2", "algo.num_inference_steps=2", "algo.num_images_per_prompt=2"]
+
+
+def run(*args, cwd=ROOT, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "rl.run", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_sample_writes_images_grid_config_and_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run("algo=sample", "model=tiny", *FAST, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    samples = sorted((run_dir / "samples").glob("0*.png"))
+    assert [p.name for p in samples] == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png"]
+    assert PIL.Image.open(samples[0]).size == (32, 32)
+    grid = PIL.Image.open(run_dir / "samples" / "grid.png")
+    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 x 2 images of 32 px with 2 px padding
+    config = (run_dir / "config.yaml").read_text()
+    assert "_target_: rl.sample.run" in config and "${" not in config  # resolved
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("step" in r for r in records)
+    assert records[-1]["sample/num_images"] == 4
+    index = [json.loads(line) for line in (run_dir / "samples" / "index.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in index] == [0, 1, 2, 3] and index[0]["prompt"] == "pig"
+
+    # Started again in the same directory, it keeps the images already written and makes none twice.
+    mtimes = {p: p.stat().st_mtime_ns for p in samples}
+    result = run("algo=sample", "model=tiny", *FAST[:2], "algo.num_images_per_prompt=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert len(list((run_dir / "samples").glob("0*.png"))) == 6
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model=sd35_medium", "not in the local Hugging Face cache"),
+        ("model.path=/no/such/folder", "no such folder"),
+        ("prompts.eval.file=/no/such/prompts.txt", "not found"),
+    ],
+)
+def test_bad_input_fails_in_one_line_before_loading(tmp_path, override, message):
+    result = run(override, f"hydra.run.dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_run_directory(tmp_path):
+    """`accelerate launch` with two CPU processes (gloo): each samples its share into the main process's directory."""
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.run", *FAST, "algo.max_prompts=3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs" / "sample").iterdir())
+    assert len(run_dirs) == 1
+    assert len(list((run_dirs[0] / "samples").glob("0*.png"))) == 6
+    assert (run_dirs[0] / "samples" / "grid.png").exists()
