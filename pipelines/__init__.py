@@ -1,6 +1,7 @@
 """SD3 / SD3.5 sampling with trajectories and log-probabilities, model loading, and the tiny offline model."""
 
-from pipelines.loading import ModelLoadError, load_pipeline
+from pipelines.hub import ModelLoadError
+from pipelines.loading import load_pipeline
 from pipelines.pipeline_sd3_logprob import (
     StableDiffusion3LogProbPipeline,
     StableDiffusion3LogProbPipelineOutput,

@@ -13,13 +13,10 @@ from pathlib import Path
 
 import torch
 
+from pipelines.hub import ModelLoadError, check_hub_file, looks_like_hub_id
 from pipelines.pipeline_sd3_logprob import StableDiffusion3LogProbPipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """The model configuration cannot be loaded; the message says why and what to do."""
 
 
 def load_pipeline(
@@ -115,9 +112,10 @@ def resolve_source(path: str, revision: str | None = None) -> str:
         return str(local)
     if local.exists():
         raise ModelLoadError(f"model.path={path} is a file; point it at a diffusers pipeline folder")
-    if not _looks_like_hub_id(path):
+    if not looks_like_hub_id(path):
         raise ModelLoadError(f"model.path={path}: no such folder (and not a hub id of the form 'org/name')")
-    return _check_hub_id(path, revision)
+    check_hub_file(path, "model_index.json", option="model.path", revision=revision)
+    return path
 
 
 def check_sd3_folder(folder: Path) -> None:
@@ -135,37 +133,3 @@ def check_sd3_folder(folder: Path) -> None:
         raise ModelLoadError(f"{folder} holds a {class_name or 'unknown'} pipeline, not an SD3 / SD3.5 one; {hint}")
     if not (folder / "transformer" / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no transformer/config.json: the SD3 pipeline folder is incomplete")
-
-
-def _looks_like_hub_id(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
-
-
-def _check_hub_id(repo_id: str, revision: str | None) -> str:
-    """A hub id loads if it is in the local cache, or if the hub answers; otherwise say what to do."""
-    import huggingface_hub
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
-
-    cached = huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
-    if isinstance(cached, str):
-        return repo_id
-    download_hint = (
-        f"download it where the hub is reachable (`hf download {repo_id} --local-dir DIR`) "
-        f"and set model.path=DIR"
-    )
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {download_hint}")
-    try:
-        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
-    except GatedRepoError:
-        raise ModelLoadError(f"{repo_id} is gated: accept its licence on its hub page, then `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"{repo_id} is neither a local folder nor a model on the Hugging Face hub") from None
-    except Exception as error:  # network failures come as many types (httpx, OSError, timeouts)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelLoadError(
-            f"cannot reach the Hugging Face hub for {repo_id} ({reason}) and it is not in the local cache; "
-            f"{download_hint}"
-        ) from None
-    return repo_id
