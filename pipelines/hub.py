@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ModelLoadError(ValueError):
     """Weights cannot be loaded; the message (one line) says why and what to do."""
 
 
-def check_hub_file(repo_id: str, filename: str, option: str, revision: str | None = None) -> None:
-    """Pass if `filename` of hub repo `repo_id` is in the local cache or the hub answers for the repo.
+def check_hub_file(
+    repo_id: str, filename: str | Sequence[str], use_local: str, revision: str | None = None
+) -> None:
+    """Pass if `filename` (or any of several) of hub repo `repo_id` is in the local cache, or the hub answers.
 
-    Otherwise raise `ModelLoadError` naming the config `option` that can point at a local copy instead.
+    Otherwise raise `ModelLoadError`; `use_local` completes its advice, e.g. "set model.path=DIR".
     """
     import huggingface_hub
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
 
-    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision), str):
+    filenames = [filename] if isinstance(filename, str) else list(filename)
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, f, revision=revision), str) for f in filenames):
         return
-    hint = f"download it where the hub is reachable (`hf download {repo_id} --local-dir DIR`) and set {option}=DIR"
+    hint = f"download it where the hub is reachable (`hf download {repo_id} --local-dir DIR`) and {use_local}"
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
     try:

@@ -114,7 +114,7 @@ def resolve_source(path: str, revision: str | None = None) -> str:
         raise ModelLoadError(f"model.path={path} is a file; point it at a diffusers pipeline folder")
     if not looks_like_hub_id(path):
         raise ModelLoadError(f"model.path={path}: no such folder (and not a hub id of the form 'org/name')")
-    check_hub_file(path, "model_index.json", option="model.path", revision=revision)
+    check_hub_file(path, "model_index.json", "set model.path=DIR", revision=revision)
     return path
 
 

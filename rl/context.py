@@ -10,6 +10,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from pipelines import StableDiffusion3LogProbPipeline
+from rewards import Reward
 from rl.prompts import Prompt
 from rl.tracking import LoggerConfig, make_accelerator
 
@@ -30,7 +31,7 @@ class RunContext:
     logger: LoggerConfig
     config: dict[str, Any]
     mixed_precision: str = "no"
-    reward: Callable | None = None
+    reward: Reward | None = None
 
     def accelerator(self, **kwargs) -> Accelerator:
         """An `Accelerator` for this run, logging to `metrics.jsonl` and the configured trackers."""

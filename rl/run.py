@@ -14,34 +14,29 @@ import hydra
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.loading import ModelLoadError, resolve_source
+from pipelines.loading import resolve_source
+from rl.config import USER_ERRORS, build
 from rl.context import RunContext
-from rl.prompts import PromptSetError
-
-# Errors caused by the user's input: reported in one line, without a traceback.
-USER_ERRORS = (ModelLoadError, PromptSetError)
 
 
 def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
     """Everything an algorithm needs, built from the config; cheap checks first, so that bad input fails fast."""
-    # `_partial_` then a call, so that our own errors reach the user unwrapped by Hydra's InstantiationException.
-    train_prompts = instantiate(cfg.prompts.train, _partial_=True)()
-    eval_prompts = instantiate(cfg.prompts.eval, _partial_=True)()
+    train_prompts = build(cfg.prompts.train)
+    eval_prompts = build(cfg.prompts.eval)
     if cfg.model.get("path"):
         resolve_source(str(cfg.model.path), revision=cfg.model.get("revision"))  # fails before any weights load
     return RunContext(
         run_dir=run_dir,
         seed=cfg.seed,
-        load_pipeline=instantiate(cfg.model, _partial_=True),
+        load_pipeline=build(cfg.model, _partial_=True),
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
-        logger=instantiate(cfg.logger),
+        logger=build(cfg.logger),
         config=OmegaConf.to_container(cfg, resolve=True),
         mixed_precision=cfg.mixed_precision,
-        reward=instantiate(cfg.reward) if cfg.get("reward") else None,
+        reward=build(cfg.reward) if cfg.get("reward") else None,
     )
 
 
@@ -69,7 +64,7 @@ def main(cfg: DictConfig) -> None:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     try:
         ctx = build_context(cfg, run_dir)
-        algorithm = instantiate(cfg.algo)
+        algorithm = build(cfg.algo)
         algorithm(ctx)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

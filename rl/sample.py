@@ -51,6 +51,7 @@ def run(
 
     accelerator = ctx.accelerator()
     pipe = ctx.load_pipeline(device=accelerator.device)
+    reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
     pipe.set_progress_bar_config(disable=True)
     todo = [job for job in jobs if not (sample_dir / job["file"]).exists()]
     with accelerator.split_between_processes(todo) as my_jobs:
@@ -79,9 +80,10 @@ def run(
         grid = image_grid(images, nrow=num_images_per_prompt if num_images_per_prompt > 1 else None)
         grid.save(sample_dir / "grid.png")
         metrics = {"sample/num_images": len(jobs), "sample/num_prompts": len(prompts)}
-        if ctx.reward is not None:
+        if reward is not None:
             metadata = [prompts[job["prompt_index"]].metadata for job in jobs]
-            scores, _ = ctx.reward(images, [job["prompt"] for job in jobs], metadata)
+            with torch.no_grad():
+                scores, _ = reward(images, [job["prompt"] for job in jobs], metadata)
             metrics.update({"sample/reward_mean": scores.mean().item(), "sample/reward_std": scores.std().item()})
         accelerator.log(metrics, step=0)
         log_image(accelerator, "samples", grid, step=0)

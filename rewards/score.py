@@ -1,0 +1,109 @@
+"""Score your own images with any reward before training with it; prints one JSON line per image.
+
+    python -m rewards.score reward=aesthetic images=photos/ prompt="a photo of a cat"
+    python -m rewards.score reward=jpeg_compressibility images=[a.png,b.png]
+    python -m rewards.score reward=clip_score images=photos/ prompts_file=captions.txt
+
+Every image is opened and checked before the reward model loads, so a corrupt file fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import PIL.Image
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from rl.config import USER_ERRORS, build
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class ScoreInputError(ValueError):
+    """The images or prompts given on the command line cannot be used."""
+
+
+def list_images(images: str | list[str]) -> list[Path]:
+    """A folder's image files (sorted), one file, or a list of files."""
+    entries = [images] if isinstance(images, str) else list(images)
+    files = []
+    for entry in entries:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ScoreInputError(f"no such image file or folder: {entry}")
+    if not files:
+        raise ScoreInputError(f"no images found in {images}")
+    return files
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """An image file as a CHW float tensor in [0, 1] (RGB)."""
+    try:
+        with PIL.Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except Exception as error:
+        raise ScoreInputError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
+def read_prompts(count: int, prompt: str | None, prompts_file: str | None) -> list[str]:
+    if prompt is not None and prompts_file is not None:
+        raise ScoreInputError("give either prompt or prompts_file, not both")
+    if prompts_file is None:
+        return [prompt or ""] * count
+    path = Path(prompts_file).expanduser()
+    if not path.is_file():
+        raise ScoreInputError(f"no such prompts file: {prompts_file}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(prompts) != count:
+        raise ScoreInputError(f"{prompts_file} has {len(prompts)} prompts for {count} images; give one per image")
+    return prompts
+
+
+def score_images(reward, images: list[torch.Tensor], prompts: list[str], batch_size: int, device) -> list[dict]:
+    """Score images in batches of equal size; returns per-image records with the score and per-image info values."""
+    records = []
+    start = 0
+    while start < len(images):
+        end = start + 1
+        while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape:
+            end += 1
+        with torch.no_grad():
+            scores, info = reward(torch.stack(images[start:end]).to(device), prompts[start:end])
+        for i in range(end - start):
+            record = {"score": scores[i].item()}
+            for key, value in info.items():
+                if isinstance(value, torch.Tensor) and value.ndim == 1 and len(value) == end - start:
+                    record[key] = value[i].item()
+            records.append(record)
+        start = end
+    return records
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="score")
+def main(cfg: DictConfig) -> None:
+    try:
+        images_arg = list(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)
+        files = list_images(images_arg)
+        images = [read_image(path) for path in files]  # all checked before the reward model loads
+        prompts = read_prompts(len(files), cfg.prompt, cfg.prompts_file)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        reward = build(cfg.reward).to(device)
+        for path, prompt, record in zip(files, prompts, score_images(reward, images, prompts, cfg.batch_size, device)):
+            print(json.dumps({"image": str(path), "prompt": prompt, **record}), flush=True)
+    except (ScoreInputError, *USER_ERRORS) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
