@@ -9,10 +9,17 @@ from hydra.utils import instantiate
 
 from pipelines.hub import ModelLoadError
 from rewards.base import RewardInputError
+from rl.data import DataError
 from rl.prompts import PromptSetError
 
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or two values contradict each other; the message names the option."""
+
+
 # Errors caused by the user's input (a missing file, offline weights, a bad value): reported in one line.
-USER_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, PromptSetError, RewardInputError)
+USER_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, PromptSetError, RewardInputError, DataError, ConfigError)
 
 
 def build(config: Any, **kwargs: Any) -> Any:

@@ -11,13 +11,14 @@ from accelerate import Accelerator
 
 from pipelines import StableDiffusion3LogProbPipeline
 from rewards import Reward
+from rl.data import ImageCaptionData
 from rl.prompts import Prompt
 from rl.tracking import LoggerConfig, make_accelerator
 
 
 @dataclass
 class RunContext:
-    """The run's directory, seed, model loader, prompt sets, reward and logging choices.
+    """The run's directory, seed, model loader, prompt sets, reward, training data and logging choices.
 
     `load_pipeline(device=...)` loads the configured model (see `pipelines.load_pipeline`); the algorithm calls it once
     it knows its device. `config` is the resolved configuration as a plain dict, for trackers' hyperparameter tables.
@@ -32,6 +33,7 @@ class RunContext:
     config: dict[str, Any]
     mixed_precision: str = "no"
     reward: Reward | None = None
+    data: ImageCaptionData | None = None
 
     def accelerator(self, **kwargs) -> Accelerator:
         """An `Accelerator` for this run, logging to `metrics.jsonl` and the configured trackers."""

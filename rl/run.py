@@ -37,6 +37,7 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
         config=OmegaConf.to_container(cfg, resolve=True),
         mixed_precision=cfg.mixed_precision,
         reward=build(cfg.reward) if cfg.get("reward") else None,
+        data=build(cfg.data) if cfg.get("data") else None,
     )
 
 

@@ -81,6 +81,7 @@ def make_accelerator(
     **accelerator_kwargs,
 ) -> Accelerator:
     """An `Accelerator` that logs to `run_dir/metrics.jsonl` and the configured backends, trackers started."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=[JsonlTracker(run_dir / "metrics.jsonl"), *logger.backends],
