@@ -263,3 +263,24 @@ def test_cached_latents_and_embeddings_train_like_uncached(tmp_path, digits):
         return [r["train/loss"] for r in metrics(run_dir)]
 
     assert train(tmp_path / "cached", True) == pytest.approx(train(tmp_path / "plain", False), rel=1e-5)
+
+
+def test_full_fine_tune_resumes_exactly(tmp_path, digits):
+    def train(run_dir, exit_after=None):
+        sft.run(
+            context(run_dir, digits),
+            lora=None,
+            optim=OptimConfig(lr=1e-4),
+            train=TrainConfig(max_steps=4, batch_size=2, checkpoint_every=2, exit_after_steps=exit_after),
+            validation=ValidationConfig(every=0),
+        )
+
+    train(tmp_path / "whole")
+    train(tmp_path / "split", exit_after=2)
+    train(tmp_path / "split")
+    assert [r["train/loss"] for r in metrics(tmp_path / "whole")] == pytest.approx(
+        [r["train/loss"] for r in metrics(tmp_path / "split")], rel=1e-6)
+    a = SD3Transformer2DModel.from_pretrained(tmp_path / "whole" / "final", subfolder="transformer")
+    b = SD3Transformer2DModel.from_pretrained(tmp_path / "split" / "final", subfolder="transformer")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
