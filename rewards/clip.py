@@ -97,7 +97,7 @@ class ClipModel(torch.nn.Module):
     def _load_hf(self, name: str, processor: str | None, vision_only: bool = False) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
-        for source in {name, processor or name}:
+        for source in dict.fromkeys([name, processor or name]):  # the model first, then its processor, once each
             if Path(source).expanduser().is_dir():
                 continue
             if not looks_like_hub_id(source):
