@@ -36,6 +36,8 @@ class StableDiffusion3LogProbPipelineOutput(BaseOutput):
             `latents[:, -1]` the final latents. Transition `i` goes from `latents[:, i]` to `latents[:, i + 1]` at
             `timesteps[i]`.
         log_probs: per-step log-probabilities (B, T), float32 (per-pixel means), or None when `noise_level == 0`.
+            With `sde_steps`, only those steps are stochastic and have log-probabilities: (B, len(sde_steps)).
+        sde_steps: the indices of the stochastic steps (all steps unless `sde_steps` was given; empty for the ODE).
         timesteps: the scheduler timesteps (T,).
         sigmas: the sigmas (T+1,), ending with 0.
         prompt_embeds, pooled_prompt_embeds: the conditional text embeddings used, one row per image.
@@ -45,6 +47,7 @@ class StableDiffusion3LogProbPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     latents: torch.Tensor
     log_probs: torch.Tensor | None
+    sde_steps: list[int]
     timesteps: torch.Tensor
     sigmas: torch.Tensor
     prompt_embeds: torch.Tensor
@@ -73,7 +76,8 @@ def guided_velocity(
     conditional (unguided) velocity, which skip-layer guidance needs.
     """
     timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
-    model_input = latents.to(transformer.dtype)
+    # A DDP-wrapped transformer has no `.dtype`; its parameters' dtype is the same thing.
+    model_input = latents.to(getattr(transformer, "dtype", None) or next(transformer.parameters()).dtype)
     if guidance_scale > 1:
         if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds")
@@ -180,6 +184,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         mu: float | None = None,
         noise_level: float = 0.0,
         sde_type: SdeType = "sde",
+        sde_steps: Sequence[int] | None = None,
     ) -> StableDiffusion3LogProbPipelineOutput | tuple:
         """Generate images; the stock arguments mean what they mean for `StableDiffusion3Pipeline`.
 
@@ -187,6 +192,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             noise_level: the SDE's noise scale `a` (Flow-GRPO's default for training is 0.7). 0 samples with the plain
                 Euler ODE step, like the stock pipeline, and returns no log-probabilities.
             sde_type: "sde" (Flow-GRPO) or "cps" (coefficients-preserving sampling); see `sde_step_with_logprob`.
+            sde_steps: step indices that use the SDE (Flow-GRPO-Fast's window); the others take the ODE step. None:
+                every step.
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
         """
@@ -302,6 +309,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         latents = latents.float()
         trajectory = [latents]
         log_probs = []
+        stochastic = [i for i in range(len(timesteps)) if noise_level > 0 and (sde_steps is None or i in sde_steps)]
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -334,8 +342,9 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                     )[0]
                     velocity = velocity + (velocity_text - velocity_skip_layers) * self._skip_layer_guidance_scale
 
+                step_noise = noise_level if i in stochastic else 0.0
                 latents, log_prob, _, _ = sde_step_with_logprob(
-                    self.scheduler, velocity, timestep, latents, noise_level, generator=generator, sde_type=sde_type
+                    self.scheduler, velocity, timestep, latents, step_noise, generator=generator, sde_type=sde_type
                 )
                 trajectory.append(latents)
                 if log_prob is not None:
@@ -365,6 +374,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             images=images,
             latents=trajectory,
             log_probs=log_probs,
+            sde_steps=stochastic,
             timesteps=timesteps,
             sigmas=self.scheduler.sigmas.clone(),
             prompt_embeds=prompt_embeds,

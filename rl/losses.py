@@ -70,3 +70,51 @@ def flow_matching_loss(
         target = noise.float() - latents.float()
     weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
     return (weighting * (model_pred - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
+
+
+def ppo_clip_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, as DDPO and Flow-GRPO use it (`ALGORITHMS.md` sections 2-3).
+
+    `loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps)))` with `ratio = exp(logp - logp_old)`. Also
+    returns the diagnostics `approx_kl = mean((logp - logp_old)^2) / 2` and `clipfrac = mean(|ratio - 1| > eps)`.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "ratio": ratio.mean(),
+        }
+    return loss, stats
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, std: str = "global", eps: float = 1e-4, clip: float = 5.0
+) -> torch.Tensor:
+    """GRPO's advantages: each reward minus its group's mean, over the std of the group ("group") or of all rewards
+    ("global", the SD3 presets of Flow-GRPO), clipped to [-clip, clip]."""
+    if std not in ("global", "group"):
+        raise ConfigError(f"advantage std must be 'global' or 'group', got {std!r}")
+    rewards = rewards.float()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(int(inverse.max()) + 1, device=rewards.device).index_add_(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, inverse, rewards) / count
+    centred = rewards - mean[inverse]
+    if std == "global":
+        scale = rewards.std() if rewards.numel() > 1 else torch.zeros((), device=rewards.device)
+    else:
+        variance = torch.zeros_like(count).index_add_(0, inverse, centred**2) / (count - 1).clamp(min=1)
+        scale = variance.sqrt()[inverse]
+    return (centred / (scale + eps)).clamp(-clip, clip)
+
+
+def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's KL term per sample: `mean((mean_theta - mean_ref)^2) / (2 std^2)` over all non-batch dims, with
+    `std` the step's `std_dev_t` (as `sde_step_with_logprob` returns it)."""
+    squared = ((mean - reference_mean) ** 2).reshape(mean.shape[0], -1).mean(dim=1)
+    return squared / (2 * std_dev_t.reshape(-1) ** 2)

@@ -116,3 +116,15 @@ def test_per_image_generators_make_images_independent_of_the_batch(tiny_pipe):
     together = sample(PROMPTS[:2], [10, 11])
     alone = sample(PROMPTS[1:2], [11])
     torch.testing.assert_close(together[1:], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_sde_window_is_stochastic_only_inside(tiny_pipe):
+    latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt=PROMPTS[:2], num_inference_steps=6, guidance_scale=4.5, latents=latents, output_type="latent")
+    ode = tiny_pipe(**kwargs)
+    window = tiny_pipe(noise_level=0.7, sde_steps=[1, 2], generator=torch.Generator().manual_seed(1), **kwargs)
+    assert window.sde_steps == [1, 2] and window.log_probs.shape == (2, 2)
+    torch.testing.assert_close(window.latents[:, :2], ode.latents[:, :2])  # identical up to the window
+    assert not torch.allclose(window.latents[:, 3], ode.latents[:, 3])
+    assert tiny_pipe(noise_level=0.7, **kwargs).sde_steps == list(range(6))
+    assert ode.sde_steps == []

@@ -1,0 +1,461 @@
+"""The phases shared by the policy-gradient methods (`rl/grpo.py`, `rl/ddpo.py`): which prompts an epoch samples,
+SDE sampling with log-probabilities, scoring, the PPO-clip update over stored transitions, and held-out evaluation.
+
+Each algorithm file strings these together in order and adds only what is its own (advantages, KL, stat tracker).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from pipelines import StableDiffusion3LogProbPipeline, transition_log_probs
+from rewards import Reward
+from rl.config import ConfigError
+from rl.losses import kl_to_reference, ppo_clip_loss
+from rl.prompts import Prompt
+from rl.trainer import sample_validation_images
+
+
+@dataclass
+class SamplingConfig:
+    """How an epoch's images are sampled (`algo.sampling`)."""
+
+    prompts_per_epoch: int = 8  # distinct prompts per epoch, over all processes
+    images_per_prompt: int = 8  # GRPO's group size G; DDPO's samples per prompt
+    batch_size: int = 8  # images per sampling forward pass, per process
+    num_inference_steps: int = 10
+    guidance_scale: float = 4.5
+    noise_level: float = 0.7  # the SDE's noise level a
+    sde_type: str = "sde"  # sde (Flow-GRPO) or cps
+    resolution: int | None = None  # None: the model's native size
+    same_initial_noise: bool = False  # one initial noise per group (Flow-GRPO's same_latent)
+    sde_window: int | None = None  # Flow-GRPO-Fast: only this many consecutive steps are stochastic and trained
+    sde_window_range: float = 0.5  # ... placed at random within this first fraction of the trajectory
+
+
+@dataclass
+class PPOConfig:
+    """The PPO-clip update over stored transitions (`algo.ppo`)."""
+
+    clip_range: float = 1e-4  # tiny because log-probs are per-pixel means (Flow-GRPO, DDPO)
+    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
+    timestep_fraction: float = 0.99  # fraction of the (stochastic) steps trained per sample
+    inner_epochs: int = 1  # passes over an epoch's samples
+    batch_size: int = 8  # samples per training forward, per process
+    optimizer_steps: int = 2  # optimiser steps per inner epoch (gradients accumulate in between)
+    recompute_old_log_probs: bool = True  # old log-probs in the training layout: the first ratio is exactly 1
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: ODE samples at fixed seeds (`algo.eval`)."""
+
+    every: int = 5  # epochs; 0 disables (the first and last epochs are always evaluated otherwise)
+    max_prompts: int = 16
+    images_per_prompt: int = 1
+    num_inference_steps: int = 40
+    guidance_scale: float = 4.5
+    resolution: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class Rollouts:
+    """One process's sampled trajectories with what training needs."""
+
+    latents: torch.Tensor  # (N, T+1, C, H, W) float32
+    log_probs: torch.Tensor  # (N, K): one per stochastic step
+    sde_steps: list[int]  # which of the T steps are stochastic (K of them)
+    timesteps: torch.Tensor  # (T,)
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
+    prompts: list[str]
+    prompt_ids: torch.Tensor  # (N,) index of the prompt in the training set
+    rewards: torch.Tensor | None = None  # (N,)
+    reward_info: dict | None = None
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def check_layout(sampling: SamplingConfig, ppo: PPOConfig, num_processes: int) -> int:
+    """Validate batch sizes against each other before anything loads; returns the samples per process."""
+    total = sampling.prompts_per_epoch * sampling.images_per_prompt
+    if total % num_processes:
+        raise ConfigError(f"{total} images per epoch do not split over {num_processes} processes")
+    local = total // num_processes
+    if local % sampling.batch_size:
+        raise ConfigError(f"{local} images per process are not a multiple of sampling.batch_size={sampling.batch_size}")
+    if local % ppo.batch_size:
+        raise ConfigError(f"{local} images per process are not a multiple of ppo.batch_size={ppo.batch_size}")
+    return local
+
+
+def epoch_jobs(
+    num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig, num_processes: int, rank: int
+) -> list[dict]:
+    """This process's share of the epoch: each chosen prompt repeated `images_per_prompt` times over all processes.
+
+    The prompts are drawn from an epoch-seeded permutation (cycling if the set is small); every image has a global
+    index, and its initial-noise seed is that index's (or its group's, with `same_initial_noise`).
+    """
+    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    rounds = math.ceil(sampling.prompts_per_epoch / num_prompts)
+    order = torch.cat([torch.randperm(num_prompts, generator=generator) for _ in range(rounds)])
+    chosen = order[: sampling.prompts_per_epoch].tolist()
+    jobs = [
+        {"prompt_id": prompt_id, "group": group, "index": group * sampling.images_per_prompt + k}
+        for group, prompt_id in enumerate(chosen)
+        for k in range(sampling.images_per_prompt)
+    ]
+    local = len(jobs) // num_processes
+    mine = jobs[rank * local : (rank + 1) * local]
+    base = (seed * 1_000_003 + epoch) * 1_000_003
+    for job in mine:
+        job["noise_seed"] = base + (job["group"] if sampling.same_initial_noise else job["index"])
+        job["sde_seed"] = base + 500_009 + job["index"]
+    return mine
+
+
+def sde_window(sampling: SamplingConfig, seed: int, epoch: int) -> list[int] | None:
+    """Flow-GRPO-Fast: a window of consecutive stochastic steps at a random place in the trajectory's first part."""
+    if sampling.sde_window is None:
+        return None
+    last_start = max(0, int(sampling.num_inference_steps * sampling.sde_window_range) - sampling.sde_window)
+    start = int(torch.randint(0, last_start + 1, (1,), generator=torch.Generator().manual_seed(seed + epoch)))
+    return list(range(start, min(start + sampling.sde_window, sampling.num_inference_steps)))
+
+
+@torch.no_grad()
+def sample_rollouts(
+    pipe: StableDiffusion3LogProbPipeline,
+    prompts: list[Prompt],
+    jobs: list[dict],
+    sampling: SamplingConfig,
+    sde_steps: list[int] | None,
+) -> tuple[Rollouts, torch.Tensor]:
+    """SDE-sample the jobs in batches; returns the rollouts and the decoded images (NCHW in [0, 1])."""
+    device = pipe.transformer.device
+    channels = pipe.transformer.config.in_channels
+    size = (sampling.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    parts, images = [], []
+    for start in range(0, len(jobs), sampling.batch_size):
+        batch = jobs[start : start + sampling.batch_size]
+        initial = torch.stack([
+            torch.randn(channels, size, size, generator=torch.Generator().manual_seed(job["noise_seed"]))
+            for job in batch
+        ]).to(device)
+        out = pipe(
+            [prompts[job["prompt_id"]].text for job in batch],
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
+            height=sampling.resolution,
+            width=sampling.resolution,
+            latents=initial,
+            noise_level=sampling.noise_level,
+            sde_type=sampling.sde_type,
+            sde_steps=sde_steps,
+            generator=[torch.Generator(device).manual_seed(job["sde_seed"]) for job in batch],
+            output_type="pt",
+        )
+        parts.append(out)
+        images.append(out.images.float())
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None  # noqa: E731
+    rollouts = Rollouts(
+        latents=cat("latents"),
+        log_probs=cat("log_probs"),
+        sde_steps=parts[0].sde_steps,
+        timesteps=parts[0].timesteps,
+        prompt_embeds=cat("prompt_embeds"),
+        pooled_prompt_embeds=cat("pooled_prompt_embeds"),
+        negative_prompt_embeds=cat("negative_prompt_embeds"),
+        negative_pooled_prompt_embeds=cat("negative_pooled_prompt_embeds"),
+        prompts=[prompts[job["prompt_id"]].text for job in jobs],
+        prompt_ids=torch.tensor([job["prompt_id"] for job in jobs], device=device),
+    )
+    return rollouts, torch.cat(images)
+
+
+def score(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
+    """Rewards without gradients; per-sample tensors of the reward's info are kept for logging."""
+    with torch.no_grad():
+        scores, info = reward(images, prompts, metadata)
+    per_sample = {k: v.float() for k, v in info.items() if isinstance(v, torch.Tensor) and v.shape == scores.shape}
+    return scores.float(), per_sample
+
+
+def ppo_update(
+    accelerator: Accelerator,
+    transformer: torch.nn.Module,
+    scheduler,
+    rollouts: Rollouts,
+    advantages: torch.Tensor,
+    sampling: SamplingConfig,
+    ppo: PPOConfig,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    parameters: list[torch.nn.Parameter],
+    max_grad_norm: float,
+    seed: int,
+    epoch: int,
+    kl_beta: float = 0.0,
+    reference: Callable | None = None,
+) -> dict[str, float]:
+    """PPO-clip over this process's stored transitions; returns the mean diagnostics.
+
+    Samples are shuffled, and each sample trains on its own random subset of `timestep_fraction` of its stochastic
+    steps, in random order. `reference()` is a context in which `transformer` is the reference policy (the LoRA
+    adapter disabled); with `kl_beta > 0` the loss adds `kl_beta * kl_to_reference`.
+    """
+    count, num_sde = len(rollouts), len(rollouts.sde_steps)
+    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
+    stats: dict[str, list[torch.Tensor]] = {}
+
+    def forward(index: torch.Tensor, column: torch.Tensor):
+        steps = torch.tensor(rollouts.sde_steps, device=column.device)[column]
+        negatives = rollouts.negative_prompt_embeds
+        return transition_log_probs(
+            transformer,
+            scheduler,
+            rollouts.latents[index, steps],
+            rollouts.latents[index, steps + 1],
+            rollouts.timesteps[steps],
+            rollouts.prompt_embeds[index],
+            rollouts.pooled_prompt_embeds[index],
+            sampling.guidance_scale,
+            sampling.noise_level,
+            negatives[index] if negatives is not None else None,
+            rollouts.negative_pooled_prompt_embeds[index] if negatives is not None else None,
+            sde_type=sampling.sde_type,
+        )
+
+    for inner in range(ppo.inner_epochs):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 101 + inner * 7 + accelerator.process_index)
+        order = torch.randperm(count, generator=generator)
+        columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps] for _ in range(count)])
+        device = rollouts.latents.device
+        micro = [
+            (order[s : s + ppo.batch_size].to(device), j)
+            for s in range(0, count, ppo.batch_size)
+            for j in range(num_train_steps)
+        ]
+        old_log_probs = {}
+        if ppo.recompute_old_log_probs:
+            with torch.no_grad():
+                for k, (index, j) in enumerate(micro):
+                    old_log_probs[k] = forward(index, columns[index.cpu(), j].to(device))[0]
+        for k, (index, j) in enumerate(micro):
+            column = columns[index.cpu(), j].to(device)
+            with accelerator.accumulate(transformer):
+                log_prob, mean, std_dev_t = forward(index, column)
+                old = old_log_probs[k] if ppo.recompute_old_log_probs else rollouts.log_probs[index, column]
+                loss, step_stats = ppo_clip_loss(log_prob, old, advantages[index], ppo.clip_range)
+                if kl_beta > 0:
+                    with torch.no_grad(), (reference() if reference is not None else nullcontext()):
+                        _, reference_mean, _ = forward(index, column)
+                    kl = kl_to_reference(mean, reference_mean, std_dev_t).mean()
+                    loss = loss + kl_beta * kl
+                    step_stats["kl"] = kl.detach()
+                step_stats["loss"] = loss.detach()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    step_stats["grad_norm"] = torch.as_tensor(accelerator.clip_grad_norm_(parameters, max_grad_norm))
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in step_stats.items():
+                stats.setdefault(name, []).append(value.float().reshape(()))
+    return {name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in stats.items()}
+
+
+def micro_batches_per_optimizer_step(local_samples: int, sampling: SamplingConfig, ppo: PPOConfig) -> int:
+    """Gradient accumulation: the training forwards of one inner epoch, split into `ppo.optimizer_steps` steps."""
+    num_sde = sampling.sde_window or sampling.num_inference_steps
+    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
+    forwards = (local_samples // ppo.batch_size) * num_train_steps
+    if forwards % ppo.optimizer_steps:
+        raise ConfigError(f"{forwards} training forwards per epoch do not split into {ppo.optimizer_steps} optimiser steps")
+    return forwards // ppo.optimizer_steps
+
+
+def evaluate(
+    pipe: StableDiffusion3LogProbPipeline,
+    reward: Reward,
+    prompts: list[Prompt],
+    config: EvalConfig,
+    seed: int,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """ODE samples of the held-out prompts at fixed seeds; the mean and std of the reward and each of its parts."""
+    chosen = [p for p in prompts[: config.max_prompts] for _ in range(config.images_per_prompt)]
+    images = sample_validation_images(
+        pipe, chosen, seed + 10_000_019, config.num_inference_steps, config.guidance_scale, config.resolution,
+        config.batch_size,
+    )
+    scores, info = score(reward, images.to(pipe.transformer.device), [p.text for p in chosen],
+                         [p.metadata for p in chosen])
+    metrics = {"eval/reward_mean": scores.mean().item(), "eval/reward_std": scores.std().item() if len(scores) > 1 else 0.0}
+    for name, values in info.items():
+        metrics[f"eval/{name}_mean"] = values.mean().item()
+        metrics[f"eval/{name}_std"] = values.std().item() if len(values) > 1 else 0.0
+    return metrics, images
+
+
+@dataclass
+class Setup:
+    """Everything a policy-gradient loop holds (built by `setup`)."""
+
+    accelerator: Accelerator
+    pipe: StableDiffusion3LogProbPipeline
+    transformer: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    modules: list[torch.nn.Module]
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    reward: Reward
+    state: object
+    checkpointer: object
+    ema: object | None
+    local_samples: int
+
+
+def setup(
+    ctx,
+    sampling: SamplingConfig,
+    ppo: PPOConfig,
+    lora,
+    optim,
+    epochs: int,
+    ema_decay: float | None,
+    checkpoint_every: int,
+    keep_checkpoints: int | None,
+    resume: bool,
+    registered: list | None = None,
+) -> Setup:
+    """Check the layout, load the model with LoRA (or trainable), the optimiser, reward, checkpoints; resume."""
+    from rl.trainer import (
+        Checkpointer,
+        OptimConfig,
+        TrainState,
+        build_lr_scheduler,
+        build_optimizer,
+        make_ema,
+        prepare_models,
+        trainable_parameters,
+    )
+
+    if ctx.reward is None:
+        raise ConfigError("policy-gradient training needs a reward: reward=<name> (e.g. reward=jpeg_compressibility)")
+    from accelerate import PartialState
+
+    num_processes = PartialState().num_processes
+    local = check_layout(sampling, ppo, num_processes)
+    accumulation = micro_batches_per_optimizer_step(local, sampling, ppo)
+    accelerator = ctx.accelerator(gradient_accumulation_steps=accumulation)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = ctx.load_pipeline(device=accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    modules = prepare_models(pipe, lora, False, weight_dtype, ctx.seed)
+    parameters = trainable_parameters(modules)
+    optimizer = build_optimizer(parameters, optim)
+    updates = epochs * ppo.inner_epochs * ppo.optimizer_steps
+    lr_scheduler = build_lr_scheduler(
+        optimizer, OptimConfig(**{**optim.__dict__, "warmup_steps": optim.warmup_steps * num_processes}),
+        updates * num_processes,
+    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(modules[0], optimizer, lr_scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    ema = make_ema(parameters, ema_decay) if ema_decay else None
+    for item in [ema, *(registered or [])]:
+        if item is not None:
+            accelerator.register_for_checkpointing(item)
+    checkpointer = Checkpointer(
+        accelerator, ctx.run_dir, checkpoint_every, keep_checkpoints, {"transformer": transformer} if lora else None
+    )
+    if resume:
+        checkpointer.restore()
+    reward = ctx.reward.to(accelerator.device)
+    return Setup(accelerator, pipe, transformer, modules, parameters, optimizer, lr_scheduler, reward, state,
+                 checkpointer, ema, local)
+
+
+def reference_policy(s: Setup, lora) -> Callable:
+    """A context in which the transformer computes the reference policy: the base model (adapter disabled) for LoRA,
+    a frozen copy of the initial weights for full fine-tuning."""
+    import copy
+    from contextlib import contextmanager
+
+    unwrapped = s.accelerator.unwrap_model(s.transformer)
+    if lora is not None:
+
+        @contextmanager
+        def adapter_disabled():
+            unwrapped.disable_adapters()
+            try:
+                yield
+            finally:
+                unwrapped.enable_adapters()
+
+        return adapter_disabled
+    frozen = copy.deepcopy(unwrapped).requires_grad_(False).eval()
+    original_forward = unwrapped.forward
+
+    @contextmanager
+    def frozen_weights():
+        unwrapped.forward = frozen.forward
+        try:
+            yield
+        finally:
+            unwrapped.forward = original_forward
+
+    return frozen_weights
+
+
+def maybe_evaluate(ctx, s: Setup, config: EvalConfig, epoch: int, epochs: int, force: bool = False) -> None:
+    """Evaluate after `epoch` epochs when due (every `config.every`, and the last), with EMA weights when kept."""
+    from rl.trainer import save_validation
+
+    due = bool(config.every) and (epoch % config.every == 0 or epoch == epochs)
+    if not (due or force) or not ctx.eval_prompts:
+        return
+    if s.accelerator.is_main_process:
+        if s.ema is not None:
+            s.ema.store(s.parameters)
+            s.ema.copy_to(s.parameters)
+        metrics, images = evaluate(s.pipe, s.reward, ctx.eval_prompts, config, ctx.seed)
+        if s.ema is not None:
+            s.ema.restore(s.parameters)
+        metrics["eval/epoch"] = epoch
+        s.accelerator.log(metrics, step=epoch)
+        save_validation(s.accelerator, ctx.run_dir, images, epoch, nrow=config.images_per_prompt if config.images_per_prompt > 1 else None)
+    s.accelerator.wait_for_everyone()
+
+
+def gather_rewards(s: Setup, rewards: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All processes' rewards and labels (group or prompt ids), in process order."""
+    return s.accelerator.gather(rewards.contiguous()), s.accelerator.gather(labels.contiguous())
+
+
+def local_slice(s: Setup, values: torch.Tensor) -> torch.Tensor:
+    rank = s.accelerator.process_index
+    return values[rank * s.local_samples : (rank + 1) * s.local_samples]
+
+
+def epoch_metrics(rewards: torch.Tensor, info: dict, stats: dict, s: Setup, epoch: int) -> dict:
+    """The training metrics of an epoch: reward statistics over all processes, PPO diagnostics, counters."""
+    metrics = {"train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item()}
+    for name, values in info.items():
+        metrics[f"train/{name}_mean"] = s.accelerator.gather(values.contiguous()).mean().item()
+    metrics.update({f"train/{name}": value for name, value in stats.items()})
+    metrics["train/lr"] = s.lr_scheduler.get_last_lr()[0]
+    metrics["train/epoch"] = epoch
+    metrics["train/samples"] = epoch * s.local_samples * s.accelerator.num_processes
+    return metrics
