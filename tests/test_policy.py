@@ -1,0 +1,141 @@
+"""GRPO and DDPO end to end on the tiny model: the run contract, the first PPO ratio, resume, and layout checks."""
+
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rl.policy
+from pipelines import load_pipeline
+from rewards.jpeg import JpegSizeReward
+from rl import ddpo, grpo
+from rl.config import ConfigError
+from rl.context import RunContext
+from rl.lora import LoraSpec
+from rl.policy import EvalConfig, PPOConfig, SamplingConfig
+from rl.prompts import load_prompts
+from rl.tracking import LoggerConfig
+from rl.trainer import OptimConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "algo.epochs=2", "algo.sampling.prompts_per_epoch=2", "algo.sampling.images_per_prompt=4",
+    "algo.sampling.batch_size=8", "algo.sampling.num_inference_steps=4", "algo.ppo.batch_size=4",
+    "algo.eval.every=1", "algo.eval.max_prompts=2", "algo.eval.num_inference_steps=4",
+]
+
+
+def context(run_dir, reward=None):
+    return RunContext(
+        run_dir=run_dir,
+        seed=0,
+        load_pipeline=partial(load_pipeline, None),
+        train_prompts=load_prompts("simple_animals.txt", stop=6),
+        eval_prompts=load_prompts("simple_animals.txt", start=36, stop=38),
+        logger=LoggerConfig(),
+        config={},
+        reward=reward or JpegSizeReward(),
+    )
+
+
+def small_configs():
+    return dict(
+        sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=4),
+        ppo=PPOConfig(batch_size=4, clip_range=1e-2),
+        lora=LoraSpec(rank=4),
+        optim=OptimConfig(lr=1e-2),
+        eval=EvalConfig(every=2, max_prompts=2, num_inference_steps=4),
+    )
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ddpo"])
+def test_cli_runs_end_to_end_with_the_run_directory_contract(tmp_path, algo):
+    result = subprocess.run(
+        [sys.executable, "-m", "rl.run", f"algo={algo}", "reward=jpeg_compressibility", "model=tiny", *SMALL,
+         f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = records(tmp_path)
+    keys = set().union(*logged)
+    required = {"train/reward_mean", "train/reward_std", "eval/reward_mean", "train/loss", "train/approx_kl",
+                "train/clipfrac"} | ({"train/kl"} if algo == "grpo" else set())
+    assert required <= keys, required - keys
+    assert [r["step"] for r in logged if "eval/reward_mean" in r] == [0, 1, 2]
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "samples" / "step_000002.png").exists()
+    assert (tmp_path / "checkpoints" / "step_000002" / "done").exists()
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_first_inner_step_has_ratio_one(tmp_path, monkeypatch, recompute):
+    calls = []
+    original = rl.policy.ppo_clip_loss
+
+    def spy(log_prob, old_log_prob, advantages, clip_range):
+        calls.append((log_prob.detach().clone(), old_log_prob.detach().clone()))
+        return original(log_prob, old_log_prob, advantages, clip_range)
+
+    monkeypatch.setattr(rl.policy, "ppo_clip_loss", spy)
+    configs = small_configs()
+    configs["ppo"] = PPOConfig(batch_size=4, recompute_old_log_probs=recompute)
+    grpo.run(context(tmp_path), epochs=1, **configs)
+    log_prob, old = calls[0]
+    ratio = torch.exp(log_prob - old)
+    if recompute:
+        assert torch.equal(ratio, torch.ones_like(ratio))  # the training layout re-scored before any update
+    else:
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)  # sampled in other batches
+
+
+@pytest.mark.parametrize("algo", [grpo, ddpo], ids=["grpo", "ddpo"])
+def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
+    extra = {"beta": 0.04} if algo is grpo else {"min_count": 2}
+    algo.run(context(tmp_path / "whole"), epochs=4, checkpoint_every=2, **small_configs(), **extra)
+    algo.run(context(tmp_path / "split"), epochs=4, checkpoint_every=2, exit_after_epochs=2, **small_configs(), **extra)
+    assert not (tmp_path / "split" / "final").exists()
+    algo.run(context(tmp_path / "split"), epochs=4, checkpoint_every=2, **small_configs(), **extra)
+    whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
+    assert [r["step"] for r in whole] == [r["step"] for r in split]
+    for a, b in zip(whole, split):
+        for key in ("train/reward_mean", "train/loss", "eval/reward_mean"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    a = load_file(tmp_path / "whole" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "pytorch_lora_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_layout_and_reward_are_checked_before_loading(tmp_path):
+    ctx = context(tmp_path)
+    with pytest.raises(ConfigError, match="not a multiple of sampling.batch_size"):
+        grpo.run(ctx, sampling=SamplingConfig(prompts_per_epoch=3, images_per_prompt=3, batch_size=4))
+    with pytest.raises(ConfigError, match="3 training forwards per epoch do not split into 2 optimiser steps"):
+        grpo.run(ctx, sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8,
+                                              num_inference_steps=4), ppo=PPOConfig(batch_size=8, optimizer_steps=2))
+    ctx.reward = None
+    with pytest.raises(ConfigError, match="needs a reward"):
+        ddpo.run(ctx)
+
+
+def test_epoch_jobs_form_complete_groups_across_processes():
+    sampling = SamplingConfig(prompts_per_epoch=3, images_per_prompt=4, same_initial_noise=True)
+    shares = [rl.policy.epoch_jobs(10, epoch=5, seed=0, sampling=sampling, num_processes=2, rank=r) for r in (0, 1)]
+    jobs = shares[0] + shares[1]
+    assert [j["index"] for j in jobs] == list(range(12))
+    groups = {}
+    for job in jobs:
+        groups.setdefault(job["group"], []).append(job)
+    assert all(len(g) == 4 and len({j["prompt_id"] for j in g}) == 1 for g in groups.values())
+    assert all(len({j["noise_seed"] for j in g}) == 1 for g in groups.values())  # shared initial noise
+    assert len({j["sde_seed"] for j in jobs}) == 12

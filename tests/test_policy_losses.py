@@ -1,0 +1,82 @@
+"""PPO clip loss, GRPO group advantages, the KL term and DDPO's stat tracker against hand computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rl.ddpo import PerPromptStatTracker
+from rl.losses import group_advantages, kl_to_reference, ppo_clip_loss
+
+
+def test_ppo_clip_loss_by_hand():
+    # ratio = exp(logp - old): [1, e^0.1, e^-0.1]; eps = 0.05; A = [1, 1, -2]
+    log_prob = torch.tensor([0.0, 0.1, -0.1])
+    old = torch.zeros(3)
+    advantages = torch.tensor([1.0, 1.0, -2.0])
+    loss, stats = ppo_clip_loss(log_prob, old, advantages, clip_range=0.05)
+    r1 = math.exp(0.1)
+    # sample 1: max(-1, -1) = -1; sample 2: max(-e^0.1, -1.05) = -1.05; sample 3: max(2 e^-0.1, 2 * 0.95) = 1.9
+    assert -r1 < -1.05 and 2 * math.exp(-0.1) < 1.9
+    expected = (-1 - 1.05 + 1.9) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * (0.01 + 0.01) / 3, abs=1e-7)
+
+
+def test_ppo_gradient_at_ratio_one_is_the_policy_gradient():
+    log_prob = torch.zeros(4, requires_grad=True)
+    advantages = torch.tensor([1.0, -1.0, 2.0, 0.5])
+    loss, _ = ppo_clip_loss(log_prob, torch.zeros(4), advantages, clip_range=1e-4)
+    loss.backward()
+    torch.testing.assert_close(log_prob.grad, -advantages / 4)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 3.0, 10.0, 14.0])
+    groups = torch.tensor([7, 7, 2, 2])
+    # group means 2 and 12; centred [-1, 1, -2, 2]; global std of rewards (unbiased) = std([1, 3, 10, 14])
+    global_std = float(np.std([1, 3, 10, 14], ddof=1))
+    torch.testing.assert_close(
+        group_advantages(rewards, groups, "global", eps=0.0), torch.tensor([-1.0, 1.0, -2.0, 2.0]) / global_std
+    )
+    # per-group (unbiased) std: sqrt(2) and sqrt(8)
+    expected = torch.tensor([-1 / math.sqrt(2), 1 / math.sqrt(2), -2 / math.sqrt(8), 2 / math.sqrt(8)])
+    torch.testing.assert_close(group_advantages(rewards, groups, "group", eps=0.0), expected)
+    clipped = group_advantages(torch.tensor([0.0, 0.0, 0.0, 100.0]), torch.tensor([0, 0, 0, 0]), "group", clip=1.0)
+    assert clipped.max().item() == 1.0
+
+
+def test_identical_rewards_in_a_group_give_zero_advantage():
+    adv = group_advantages(torch.tensor([5.0, 5.0, 1.0, 2.0]), torch.tensor([0, 0, 1, 1]), "group")
+    assert adv[:2].abs().max() == 0
+
+
+def test_kl_to_reference_by_hand():
+    mean = torch.ones(2, 1, 2, 2)
+    reference = torch.zeros(2, 1, 2, 2)
+    reference[1] = 0.5
+    std = torch.tensor([0.5, 1.0]).view(2, 1, 1, 1)
+    # sample 0: mean sq 1 / (2 * 0.25) = 2; sample 1: 0.25 / 2 = 0.125
+    torch.testing.assert_close(kl_to_reference(mean, reference, std), torch.tensor([2.0, 0.125]))
+
+
+def test_per_prompt_stat_tracker_by_hand():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    # Fewer than min_count for each prompt: the batch's mean (2.5) and population std stand in.
+    batch = np.array([1.0, 2.0, 3.0, 4.0])
+    first = tracker.update(["a", "a", "b", "b"], batch)
+    np.testing.assert_allclose(first, (batch - 2.5) / (np.std(batch) + 1e-6))
+    # "a" now has 4 >= 3 rewards [1, 2, 5, 6]: its own buffer's statistics.
+    second = tracker.update(["a", "a", "b"], np.array([5.0, 6.0, 7.0]))
+    buffer_a = np.array([1.0, 2.0, 5.0, 6.0])
+    np.testing.assert_allclose(second[:2], (np.array([5.0, 6.0]) - buffer_a.mean()) / (buffer_a.std() + 1e-6))
+    buffer_b = np.array([3.0, 4.0, 7.0])
+    np.testing.assert_allclose(second[2], (7.0 - buffer_b.mean()) / (buffer_b.std() + 1e-6))
+    # The buffer keeps the last buffer_size rewards, and the state round-trips.
+    tracker.update(["a"] * 3, np.array([7.0, 8.0, 9.0]))
+    assert list(tracker.buffers["a"]) == [6.0, 7.0, 8.0, 9.0]
+    restored = PerPromptStatTracker(buffer_size=4, min_count=3)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.buffers["a"] == tracker.buffers["a"] and restored.buffers["a"].maxlen == 4
