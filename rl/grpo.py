@@ -19,7 +19,9 @@ from rl.policy import (
     PPOConfig,
     SamplingConfig,
     epoch_jobs,
+    end_epoch,
     epoch_metrics,
+    finish,
     gather_rewards,
     local_slice,
     maybe_evaluate,
@@ -31,7 +33,7 @@ from rl.policy import (
     setup,
 )
 from rl.sft import EmaConfig
-from rl.trainer import OptimConfig, save_final
+from rl.trainer import OptimConfig
 
 
 def run(
@@ -82,21 +84,11 @@ def run(
             s.accelerator, s.transformer, s.pipe.scheduler, rollouts, advantages, sampling, ppo, s.optimizer,
             s.lr_scheduler, s.parameters, optim.max_grad_norm, ctx.seed, epoch, kl_beta=beta, reference=reference,
         )
-        if s.ema is not None:
-            s.ema.step(s.parameters)
 
         # 5. Log; 6. evaluate on held-out prompts every few epochs; checkpoint.
-        s.state.step = epoch + 1
-        s.accelerator.log(epoch_metrics(all_rewards, info, stats, s, epoch + 1), step=epoch + 1)
-        maybe_evaluate(ctx, s, eval, s.state.step, epochs)
-        if s.state.step % checkpoint_every == 0 or s.state.step == epochs:
-            s.checkpointer.save(s.state.step)
-        if exit_after_epochs is not None and s.state.step - start >= exit_after_epochs:
-            s.accelerator.end_training()
+        metrics = epoch_metrics(all_rewards, info, stats, s, epoch + 1)
+        if end_epoch(ctx, s, metrics, eval, epoch, epochs, checkpoint_every, start, exit_after_epochs):
             return
 
     # The adapter (or weights) in diffusers' format; the EMA weights when kept.
-    if s.ema is not None:
-        s.ema.copy_to(s.parameters)
-    save_final(ctx.run_dir / "final", s.pipe, lora, s.modules, s.accelerator)
-    s.accelerator.end_training()
+    finish(ctx, s, lora)

@@ -459,3 +459,34 @@ def epoch_metrics(rewards: torch.Tensor, info: dict, stats: dict, s: Setup, epoc
     metrics["train/epoch"] = epoch
     metrics["train/samples"] = epoch * s.local_samples * s.accelerator.num_processes
     return metrics
+
+
+def end_epoch(
+    ctx, s: Setup, metrics: dict, config: EvalConfig, epoch: int, epochs: int, checkpoint_every: int, start: int,
+    exit_after_epochs: int | None,
+) -> bool:
+    """After an epoch's update: EMA step, log, held-out evaluation when due, checkpoint. True when this invocation
+    should stop now (`exit_after_epochs`); the run then resumes from the checkpoint just written."""
+    if s.ema is not None:
+        s.ema.step(s.parameters)
+    s.state.step = epoch + 1
+    s.accelerator.log(metrics, step=s.state.step)
+    maybe_evaluate(ctx, s, config, s.state.step, epochs)
+    if s.state.step % checkpoint_every == 0 or s.state.step == epochs:
+        s.checkpointer.save(s.state.step)
+    if exit_after_epochs is not None and s.state.step - start >= exit_after_epochs:
+        if s.state.step % checkpoint_every:
+            s.checkpointer.save(s.state.step)  # a planned stop never loses the epochs done
+        s.accelerator.end_training()
+        return True
+    return False
+
+
+def finish(ctx, s: Setup, lora) -> None:
+    """Save the adapter (or weights), the EMA weights when kept, in diffusers' format, and close the trackers."""
+    from rl.trainer import save_final
+
+    if s.ema is not None:
+        s.ema.copy_to(s.parameters)
+    save_final(ctx.run_dir / "final", s.pipe, lora, s.modules, s.accelerator)
+    s.accelerator.end_training()

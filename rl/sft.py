@@ -324,6 +324,8 @@ def train_supervised(
         if validation.every and (state.step % validation.every == 0 or state.step == train.max_steps):
             validate(ctx, accelerator, pipe, parameters, ema_model, validation, state.step)
         if train.exit_after_steps is not None and steps_this_run >= train.exit_after_steps:
+            if state.step % train.checkpoint_every:
+                checkpointer.save(state.step)  # a planned stop never loses the steps done
             logger.info("stopping after %d steps as asked (exit_after_steps); start again to resume", steps_this_run)
             accelerator.end_training()
             return
