@@ -139,3 +139,19 @@ def test_epoch_jobs_form_complete_groups_across_processes():
     assert all(len(g) == 4 and len({j["prompt_id"] for j in g}) == 1 for g in groups.values())
     assert all(len({j["noise_seed"] for j in g}) == 1 for g in groups.values())  # shared initial noise
     assert len({j["sde_seed"] for j in jobs}) == 12
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes(tmp_path):
+    """`accelerate launch` with two CPU processes (gloo, DDP): groups span processes, rewards are gathered."""
+    overrides = [o.replace("algo.sampling.batch_size=8", "algo.sampling.batch_size=4") for o in SMALL]
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.run", "algo=grpo",
+         "reward=jpeg_compressibility", *overrides, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = records(tmp_path)
+    assert [r["train/samples"] for r in logged if "train/samples" in r] == [8, 16]  # both processes' images
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
