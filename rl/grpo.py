@@ -81,7 +81,7 @@ def run(
 
         # 4. Train: PPO-clip with the KL to the reference policy.
         stats = ppo_update(
-            s.accelerator, s.transformer, s.pipe.scheduler, rollouts, advantages, sampling, ppo, s.optimizer,
+            s.accelerator, s.transformer, rollouts, advantages, sampling, ppo, s.optimizer,
             s.lr_scheduler, s.parameters, optim.max_grad_norm, ctx.seed, epoch, kl_beta=beta, reference=reference,
         )
 

@@ -6,20 +6,33 @@ Each algorithm file strings these together in order and adds only what is its ow
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from pipelines import StableDiffusion3LogProbPipeline, transition_log_probs
 from rewards import Reward
 from rl.config import ConfigError
 from rl.losses import kl_to_reference, ppo_clip_loss
 from rl.prompts import Prompt
-from rl.trainer import sample_validation_images
+from rl.trainer import (
+    Checkpointer,
+    OptimConfig,
+    TrainState,
+    build_lr_scheduler,
+    build_optimizer,
+    make_ema,
+    prepare_models,
+    sample_validation_images,
+    save_final,
+    save_validation,
+    trainable_parameters,
+)
 
 
 @dataclass
@@ -73,6 +86,7 @@ class Rollouts:
     log_probs: torch.Tensor  # (N, K): one per stochastic step
     sde_steps: list[int]  # which of the T steps are stochastic (K of them)
     timesteps: torch.Tensor  # (T,)
+    scheduler: object  # a copy of the scheduler holding the sampling schedule, for re-scoring the transitions
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None
@@ -174,6 +188,7 @@ def sample_rollouts(
         log_probs=cat("log_probs"),
         sde_steps=parts[0].sde_steps,
         timesteps=parts[0].timesteps,
+        scheduler=copy.deepcopy(pipe.scheduler),  # evaluation later resets the pipeline's own schedule
         prompt_embeds=cat("prompt_embeds"),
         pooled_prompt_embeds=cat("pooled_prompt_embeds"),
         negative_prompt_embeds=cat("negative_prompt_embeds"),
@@ -195,7 +210,6 @@ def score(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: li
 def ppo_update(
     accelerator: Accelerator,
     transformer: torch.nn.Module,
-    scheduler,
     rollouts: Rollouts,
     advantages: torch.Tensor,
     sampling: SamplingConfig,
@@ -224,7 +238,7 @@ def ppo_update(
         negatives = rollouts.negative_prompt_embeds
         return transition_log_probs(
             transformer,
-            scheduler,
+            rollouts.scheduler,
             rollouts.latents[index, steps],
             rollouts.latents[index, steps + 1],
             rollouts.timesteps[steps],
@@ -340,21 +354,8 @@ def setup(
     registered: list | None = None,
 ) -> Setup:
     """Check the layout, load the model with LoRA (or trainable), the optimiser, reward, checkpoints; resume."""
-    from rl.trainer import (
-        Checkpointer,
-        OptimConfig,
-        TrainState,
-        build_lr_scheduler,
-        build_optimizer,
-        make_ema,
-        prepare_models,
-        trainable_parameters,
-    )
-
     if ctx.reward is None:
         raise ConfigError("policy-gradient training needs a reward: reward=<name> (e.g. reward=jpeg_compressibility)")
-    from accelerate import PartialState
-
     num_processes = PartialState().num_processes
     local = check_layout(sampling, ppo, num_processes)
     accumulation = micro_batches_per_optimizer_step(local, sampling, ppo)
@@ -390,9 +391,6 @@ def setup(
 def reference_policy(s: Setup, lora) -> Callable:
     """A context in which the transformer computes the reference policy: the base model (adapter disabled) for LoRA,
     a frozen copy of the initial weights for full fine-tuning."""
-    import copy
-    from contextlib import contextmanager
-
     unwrapped = s.accelerator.unwrap_model(s.transformer)
     if lora is not None:
 
@@ -421,8 +419,6 @@ def reference_policy(s: Setup, lora) -> Callable:
 
 def maybe_evaluate(ctx, s: Setup, config: EvalConfig, epoch: int, epochs: int, force: bool = False) -> None:
     """Evaluate after `epoch` epochs when due (every `config.every`, and the last), with EMA weights when kept."""
-    from rl.trainer import save_validation
-
     due = bool(config.every) and (epoch % config.every == 0 or epoch == epochs)
     if not (due or force) or not ctx.eval_prompts:
         return
@@ -484,8 +480,6 @@ def end_epoch(
 
 def finish(ctx, s: Setup, lora) -> None:
     """Save the adapter (or weights), the EMA weights when kept, in diffusers' format, and close the trackers."""
-    from rl.trainer import save_final
-
     if s.ema is not None:
         s.ema.copy_to(s.parameters)
     save_final(ctx.run_dir / "final", s.pipe, lora, s.modules, s.accelerator)

@@ -128,8 +128,9 @@ def supervised_loss(
 class Encoder:
     """VAE latents and text embeddings for batches, optionally cached per sample key (never per step)."""
 
-    def __init__(self, pipe, cache_latents: bool, cache_text: bool, max_sequence_length: int):
+    def __init__(self, pipe, cache_latents: bool, cache_text: bool, max_sequence_length: int, text_trainable: bool):
         self.pipe, self.cache_latents, self.cache_text = pipe, cache_latents, cache_text
+        self.text_trainable = text_trainable  # gradients through the text encoders only when their LoRA trains
         self.max_sequence_length = max_sequence_length
         self.latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -160,8 +161,7 @@ class Encoder:
         if self.cache_text and all(k in self.text_cache for k in cache_keys):
             embeds = [self.text_cache[k] for k in cache_keys]
             return torch.stack([e for e, _ in embeds]), torch.stack([p for _, p in embeds])
-        grad = torch.enable_grad() if not self.cache_text else torch.no_grad()
-        with grad:
+        with torch.enable_grad() if self.text_trainable else torch.no_grad():
             prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=captions,
                 prompt_2=None,
@@ -252,9 +252,11 @@ def train_supervised(
 
     batches = iter(loader(dataset))
     prior_batches = iter(loader(prior.dataset)) if prior is not None else None
-    encoder = Encoder(pipe, train.cache_latents, train.cache_text_embeddings, train.max_sequence_length)
-    train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     text_encoders_trained = lora is not None and lora.text_encoders
+    encoder = Encoder(
+        pipe, train.cache_latents, train.cache_text_embeddings, train.max_sequence_length, text_encoders_trained
+    )
+    train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     def caption_dropped(batch: dict, i: int) -> bool:
         generator = sample_generator(ctx.seed + 1, batch["epochs"][i], batch["indices"][i])
