@@ -226,7 +226,8 @@ def ppo_update(
     """PPO-clip over this process's stored transitions; returns the mean diagnostics.
 
     Samples are shuffled, and each sample trains on its own random subset of `timestep_fraction` of its stochastic
-    steps, in random order. `reference()` is a context in which `transformer` is the reference policy (the LoRA
+    steps, in random order, with a new layout for each inner epoch. The old log-probabilities are the sampling policy's
+    in every inner epoch (re-scored in each layout before the first update, or the stored ones). `reference()` is a context in which `transformer` is the reference policy (the LoRA
     adapter disabled); with `kl_beta > 0` the loss adds `kl_beta * kl_to_reference`.
     """
     count, num_sde = len(rollouts), len(rollouts.sde_steps)
@@ -251,26 +252,28 @@ def ppo_update(
             sde_type=sampling.sde_type,
         )
 
+    device = rollouts.latents.device
+    layouts = []  # per inner epoch: a list of (sample indices, per-sample step columns)
     for inner in range(ppo.inner_epochs):
         generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 101 + inner * 7 + accelerator.process_index)
         order = torch.randperm(count, generator=generator)
         columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps] for _ in range(count)])
-        device = rollouts.latents.device
-        micro = [
-            (order[s : s + ppo.batch_size].to(device), j)
+        layouts.append([
+            (order[s : s + ppo.batch_size].to(device), columns[order[s : s + ppo.batch_size], j].to(device))
             for s in range(0, count, ppo.batch_size)
             for j in range(num_train_steps)
-        ]
-        old_log_probs = {}
-        if ppo.recompute_old_log_probs:
-            with torch.no_grad():
-                for k, (index, j) in enumerate(micro):
-                    old_log_probs[k] = forward(index, columns[index.cpu(), j].to(device))[0]
-        for k, (index, j) in enumerate(micro):
-            column = columns[index.cpu(), j].to(device)
+        ])
+    if ppo.recompute_old_log_probs:
+        # The behaviour policy's log-probs, re-scored in each training layout before any update.
+        with torch.no_grad():
+            old_log_probs = [[forward(index, column)[0] for index, column in layout] for layout in layouts]
+    else:
+        old_log_probs = [[rollouts.log_probs[index, column] for index, column in layout] for layout in layouts]
+
+    for layout, olds in zip(layouts, old_log_probs):
+        for (index, column), old in zip(layout, olds):
             with accelerator.accumulate(transformer):
                 log_prob, mean, std_dev_t = forward(index, column)
-                old = old_log_probs[k] if ppo.recompute_old_log_probs else rollouts.log_probs[index, column]
                 loss, step_stats = ppo_clip_loss(log_prob, old, advantages[index], ppo.clip_range)
                 if kl_beta > 0:
                     with torch.no_grad(), (reference() if reference is not None else nullcontext()):

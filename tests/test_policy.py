@@ -155,3 +155,21 @@ def test_grpo_on_two_processes(tmp_path):
     logged = records(tmp_path)
     assert [r["train/samples"] for r in logged if "train/samples" in r] == [8, 16]  # both processes' images
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_later_inner_epochs_compare_with_the_sampling_policy(tmp_path, monkeypatch):
+    """With two inner epochs, the second epoch's ratios are measured against the weights that sampled, so they move."""
+    calls = []
+    original = rl.policy.ppo_clip_loss
+
+    def spy(log_prob, old_log_prob, advantages, clip_range):
+        calls.append(torch.exp(log_prob.detach() - old_log_prob.detach()))
+        return original(log_prob, old_log_prob, advantages, clip_range)
+
+    monkeypatch.setattr(rl.policy, "ppo_clip_loss", spy)
+    configs = small_configs()
+    configs["ppo"] = PPOConfig(batch_size=4, inner_epochs=2, optimizer_steps=1, clip_range=0.2)
+    grpo.run(context(tmp_path), epochs=1, **configs)
+    per_epoch = len(calls) // 2
+    assert all(torch.equal(r, torch.ones_like(r)) for r in calls[:per_epoch])  # one update per inner epoch
+    assert any((r - 1).abs().max() > 0 for r in calls[per_epoch:])
