@@ -79,7 +79,7 @@ class ImageCaptionData:
         for index, row in enumerate(table):
             image = row[self.image_column]
             name = image.get("path") or f"{self.dataset}[{index}]"
-            if not _readable(image):
+            if not is_readable(image):
                 skipped.append(name)
                 continue
             caption = row[self.caption_column] if has_captions else default_caption
@@ -91,21 +91,43 @@ class ImageCaptionData:
         return ImageCaptionDataset(records, self.resolution, self.center_crop, self.random_flip, skipped)
 
 
-def _readable(image: dict) -> bool:
+def is_readable(image: dict) -> bool:
     try:
-        with _open(image) as handle:
+        with open_image(image) as handle:
             handle.verify()
         return True
     except Exception:
         return False
 
 
-def _open(image: dict) -> PIL.Image.Image:
+def open_image(image: dict) -> PIL.Image.Image:
     if image.get("bytes") is not None:
         import io
 
         return PIL.Image.open(io.BytesIO(image["bytes"]))
     return PIL.Image.open(image["path"])
+
+
+def load_pixels(
+    image: dict, resolution: int, center_crop: bool = True, random_flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """An image (`{"bytes"}` or `{"path"}`) as RGB CHW in [0, 1], resized on its short side to `resolution`, then
+    center- or randomly cropped to a square and optionally flipped (the randomness from `generator`)."""
+    with open_image(image) as handle:
+        picture = PIL.ImageOps.exif_transpose(handle).convert("RGB")
+    pixels = TF.to_dtype(TF.pil_to_tensor(picture), torch.float32, scale=True)
+    pixels = TF.resize(pixels, resolution, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    height, width = pixels.shape[-2:]
+    if center_crop:
+        pixels = TF.center_crop(pixels, [resolution, resolution])
+    else:
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        pixels = pixels[:, top : top + resolution, left : left + resolution]
+    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
+        pixels = pixels.flip(-1)
+    return pixels
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -143,19 +165,7 @@ class ImageCaptionDataset(Dataset):
         index, epoch, seed = item
         key, image, caption = self.records[index]
         generator = sample_generator(seed, epoch, index)
-        with _open(image) as handle:
-            picture = PIL.ImageOps.exif_transpose(handle).convert("RGB")
-        pixels = TF.to_dtype(TF.pil_to_tensor(picture), torch.float32, scale=True)
-        pixels = TF.resize(pixels, self.resolution, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        height, width = pixels.shape[-2:]
-        if self.center_crop:
-            pixels = TF.center_crop(pixels, [self.resolution, self.resolution])
-        else:
-            top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
-            pixels = pixels[:, top : top + self.resolution, left : left + self.resolution]
-        if self.random_flip and torch.rand(1, generator=generator).item() < 0.5:
-            pixels = pixels.flip(-1)
+        pixels = load_pixels(image, self.resolution, self.center_crop, self.random_flip, generator)
         return {"pixel_values": pixels * 2 - 1, "caption": caption, "key": key, "index": index, "epoch": epoch}
 
 

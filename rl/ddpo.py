@@ -26,9 +26,11 @@ from rl.policy import (
     finish,
     gather_rewards,
     local_slice,
+    ppo_layout,
     maybe_evaluate,
     ppo_update,
     sample_rollouts,
+    require_reward,
     score,
     setup,
 )
@@ -86,7 +88,9 @@ def run(
     sampling, ppo, optim = sampling or SamplingConfig(), ppo or PPOConfig(), optim or OptimConfig()
     eval, ema = eval or EvalConfig(), ema or EmaConfig()
     tracker = PerPromptStatTracker(buffer_size, min_count)
-    s = setup(ctx, sampling, ppo, lora, optim, epochs, ema.decay if ema.enabled else None, checkpoint_every,
+    require_reward(ctx, "ddpo")
+    local, accumulation, updates = ppo_layout(sampling, ppo, epochs)
+    s = setup(ctx, lora, optim, local, accumulation, updates, ema.decay if ema.enabled else None, checkpoint_every,
               keep_checkpoints, resume, registered=[tracker])
     start = s.state.step
     if start == 0:

@@ -24,10 +24,12 @@ from rl.policy import (
     finish,
     gather_rewards,
     local_slice,
+    ppo_layout,
     maybe_evaluate,
     ppo_update,
     reference_policy,
     sample_rollouts,
+    require_reward,
     score,
     sde_window,
     setup,
@@ -57,7 +59,9 @@ def run(
     "group"."""
     sampling, ppo, optim = sampling or SamplingConfig(), ppo or PPOConfig(), optim or OptimConfig()
     eval, ema = eval or EvalConfig(), ema or EmaConfig()
-    s = setup(ctx, sampling, ppo, lora, optim, epochs, ema.decay if ema.enabled else None, checkpoint_every,
+    require_reward(ctx, "grpo")
+    local, accumulation, updates = ppo_layout(sampling, ppo, epochs)
+    s = setup(ctx, lora, optim, local, accumulation, updates, ema.decay if ema.enabled else None, checkpoint_every,
               keep_checkpoints, resume)
     reference = reference_policy(s, lora) if beta > 0 else None
     start = s.state.step

@@ -118,3 +118,45 @@ def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, std_dev_t:
     `std` the step's `std_dev_t` (as `sde_step_with_logprob` returns it)."""
     squared = ((mean - reference_mean) ** 2).reshape(mean.shape[0], -1).mean(dim=1)
     return squared / (2 * std_dev_t.reshape(-1) ** 2)
+
+
+def dpo_loss(
+    model_winner: torch.Tensor,
+    model_loser: torch.Tensor,
+    reference_winner: torch.Tensor,
+    reference_loser: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO for flow matching (`ALGORITHMS.md` section 4), from per-pair flow-matching errors (B,).
+
+    `diff = (L(w) - L_ref(w)) - (L(l) - L_ref(l))`; `loss = mean(-logsigmoid(-beta / 2 * diff))`. A model whose error
+    drops more on the winner than the reference's does has `diff < 0` and a loss below log 2. Diagnostics:
+    `implicit_acc` (the fraction of pairs with `-beta / 2 * diff > 0`, ties counted half), `reward_margin` (the mean
+    of `-beta / 2 * diff`, the implicit reward of the winner minus the loser's), and the model's and the reference's
+    mean error differences `model_diff = L(w) - L(l)` and `ref_diff`.
+    """
+    model_diff = model_winner - model_loser
+    reference_diff = reference_winner - reference_loser
+    inside = -0.5 * beta * (model_diff - reference_diff)
+    loss = -torch.nn.functional.logsigmoid(inside).mean()
+    with torch.no_grad():
+        stats = {
+            "implicit_acc": (inside > 0).float().mean() + 0.5 * (inside == 0).float().mean(),
+            "reward_margin": inside.mean(),
+            "model_diff": model_diff.mean(),
+            "ref_diff": reference_diff.mean(),
+        }
+    return loss, stats
+
+
+def best_worst_pairs(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online DPO's pairs: for each group (in order of first appearance), the indices of its highest- and lowest-reward
+    samples, and whether the pair is valid (False when all the group's rewards are equal: nothing to prefer)."""
+    winners, losers, valid = [], [], []
+    for group in dict.fromkeys(group_ids.tolist()):
+        members = (group_ids == group).nonzero().flatten()
+        values = rewards[members]
+        winners.append(members[values.argmax()])
+        losers.append(members[values.argmin()])
+        valid.append(bool(values.max() > values.min()))
+    return torch.stack(winners), torch.stack(losers), torch.tensor(valid, device=rewards.device)

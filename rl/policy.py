@@ -336,40 +336,44 @@ class Setup:
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    reward: Reward
+    reward: Reward | None
     state: object
     checkpointer: object
     ema: object | None
     local_samples: int
 
 
+def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> tuple[int, int, int]:
+    """Samples per process, micro-batches per optimiser step and optimiser steps in all, for a PPO method; the batch
+    sizes are checked against each other before anything loads."""
+    local = check_layout(sampling, ppo, PartialState().num_processes)
+    return local, micro_batches_per_optimizer_step(local, sampling, ppo), epochs * ppo.inner_epochs * ppo.optimizer_steps
+
+
 def setup(
     ctx,
-    sampling: SamplingConfig,
-    ppo: PPOConfig,
     lora,
     optim,
-    epochs: int,
+    local_samples: int,
+    accumulation: int,
+    updates: int,
     ema_decay: float | None,
     checkpoint_every: int,
     keep_checkpoints: int | None,
     resume: bool,
     registered: list | None = None,
+    gradient_checkpointing: bool = False,
 ) -> Setup:
-    """Check the layout, load the model with LoRA (or trainable), the optimiser, reward, checkpoints; resume."""
-    if ctx.reward is None:
-        raise ConfigError("policy-gradient training needs a reward: reward=<name> (e.g. reward=jpeg_compressibility)")
+    """Load the model with LoRA (or trainable), the optimiser for `updates` optimiser steps with `accumulation`
+    micro-batches each, the reward, checkpoints; resume. `local_samples` is the samples per process per epoch."""
     num_processes = PartialState().num_processes
-    local = check_layout(sampling, ppo, num_processes)
-    accumulation = micro_batches_per_optimizer_step(local, sampling, ppo)
     accelerator = ctx.accelerator(gradient_accumulation_steps=accumulation)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = ctx.load_pipeline(device=accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    modules = prepare_models(pipe, lora, False, weight_dtype, ctx.seed)
+    modules = prepare_models(pipe, lora, gradient_checkpointing, weight_dtype, ctx.seed)
     parameters = trainable_parameters(modules)
     optimizer = build_optimizer(parameters, optim)
-    updates = epochs * ppo.inner_epochs * ppo.optimizer_steps
     lr_scheduler = build_lr_scheduler(
         optimizer, OptimConfig(**{**optim.__dict__, "warmup_steps": optim.warmup_steps * num_processes}),
         updates * num_processes,
@@ -386,9 +390,14 @@ def setup(
     )
     if resume:
         checkpointer.restore()
-    reward = ctx.reward.to(accelerator.device)
+    reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
     return Setup(accelerator, pipe, transformer, modules, parameters, optimizer, lr_scheduler, reward, state,
-                 checkpointer, ema, local)
+                 checkpointer, ema, local_samples)
+
+
+def require_reward(ctx, algo: str) -> None:
+    if ctx.reward is None:
+        raise ConfigError(f"algo={algo} needs a reward: reward=<name> (e.g. reward=jpeg_compressibility)")
 
 
 def reference_policy(s: Setup, lora) -> Callable:
