@@ -1,7 +1,7 @@
 """CLIP image and text towers from open_clip or transformers, behind one small interface, for reward models.
 
 Two tiny open_clip architectures ship in `rewards/clip_configs/` (`tiny-ViT-768`, the embedding width of ViT-L/14, and
-`tiny-ViT-1024`, that of ViT-H/14); with `pretrained=None` they give random weights for tests and CPU experiments.
+`tiny-ViT-1024`, that of ViT-H/14); with `pretrained=None` they give random weights (always the same ones) for tests and CPU experiments.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ class ClipModel(torch.nn.Module):
         if pretrained and not Path(pretrained).expanduser().is_file():
             pretrained = self._fetch_open_clip_weights(name, pretrained)
         try:
-            self.model = open_clip.create_model(name, pretrained=pretrained)
+            with torch.random.fork_rng():  # random weights (pretrained=None) are the same in every run
+                torch.manual_seed(0)
+                self.model = open_clip.create_model(name, pretrained=pretrained)
         except Exception as error:  # a download that fails offline surfaces as many exception types
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ModelLoadError(

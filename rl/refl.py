@@ -1,0 +1,259 @@
+"""`algo=refl`: direct reward fine-tuning, ReFL (Xu et al. 2023, arXiv 2304.05977) and DRaFT-K (Clark et al. 2023,
+arXiv 2309.17400), for SD3 / SD3.5 (`ALGORITHMS.md` section 5).
+
+Both sample with the ODE from noise, without gradients, then let gradients flow through the last part of the
+trajectory only, decode with gradients through the (frozen) VAE, and score with a *differentiable* reward:
+
+- **ReFL** (`method=refl`): stop at a random step drawn from `stop_range`, take one prediction with gradients, and
+  score the one-step estimate `x0 = x_s - s v`.
+- **DRaFT-K** (`method=draft`): run the last K Euler steps with gradients (gradient checkpointing on the transformer)
+  and score the final sample; with `randomize_k`, K is drawn from 1..k at each step (AlignProp's randomised truncation).
+
+The loss is `relu(target - R) * scale` (ReFL) or `-R * scale`. Optionally the supervised flow-matching loss on an
+image-caption dataset (`data=`) is added with weight `pretrain_weight`, ReFL's regulariser against reward hacking.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipelines import StableDiffusion3LogProbPipeline, guided_velocity
+from rewards import Reward
+from rl.config import ConfigError
+from rl.context import RunContext
+from rl.data import DataError, EpochBatchSampler, ImageCaptionData, collate
+from rl.lora import LoraSpec
+from rl.policy import EvalConfig, finish, maybe_evaluate, require_reward, setup
+from rl.prompts import Prompt
+from rl.sft import EmaConfig, Encoder, LossConfig, supervised_loss
+from rl.trainer import OptimConfig, step_generator
+
+METHODS = ("refl", "draft")
+LOSSES = ("relu", "negative")
+
+
+@dataclass
+class ReFLConfig:
+    """What is back-propagated and how the reward becomes a loss (`algo.refl`)."""
+
+    method: str = "refl"  # refl or draft
+    num_inference_steps: int = 40  # ODE steps of the sampled trajectory (ImageReward: 40)
+    guidance_scale: float = 4.5
+    stop_range: tuple[int, int] = (30, 39)  # refl: the step with gradients is drawn from this range (inclusive)
+    k: int = 1  # draft: the last K steps carry gradients (DRaFT: K = 1 is usually best)
+    randomize_k: bool = False  # draft: K uniform in 1..k at each step (AlignProp)
+    loss: str = "relu"  # relu: relu(target - R) * scale; negative: -R * scale
+    target: float = 2.0  # ImageReward's ReFL: 2
+    scale: float = 1.0e-3  # ImageReward's ReFL: 1e-3
+    resolution: int | None = None  # None: the model's native size
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown refl.method {self.method!r}; choose one of {list(METHODS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown refl.loss {self.loss!r}; choose one of {list(LOSSES)}")
+        low, high = self.stop_range
+        if not 0 <= low <= high < self.num_inference_steps:
+            raise ConfigError(f"refl.stop_range={list(self.stop_range)} must lie within 0..{self.num_inference_steps - 1}")
+        if not 1 <= self.k <= self.num_inference_steps:
+            raise ConfigError(f"refl.k={self.k} must be between 1 and num_inference_steps={self.num_inference_steps}")
+
+
+@dataclass
+class ReFLTrainConfig:
+    """Steps, batches and the regulariser (`algo.train`)."""
+
+    max_steps: int = 1000  # optimiser steps
+    batch_size: int = 2  # prompts per process and micro-batch
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = True  # DRaFT back-propagates through K transformer calls
+    pretrain_weight: float = 0.0  # weight of the supervised loss on `data=` (0: no regulariser)
+    pretrain_batch_size: int = 1  # image-caption pairs per process and micro-batch
+    max_sequence_length: int = 77  # T5 tokens
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int | None = 3
+    resume: bool = True
+    exit_after_steps: int | None = None  # stop this invocation after N steps, as a kill would (resume later)
+
+
+def sampling_scheduler(pipe: StableDiffusion3LogProbPipeline, num_inference_steps: int, latent_size: int, device):
+    """A copy of the pipeline's scheduler set to its sampling schedule (with SD3.5's resolution shift when the
+    scheduler uses dynamic shifting), as the pipeline itself sets it."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", None):
+        patch = pipe.transformer.config.patch_size
+        kwargs["mu"] = calculate_shift(
+            (latent_size // patch) ** 2,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.16),
+        )
+    retrieve_timesteps(scheduler, num_inference_steps, device, **kwargs)
+    return scheduler
+
+
+def gradient_steps(refl: ReFLConfig, generator: torch.Generator) -> tuple[int, int]:
+    """Which steps of the trajectory carry gradients: `(first, last)`, both inclusive. ReFL: one random step in
+    `stop_range`; DRaFT: the last K (K random in 1..k with `randomize_k`)."""
+    if refl.method == "refl":
+        stop = int(torch.randint(refl.stop_range[0], refl.stop_range[1] + 1, (1,), generator=generator))
+        return stop, stop
+    k = int(torch.randint(1, refl.k + 1, (1,), generator=generator)) if refl.randomize_k else refl.k
+    return refl.num_inference_steps - k, refl.num_inference_steps - 1
+
+
+def reward_loss(
+    pipe: StableDiffusion3LogProbPipeline,
+    transformer: torch.nn.Module,
+    reward: Reward,
+    prompts: list[Prompt],
+    refl: ReFLConfig,
+    generator: torch.Generator,
+    max_sequence_length: int = 77,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Sample `prompts` with the ODE, back-propagating only through the configured steps, decode with gradients,
+    score; returns `(loss, diagnostics, images)`. Gradients reach `transformer` only through the reward's scores."""
+    device = pipe.transformer.device
+    guided = refl.guidance_scale > 1
+    with torch.no_grad():
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=[p.text for p in prompts], prompt_2=None, prompt_3=None, device=device,
+            do_classifier_free_guidance=guided, max_sequence_length=max_sequence_length,
+        )
+    size = (refl.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    latents = torch.randn(len(prompts), pipe.transformer.config.in_channels, size, size, generator=generator,
+                          device=generator.device).to(device)
+    scheduler = sampling_scheduler(pipe, refl.num_inference_steps, size, device)
+    first, last = gradient_steps(refl, generator)
+
+    def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return guided_velocity(transformer, x, timestep, prompt_embeds, pooled, refl.guidance_scale,
+                               negative_embeds if guided else None, negative_pooled if guided else None).float()
+
+    sigmas = scheduler.sigmas.to(device)
+    for i, timestep in enumerate(scheduler.timesteps[: last + 1]):
+        with torch.set_grad_enabled(i >= first):
+            v = velocity(latents, timestep)
+            if refl.method == "refl" and i == last:
+                latents = latents - sigmas[i] * v  # the one-step x0 estimate
+            else:
+                latents = latents + (sigmas[i + 1] - sigmas[i]) * v  # an Euler step of the ODE
+    images = pipe.decode_latents(latents)
+    scores, info = reward(images, [p.text for p in prompts], [p.metadata for p in prompts])
+    if refl.loss == "relu":
+        loss = torch.relu(refl.target - scores).mean() * refl.scale
+    else:
+        loss = -scores.mean() * refl.scale
+    stats = {"reward_mean": scores.detach().mean(), "gradient_steps": torch.tensor(float(last - first + 1))}
+    stats.update({f"{k}_mean": v.detach().float().mean() for k, v in info.items()
+                  if isinstance(v, torch.Tensor) and v.shape == scores.shape})
+    return loss, stats, images.detach()
+
+
+def run(
+    ctx: RunContext,
+    *,
+    refl: ReFLConfig | None = None,
+    train: ReFLTrainConfig | None = None,
+    lora: LoraSpec | None = None,
+    optim: OptimConfig | None = None,
+    loss: LossConfig | None = None,
+    eval: EvalConfig | None = None,
+    ema: EmaConfig | None = None,
+) -> None:
+    """ReFL or DRaFT-K for `train.max_steps` steps; held-out evaluation every `eval.every` steps."""
+    refl, train, optim = refl or ReFLConfig(), train or ReFLTrainConfig(), optim or OptimConfig()
+    loss, eval, ema = loss or LossConfig(), eval or EvalConfig(), ema or EmaConfig()
+    require_reward(ctx, "refl")
+    if not ctx.reward.differentiable:
+        raise ConfigError(
+            f"algo=refl back-propagates through the reward, and {type(ctx.reward).__name__} is not differentiable; "
+            f"use aesthetic, clip_score, pickscore, hpsv2 or imagereward (or a policy-gradient method: algo=grpo)"
+        )
+    pretraining = None
+    if train.pretrain_weight > 0:
+        if not isinstance(ctx.data, ImageCaptionData):
+            raise DataError("train.pretrain_weight > 0 needs image-caption data: data.path=<imagefolder>")
+        pretraining = ctx.data.load(require_captions=True)
+
+    # 1. Load and prepare; resume.
+    s = setup(ctx, lora, optim, train.batch_size, train.gradient_accumulation_steps, train.max_steps,
+              ema.decay if ema.enabled else None, train.checkpoint_every, train.keep_checkpoints, train.resume,
+              gradient_checkpointing=train.gradient_checkpointing)
+    accelerator, state = s.accelerator, s.state
+    if pretraining is not None:
+        sampler = EpochBatchSampler(len(pretraining), train.pretrain_batch_size, ctx.seed, accelerator.num_processes,
+                                    accelerator.process_index, start=state.micro_batches)
+        pretrain_batches = iter(DataLoader(pretraining, batch_sampler=sampler, collate_fn=collate))
+        encoder = Encoder(s.pipe, False, False, train.max_sequence_length, False)
+        train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
+    if state.step == 0:
+        maybe_evaluate(ctx, s, eval, 0, train.max_steps, force=True)
+
+    # 2. Train: sample -> decode -> reward -> loss (+ regulariser) -> step; log, evaluate, checkpoint.
+    progress = tqdm(total=train.max_steps, initial=state.step, desc=refl.method,
+                    disable=not accelerator.is_local_main_process)
+    started, steps_this_run = time.time(), 0
+    while state.step < train.max_steps:
+        stats: dict[str, list[torch.Tensor]] = {}
+        for _ in range(train.gradient_accumulation_steps):
+            generator = step_generator(ctx.seed, state.micro_batches, accelerator.process_index, accelerator.device)
+            state.micro_batches += 1
+            chosen = torch.randint(len(ctx.train_prompts), (train.batch_size,), generator=generator, device=generator.device)
+            prompts = [ctx.train_prompts[i] for i in chosen.tolist()]
+            with accelerator.accumulate(s.transformer):
+                total, step_stats, _ = reward_loss(s.pipe, s.transformer, s.reward, prompts, refl, generator,
+                                                   train.max_sequence_length)
+                step_stats["reward_loss"] = total.detach()
+                if pretraining is not None:
+                    batch = next(pretrain_batches)
+                    latents = encoder.latents(batch["pixel_values"].to(accelerator.device), batch["keys"], generator)
+                    embeds, pooled = encoder.text(batch["captions"], batch["keys"])
+                    pretrain = supervised_loss(s.transformer, latents, embeds, pooled, train_scheduler, loss,
+                                               generator).mean()
+                    step_stats["pretrain_loss"] = pretrain.detach()
+                    total = total + train.pretrain_weight * pretrain
+                accelerator.backward(total)
+                if accelerator.sync_gradients:
+                    step_stats["grad_norm"] = torch.as_tensor(accelerator.clip_grad_norm_(s.parameters, optim.max_grad_norm))
+                s.optimizer.step()
+                s.lr_scheduler.step()
+                s.optimizer.zero_grad(set_to_none=True)
+            step_stats["loss"] = total.detach()
+            for name, value in step_stats.items():
+                stats.setdefault(name, []).append(value.float().reshape(()))
+        state.step += 1
+        steps_this_run += 1
+        if s.ema is not None:
+            s.ema.step(s.parameters)
+        progress.update(1)
+        if state.step % train.log_every == 0 or state.step == train.max_steps:
+            metrics = {f"train/{k}": accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in stats.items()}
+            metrics.update({
+                "train/lr": s.lr_scheduler.get_last_lr()[0],
+                "train/samples": state.step * train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes,
+                "train/steps_per_second": steps_this_run / (time.time() - started),
+            })
+            accelerator.log(metrics, step=state.step)
+            progress.set_postfix(reward=f"{metrics['train/reward_mean']:.4f}")
+        maybe_evaluate(ctx, s, eval, state.step, train.max_steps)
+        if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
+            s.checkpointer.save(state.step)
+        if train.exit_after_steps is not None and steps_this_run >= train.exit_after_steps:
+            if state.step % train.checkpoint_every:
+                s.checkpointer.save(state.step)  # a planned stop never loses the steps done
+            accelerator.end_training()
+            return
+    progress.close()
+    finish(ctx, s, lora)
