@@ -77,7 +77,7 @@ class ReFLTrainConfig:
     gradient_checkpointing: bool = True  # DRaFT back-propagates through K transformer calls
     pretrain_weight: float = 0.0  # weight of the supervised loss on `data=` (0: no regulariser)
     pretrain_batch_size: int = 1  # image-caption pairs per process and micro-batch
-    max_sequence_length: int = 77  # T5 tokens
+    max_sequence_length: int = 256  # T5 tokens (the pipeline samples with 256)
     log_every: int = 1
     checkpoint_every: int = 100
     keep_checkpoints: int | None = 3
@@ -120,7 +120,7 @@ def reward_loss(
     prompts: list[Prompt],
     refl: ReFLConfig,
     generator: torch.Generator,
-    max_sequence_length: int = 77,
+    max_sequence_length: int = 256,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Sample `prompts` with the ODE, back-propagating only through the configured steps, decode with gradients,
     score; returns `(loss, diagnostics, images)`. Gradients reach `transformer` only through the reward's scores."""
