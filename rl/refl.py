@@ -61,9 +61,9 @@ class ReFLConfig:
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown refl.loss {self.loss!r}; choose one of {list(LOSSES)}")
         low, high = self.stop_range
-        if not 0 <= low <= high < self.num_inference_steps:
+        if self.method == "refl" and not 0 <= low <= high < self.num_inference_steps:
             raise ConfigError(f"refl.stop_range={list(self.stop_range)} must lie within 0..{self.num_inference_steps - 1}")
-        if not 1 <= self.k <= self.num_inference_steps:
+        if self.method == "draft" and not 1 <= self.k <= self.num_inference_steps:
             raise ConfigError(f"refl.k={self.k} must be between 1 and num_inference_steps={self.num_inference_steps}")
 
 

@@ -40,6 +40,8 @@ def test_config_composes_and_builds(group, option):
     if cfg.prompts.train.file == cfg.prompts.eval.file:
         assert not {p.text for p in train} & {p.text for p in held_out}, "held-out prompts must not be trained on"
     instantiate(cfg.logger)
+    if cfg.get("data"):
+        assert instantiate(cfg.data).split  # data sources are cheap descriptions; nothing is read here
     if cfg.get("reward"):  # built with tiny weights in tests/test_rewards.py; here, the class must exist
         assert hasattr(get_class(cfg.reward._target_), "differentiable")
 
@@ -54,3 +56,14 @@ def test_model_presets_point_at_the_published_checkpoints():
         cfg = compose_with(f"model={option}")
         assert cfg.model.path == hub_id and cfg.model.dtype == "bfloat16"
     assert compose_with().model.path is None  # tiny by default
+
+
+def test_dpo_and_refl_configs_carry_the_published_defaults():
+    offline, online, refl = (compose_with(f"algo={a}").algo for a in ("dpo", "dpo_online", "refl"))
+    assert offline.beta == 5000 and offline.optim.lr == 1e-5 and offline.lora.rank == 8  # Diffusion-DPO / diffusers
+    assert online.beta == 100  # Flow-GRPO's online DPO on SD3.5
+    assert refl.refl.num_inference_steps == 40 and list(refl.refl.stop_range) == [30, 39]  # ImageReward's ReFL
+    assert refl.refl.target == 2 and refl.refl.scale == 1e-3 and refl.optim.lr == 1e-5
+    pickapic = compose_with("experiment=dpo_pickapic_sd35_medium")
+    assert pickapic.data.dataset == "yuvalkirstain/pickapic_v2" and pickapic.data.eval_split == "validation_unique"
+    assert list(pickapic.data.image_columns) == ["jpg_0", "jpg_1"] and pickapic.data.label_column == "label_0"
