@@ -30,7 +30,10 @@ from rl.lora import LoraSpec
 from rl.policy import (
     EvalConfig,
     SamplingConfig,
+    backward_and_step,
+    collect,
     end_epoch,
+    end_step,
     epoch_jobs,
     epoch_metrics,
     finish,
@@ -63,6 +66,7 @@ class DPOTrainConfig:
     exit_after_steps: int | None = None  # stop this invocation after N steps, as a kill would (resume later)
     eval_every: int = 100  # steps between held-out evaluations (pairs, and the reward if one is configured)
     eval_batch_size: int = 8
+    eval_repeats: int = 4  # noise draws per held-out pair (the implicit reward is an expectation over them)
 
 
 @dataclass
@@ -163,8 +167,15 @@ def run_offline(
         evaluate_offline(ctx, s, reference, encoder, scheduler, held_out, loss, beta, eval, train, 0)
 
     # 2. Train: pairs -> latents -> DPO loss against the reference -> step; log, checkpoint, evaluate.
-    progress = tqdm(total=train.max_steps, initial=state.step, desc="dpo", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=train.max_steps, initial=state.step, desc="dpo",
+                    disable=not accelerator.is_local_main_process)
+    samples_per_step = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
     started, steps_this_run = time.time(), 0
+
+    def evaluate(step: int) -> None:
+        if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
+            evaluate_offline(ctx, s, reference, encoder, scheduler, held_out, loss, beta, eval, train, step)
+
     while state.step < train.max_steps:
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(train.gradient_accumulation_steps):
@@ -177,37 +188,10 @@ def run_offline(
                 prompt_embeds, pooled = encoder.text(batch["captions"], batch["keys"])
                 total, step_stats = dpo_step(s.transformer, reference, winner, loser, prompt_embeds, pooled,
                                              scheduler, loss, beta, generator)
-                accelerator.backward(total)
-                if accelerator.sync_gradients:
-                    step_stats["grad_norm"] = torch.as_tensor(accelerator.clip_grad_norm_(s.parameters, optim.max_grad_norm))
-                s.optimizer.step()
-                s.lr_scheduler.step()
-                s.optimizer.zero_grad(set_to_none=True)
-            step_stats["loss"] = total.detach()
-            for name, value in step_stats.items():
-                stats.setdefault(name, []).append(value.float().reshape(()))
-        state.step += 1
+                backward_and_step(s, total, optim.max_grad_norm, step_stats)
+            collect(stats, {**step_stats, "loss": total})
         steps_this_run += 1
-        if s.ema is not None:
-            s.ema.step(s.parameters)
-        progress.update(1)
-        if state.step % train.log_every == 0 or state.step == train.max_steps:
-            metrics = {f"train/{k}": accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in stats.items()}
-            metrics.update({
-                "train/lr": s.lr_scheduler.get_last_lr()[0],
-                "train/samples": state.step * train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes,
-                "train/steps_per_second": steps_this_run / (time.time() - started),
-            })
-            accelerator.log(metrics, step=state.step)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/implicit_acc']:.2f}")
-        if train.eval_every and (state.step % train.eval_every == 0 or state.step == train.max_steps):
-            evaluate_offline(ctx, s, reference, encoder, scheduler, held_out, loss, beta, eval, train, state.step)
-        if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
-            s.checkpointer.save(state.step)
-        if train.exit_after_steps is not None and steps_this_run >= train.exit_after_steps:
-            if state.step % train.checkpoint_every:
-                s.checkpointer.save(state.step)  # a planned stop never loses the steps done
-            accelerator.end_training()
+        if end_step(s, stats, train, samples_per_step, started, steps_this_run, evaluate, progress):
             return
     progress.close()
     finish(ctx, s, lora)
@@ -224,7 +208,7 @@ def evaluate_offline(ctx, s, reference, encoder, scheduler, held_out: Preference
             s.ema.copy_to(s.parameters)
         transformer = s.accelerator.unwrap_model(s.transformer)
         metrics = held_out_pair_metrics(transformer, reference, encoder, scheduler, held_out, loss, beta, ctx.seed,
-                                        train.eval_batch_size)
+                                        train.eval_batch_size, train.eval_repeats)
         if s.ema is not None:
             s.ema.restore(s.parameters)
         s.accelerator.log(metrics, step=step)
@@ -235,23 +219,29 @@ def evaluate_offline(ctx, s, reference, encoder, scheduler, held_out: Preference
 
 def held_out_pair_metrics(
     transformer, reference, encoder: Encoder, scheduler, held_out: PreferenceDataset, loss: LossConfig, beta: float,
-    seed: int, batch_size: int,
+    seed: int, batch_size: int, repeats: int,
 ) -> dict[str, float]:
-    """DPO diagnostics over all held-out pairs, each pair with its own fixed noise, sigma and VAE sample."""
+    """DPO diagnostics over all held-out pairs. Each pair's errors are averaged over `repeats` fixed draws of noise,
+    sigma and VAE sample (a steadier estimate of the expectation the implicit reward is defined by), then compared."""
     device = next(transformer.parameters()).device
-    totals: dict[str, float] = {}
+    errors: list[torch.Tensor] = []  # per batch: (4, B) model_w, model_l, reference_w, reference_l
     for start in range(0, len(held_out), batch_size):
         batch = collate_pairs([held_out[(i, 0, seed)] for i in range(start, min(start + batch_size, len(held_out)))])
-        generator = torch.Generator(device).manual_seed(seed + 20_000_003 + start)
-        winner = encoder.latents(batch["winner"].to(device), batch["keys"], generator)
-        loser = encoder.latents(batch["loser"].to(device), batch["keys"], generator)
         prompt_embeds, pooled = encoder.text(batch["captions"], batch["keys"])
-        value, stats = dpo_step(transformer, reference, winner, loser, prompt_embeds, pooled, scheduler, loss, beta,
-                                generator)
-        count = len(batch["keys"])
-        for name, number in {"loss": value, **stats}.items():
-            totals[name] = totals.get(name, 0.0) + number.item() * count
-    return {f"eval/{name}": total / len(held_out) for name, total in totals.items()}
+        total = 0
+        for repeat in range(repeats):
+            generator = torch.Generator(device).manual_seed(seed + 20_000_003 + start * 1_009 + repeat)
+            winner = encoder.latents(batch["winner"].to(device), batch["keys"], generator)
+            loser = encoder.latents(batch["loser"].to(device), batch["keys"], generator)
+            noised = noised_pair(winner, loser, scheduler, loss, generator)
+            model = pair_errors(transformer, noised, prompt_embeds, pooled, loss)
+            with reference():
+                ref = pair_errors(transformer, noised, prompt_embeds, pooled, loss)
+            total = total + torch.stack([*model, *ref])
+        errors.append(total / repeats)
+    model_w, model_l, reference_w, reference_l = torch.cat(errors, dim=1)
+    value, stats = dpo_loss(model_w, model_l, reference_w, reference_l, beta)
+    return {f"eval/{name}": number.item() for name, number in {"loss": value, **stats}.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- online
@@ -331,7 +321,9 @@ def online_layout(sampling: SamplingConfig, train: OnlineTrainConfig) -> tuple[i
         raise ConfigError(f"{pairs} pairs per process are not a multiple of train.batch_size={train.batch_size}")
     forwards = pairs // train.batch_size
     if forwards % train.optimizer_steps:
-        raise ConfigError(f"{forwards} training forwards per epoch do not split into {train.optimizer_steps} optimiser steps")
+        raise ConfigError(
+            f"{forwards} training forwards per epoch do not split into {train.optimizer_steps} optimiser steps"
+        )
     return local, forwards // train.optimizer_steps
 
 
@@ -358,16 +350,10 @@ def online_update(ctx, s, reference, rollouts, winners, losers, valid, scheduler
                     reference_w, reference_l = pair_errors(s.transformer, batch, rollouts.prompt_embeds[w],
                                                            rollouts.pooled_prompt_embeds[w], loss)
                 if keep.any():
-                    total, step_stats = dpo_loss(model_w[keep], model_l[keep], reference_w[keep], reference_l[keep], beta)
+                    total, step_stats = dpo_loss(model_w[keep], model_l[keep], reference_w[keep], reference_l[keep],
+                                                 beta)
                 else:  # every group tied: nothing to learn, but every process still takes part in the step
                     total, step_stats = (model_w + model_l).sum() * 0.0, {}
-                accelerator.backward(total)
-                if accelerator.sync_gradients:
-                    step_stats["grad_norm"] = torch.as_tensor(accelerator.clip_grad_norm_(s.parameters, max_grad_norm))
-                s.optimizer.step()
-                s.lr_scheduler.step()
-                s.optimizer.zero_grad(set_to_none=True)
-            step_stats["loss"] = total.detach()
-            for name, value in step_stats.items():
-                stats.setdefault(name, []).append(value.float().reshape(()))
+                backward_and_step(s, total, max_grad_norm, step_stats)
+            collect(stats, {**step_stats, "loss": total})
     return {name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in stats.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -496,3 +497,56 @@ def finish(ctx, s: Setup, lora) -> None:
         s.ema.copy_to(s.parameters)
     save_final(ctx.run_dir / "final", s.pipe, lora, s.modules, s.accelerator)
     s.accelerator.end_training()
+
+
+# ------------------------------------------------------------------------------ step-based loops (dpo offline, refl)
+
+
+def backward_and_step(s: Setup, loss: torch.Tensor, max_grad_norm: float, stats: dict[str, torch.Tensor]) -> None:
+    """Backward, and on a synchronising micro-batch clip the gradients (their norm goes into `stats`); then the
+    optimiser and LR steps (accelerate makes them no-ops between accumulation boundaries)."""
+    s.accelerator.backward(loss)
+    if s.accelerator.sync_gradients:
+        stats["grad_norm"] = torch.as_tensor(s.accelerator.clip_grad_norm_(s.parameters, max_grad_norm))
+    s.optimizer.step()
+    s.lr_scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+
+
+def collect(stats: dict[str, list[torch.Tensor]], step_stats: dict[str, torch.Tensor]) -> None:
+    for name, value in step_stats.items():
+        stats.setdefault(name, []).append(value.detach().float().reshape(()))
+
+
+def end_step(
+    s: Setup, stats: dict[str, list[torch.Tensor]], train, samples_per_step: int, started: float, steps_this_run: int,
+    evaluate: Callable[[int], None], progress=None,
+) -> bool:
+    """After an optimiser step of a step-based loop (`steps_this_run` counts it): EMA, log (every
+    `train.log_every`), held-out evaluation when due, checkpoint. `train` has `max_steps`, `log_every`,
+    `checkpoint_every` and `exit_after_steps`. True when this invocation should stop now (`exit_after_steps`); the
+    run then resumes from the checkpoint just written."""
+    state = s.state
+    state.step += 1
+    if s.ema is not None:
+        s.ema.step(s.parameters)
+    if progress is not None:
+        progress.update(1)
+    if state.step % train.log_every == 0 or state.step == train.max_steps:
+        metrics = {f"train/{k}": s.accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in stats.items()}
+        metrics["train/lr"] = s.lr_scheduler.get_last_lr()[0]
+        metrics["train/samples"] = state.step * samples_per_step
+        metrics["train/steps_per_second"] = steps_this_run / (time.time() - started)
+        s.accelerator.log(metrics, step=state.step)
+        if progress is not None:
+            progress.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items()
+                                  if k in ("train/loss", "train/reward_mean", "train/implicit_acc")})
+    evaluate(state.step)
+    if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
+        s.checkpointer.save(state.step)
+    if train.exit_after_steps is not None and steps_this_run >= train.exit_after_steps:
+        if state.step % train.checkpoint_every:
+            s.checkpointer.save(state.step)  # a planned stop never loses the steps done
+        s.accelerator.end_training()
+        return True
+    return False

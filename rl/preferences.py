@@ -73,11 +73,14 @@ class PreferenceData:
             metadata = folder / ("metadata.jsonl" if split == "train" else f"{split}.jsonl")
             if metadata.exists():
                 return load_dataset("json", data_files=str(metadata), split="train")
-            raise DataError(f"{folder} holds no pairs for split {split!r} (a saved dataset, parquet, or metadata.jsonl)")
+            raise DataError(
+                f"{folder} holds no pairs for split {split!r} (a saved dataset, parquet, or metadata.jsonl)"
+            )
         except DataError:
             raise
         except Exception as error:  # offline hub, a missing split, unreadable files: datasets raises many kinds
-            raise DataError(f"cannot load the pairs of {source!r} (split {split!r}): {str(error).splitlines()[0]}") from None
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DataError(f"cannot load the pairs of {source!r} (split {split!r}): {reason}") from None
 
     def _pairs(self, split: str, limit: int | None) -> list[tuple[str, dict, dict, str]]:
         """(key, winner image, loser image, caption) for each non-tied pair with two readable images."""

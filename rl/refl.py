@@ -31,7 +31,7 @@ from rl.config import ConfigError
 from rl.context import RunContext
 from rl.data import DataError, EpochBatchSampler, ImageCaptionData, collate
 from rl.lora import LoraSpec
-from rl.policy import EvalConfig, finish, maybe_evaluate, require_reward, setup
+from rl.policy import EvalConfig, backward_and_step, collect, end_step, finish, maybe_evaluate, require_reward, setup
 from rl.prompts import Prompt
 from rl.sft import EmaConfig, Encoder, LossConfig, supervised_loss
 from rl.trainer import OptimConfig, step_generator
@@ -62,7 +62,9 @@ class ReFLConfig:
             raise ConfigError(f"unknown refl.loss {self.loss!r}; choose one of {list(LOSSES)}")
         low, high = self.stop_range
         if self.method == "refl" and not 0 <= low <= high < self.num_inference_steps:
-            raise ConfigError(f"refl.stop_range={list(self.stop_range)} must lie within 0..{self.num_inference_steps - 1}")
+            raise ConfigError(
+                f"refl.stop_range={list(self.stop_range)} must lie within 0..{self.num_inference_steps - 1}"
+            )
         if self.method == "draft" and not 1 <= self.k <= self.num_inference_steps:
             raise ConfigError(f"refl.k={self.k} must be between 1 and num_inference_steps={self.num_inference_steps}")
 
@@ -204,13 +206,15 @@ def run(
     # 2. Train: sample -> decode -> reward -> loss (+ regulariser) -> step; log, evaluate, checkpoint.
     progress = tqdm(total=train.max_steps, initial=state.step, desc=refl.method,
                     disable=not accelerator.is_local_main_process)
+    samples_per_step = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
     started, steps_this_run = time.time(), 0
     while state.step < train.max_steps:
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(train.gradient_accumulation_steps):
             generator = step_generator(ctx.seed, state.micro_batches, accelerator.process_index, accelerator.device)
             state.micro_batches += 1
-            chosen = torch.randint(len(ctx.train_prompts), (train.batch_size,), generator=generator, device=generator.device)
+            chosen = torch.randint(len(ctx.train_prompts), (train.batch_size,), generator=generator,
+                                   device=generator.device)
             prompts = [ctx.train_prompts[i] for i in chosen.tolist()]
             with accelerator.accumulate(s.transformer):
                 total, step_stats, _ = reward_loss(s.pipe, s.transformer, s.reward, prompts, refl, generator,
@@ -224,36 +228,11 @@ def run(
                                                generator).mean()
                     step_stats["pretrain_loss"] = pretrain.detach()
                     total = total + train.pretrain_weight * pretrain
-                accelerator.backward(total)
-                if accelerator.sync_gradients:
-                    step_stats["grad_norm"] = torch.as_tensor(accelerator.clip_grad_norm_(s.parameters, optim.max_grad_norm))
-                s.optimizer.step()
-                s.lr_scheduler.step()
-                s.optimizer.zero_grad(set_to_none=True)
-            step_stats["loss"] = total.detach()
-            for name, value in step_stats.items():
-                stats.setdefault(name, []).append(value.float().reshape(()))
-        state.step += 1
+                backward_and_step(s, total, optim.max_grad_norm, step_stats)
+            collect(stats, {**step_stats, "loss": total})
+        evaluate = lambda step: maybe_evaluate(ctx, s, eval, step, train.max_steps)  # noqa: E731
         steps_this_run += 1
-        if s.ema is not None:
-            s.ema.step(s.parameters)
-        progress.update(1)
-        if state.step % train.log_every == 0 or state.step == train.max_steps:
-            metrics = {f"train/{k}": accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in stats.items()}
-            metrics.update({
-                "train/lr": s.lr_scheduler.get_last_lr()[0],
-                "train/samples": state.step * train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes,
-                "train/steps_per_second": steps_this_run / (time.time() - started),
-            })
-            accelerator.log(metrics, step=state.step)
-            progress.set_postfix(reward=f"{metrics['train/reward_mean']:.4f}")
-        maybe_evaluate(ctx, s, eval, state.step, train.max_steps)
-        if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
-            s.checkpointer.save(state.step)
-        if train.exit_after_steps is not None and steps_this_run >= train.exit_after_steps:
-            if state.step % train.checkpoint_every:
-                s.checkpointer.save(state.step)  # a planned stop never loses the steps done
-            accelerator.end_training()
+        if end_step(s, stats, train, samples_per_step, started, steps_this_run, evaluate, progress):
             return
     progress.close()
     finish(ctx, s, lora)

@@ -118,12 +118,14 @@ def test_offline_dpo_end_to_end(tmp_path, pairs, lora):
     first_train = next(r for r in logged if "train/loss" in r)
     assert first_train["train/loss"] == pytest.approx(0.6931, abs=1e-4)  # log 2 before any update
     final = tmp_path / "final"
-    assert (final / "pytorch_lora_weights.safetensors").exists() if lora == "lora" else (final / "model_index.json").exists()
+    expected = "pytorch_lora_weights.safetensors" if lora == "lora" else "model_index.json"
+    assert (final / expected).exists()
 
 
 def test_online_dpo_end_to_end(tmp_path):
     result = run_cli(
-        tmp_path, "algo=dpo_online", "reward=jpeg_compressibility", "algo.epochs=2", "algo.sampling.prompts_per_epoch=2",
+        tmp_path, "algo=dpo_online", "reward=jpeg_compressibility", "algo.epochs=2",
+        "algo.sampling.prompts_per_epoch=2",
         "algo.sampling.images_per_prompt=4", "algo.sampling.batch_size=8", "algo.sampling.num_inference_steps=4",
         "algo.train.batch_size=2", "algo.train.optimizer_steps=1", "algo.eval.every=1", "algo.eval.max_prompts=2",
         "algo.eval.num_inference_steps=4",
@@ -250,12 +252,14 @@ def context(run_dir, reward=None, data=None):
 def test_refl_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path):
     kwargs = dict(
         refl=ReFLConfig(method="draft", num_inference_steps=4, k=2, stop_range=(1, 3), loss="negative"),
-        lora=LoraSpec(rank=4), optim=OptimConfig(lr=1e-2), eval=EvalConfig(every=2, max_prompts=2, num_inference_steps=4),
+        lora=LoraSpec(rank=4), optim=OptimConfig(lr=1e-2),
+        eval=EvalConfig(every=2, max_prompts=2, num_inference_steps=4),
     )
-    refl.run(context(tmp_path / "whole", Brightness()), train=ReFLTrainConfig(max_steps=4, checkpoint_every=2), **kwargs)
+    whole_train = ReFLTrainConfig(max_steps=4, checkpoint_every=2)
+    refl.run(context(tmp_path / "whole", Brightness()), train=whole_train, **kwargs)
     refl.run(context(tmp_path / "split", Brightness()),
              train=ReFLTrainConfig(max_steps=4, checkpoint_every=2, exit_after_steps=2), **kwargs)
-    refl.run(context(tmp_path / "split", Brightness()), train=ReFLTrainConfig(max_steps=4, checkpoint_every=2), **kwargs)
+    refl.run(context(tmp_path / "split", Brightness()), train=whole_train, **kwargs)
     whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split]
     for a, b in zip(whole, split):
