@@ -288,3 +288,23 @@ def test_offline_dpo_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, 
         for key in ("train/loss", "eval/implicit_acc", "eval/loss"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_refl_regulariser_adds_the_supervised_loss_on_image_caption_data(tmp_path):
+    from rl.data import ImageCaptionData, digits_imagefolder
+
+    folder = digits_imagefolder(tmp_path / "digits", resolution=32, limit=8)
+    data = ImageCaptionData(path=str(folder), resolution=32)
+    refl.run(
+        context(tmp_path / "run", Brightness(), data=data),
+        refl=ReFLConfig(method="refl", num_inference_steps=4, stop_range=(2, 3), loss="negative"),
+        train=ReFLTrainConfig(max_steps=2, pretrain_weight=0.5, pretrain_batch_size=2, checkpoint_every=2),
+        lora=LoraSpec(rank=4), eval=EvalConfig(every=0),
+    )
+    logged = [r for r in records(tmp_path / "run") if "train/loss" in r]
+    assert len(logged) == 2
+    for r in logged:
+        assert r["train/pretrain_loss"] > 0
+        assert r["train/loss"] == pytest.approx(r["train/reward_loss"] + 0.5 * r["train/pretrain_loss"], rel=1e-5)
+    with pytest.raises(DataError, match="needs image-caption data"):
+        refl.run(context(tmp_path / "bad", Brightness()), train=ReFLTrainConfig(pretrain_weight=0.5))

@@ -318,7 +318,8 @@ def test_every_reward_config_builds_and_scores(name, photos):
     if name == "imagereward":
         pytest.importorskip("ImageReward", reason="the optional image-reward package is not installed")
     reward = build(cfg.reward)
-    scores, _ = reward(photos, PROMPTS)
+    prompts = [f"a handwritten digit {n}" for n in range(4)] if name == "digits" else PROMPTS  # it needs a digit
+    scores, _ = reward(photos, prompts)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
     assert reward.differentiable == (name not in ("jpeg_compressibility", "jpeg_incompressibility"))
     assert get_class(cfg.reward._target_).differentiable or name.startswith(("jpeg", "multi"))

@@ -1,0 +1,64 @@
+"""The digits reward: its shipped classifier's accuracy on real held-out digits, prompt parsing, gradients."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from rewards.base import RewardInputError
+from rewards.digits import ASSETS, DigitReward, asked_digit, to_digit_grid
+from scripts.train_digit_classifier import digits_split
+
+
+def as_generated_images(digits: np.ndarray) -> torch.Tensor:
+    """8 x 8 digits in [0, 1] as the 32 px RGB images the digits world trains on (bicubic upscaling, as
+    rl.data.digits_imagefolder writes them)."""
+    pictures = [PIL.Image.fromarray((d * 255).round().astype(np.uint8)).resize((32, 32), PIL.Image.BICUBIC) for d in digits]
+    pictures = [np.asarray(p.convert("RGB")) for p in pictures]
+    return torch.as_tensor(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_shipped_classifier_is_accurate_on_real_held_out_digits():
+    images, labels = digits_split("held_out")
+    reward = DigitReward()
+    scores, info = reward(as_generated_images(images), [f"a handwritten digit {n}" for n in labels])
+    accuracy = info["correct"].mean().item()
+    assert accuracy >= 0.95, accuracy  # the 32 px round trip costs a little against the 8 x 8 figure below
+    recorded = json.loads((ASSETS / "classifier.json").read_text())["held_out_accuracy"]
+    assert recorded >= 0.97
+    wrong_prompts = [f"a handwritten digit {(n + 1) % 10}" for n in labels]
+    wrong_scores, _ = reward(as_generated_images(images), wrong_prompts)
+    assert scores.mean() > 0.8 > 0.1 > wrong_scores.mean()
+
+
+def test_splits_are_disjoint_and_cover_the_data():
+    parts = [digits_split(p)[0] for p in ("generator", "classifier", "held_out")]
+    assert sum(len(p) for p in parts) == 1797
+    flat = [{a.tobytes() for a in p} for p in parts]
+    assert not (flat[0] & flat[2]) and not (flat[1] & flat[2])
+
+
+@pytest.mark.parametrize("prompt, digit", [("a handwritten digit 7", 7), ("the number seven", 7), ("Zero", 0),
+                                           ("draw a 3, please", 3), ("an eight written by hand", 8)])
+def test_asked_digit(prompt, digit):
+    assert asked_digit(prompt) == digit
+
+
+def test_prompt_without_a_digit_is_a_clear_error():
+    with pytest.raises(RewardInputError, match="naming a digit"):
+        DigitReward()(torch.rand(1, 3, 32, 32), ["a cat"])
+
+
+def test_reward_is_differentiable_in_the_images():
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    scores, _ = DigitReward()(images, ["a handwritten digit 1", "the number two"])
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert to_digit_grid(images).shape == (2, 8, 8)
+
+
+def test_missing_weights_are_reported(tmp_path):
+    with pytest.raises(RewardInputError, match="train_digit_classifier"):
+        DigitReward(weights=str(tmp_path / "missing.pt"))
