@@ -86,15 +86,38 @@ def train_vae(vae, pixels: torch.Tensor, steps: int = 1500, batch_size: int = 64
     return error
 
 
+def digits_components(seed: int = 0) -> dict:
+    """The tiny pipeline's tokenizers, text encoders and scheduler, with a digits-sized VAE (4 latent channels at
+    16 x 16) and a wider MMDiT (4 blocks, 4 heads of 32) than the random test model, both from the real classes."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from pipelines.tiny import T5_WIDTH, CLIP_WIDTH, build_tiny_components
+
+    components = build_tiny_components(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components["vae"] = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+            latent_channels=4, norm_num_groups=16, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+        )
+        components["transformer"] = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+            num_attention_heads=4, caption_projection_dim=128, joint_attention_dim=T5_WIDTH,
+            pooled_projection_dim=2 * CLIP_WIDTH, pos_embed_max_size=16, qk_norm="rms_norm",
+        )
+    return components
+
+
 def build_base(out: Path = DEFAULT_DIR, vae_steps: int = 1500, sft_steps: int = 1500, seed: int = 0) -> Path:
     """Build the digits world's base model into `<out>/base` (reused when it exists); returns that folder."""
     base = out / "base"
     if (base / "model_index.json").exists():
         return base
-    from pipelines import load_pipeline
+    from pipelines import StableDiffusion3LogProbPipeline
 
     folder = write_imagefolder(out / "images")
-    pipe = load_pipeline(None, tiny_seed=seed)  # the tiny SD3.5-architecture model, random
+    pipe = StableDiffusion3LogProbPipeline(**digits_components(seed))
     pixels = torch.stack([
         torch.as_tensor(np.asarray(PIL.Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
         for p in sorted(folder.glob("*.png"))
