@@ -72,12 +72,18 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
 
 
+# The prompt files the tiny T5 tokenizer is trained on. A fixed list, so that adding a prompt set never changes the
+# tiny model's tokenizer (and with it every result obtained with the tiny model).
+T5_CORPUS = ("activities.txt", "digits_eval.txt", "digits_train.txt", "imagenet_classes.txt", "ocr_test.txt",
+             "simple_animals.txt", "geneval_test_metadata.jsonl")
+
+
 def _prompt_corpus() -> list[str]:
     texts = []
-    for path in sorted(PROMPT_DIR.glob("*.txt")):
-        texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    for path in sorted(PROMPT_DIR.glob("*.jsonl")):
-        texts += [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    for name in sorted(n for n in T5_CORPUS if n.endswith(".txt")):
+        texts += [line.strip() for line in (PROMPT_DIR / name).read_text().splitlines() if line.strip()]
+    for name in sorted(n for n in T5_CORPUS if n.endswith(".jsonl")):
+        texts += [json.loads(line)["prompt"] for line in (PROMPT_DIR / name).read_text().splitlines() if line.strip()]
     return texts
 
 
