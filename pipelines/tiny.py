@@ -96,7 +96,11 @@ def _t5_vocab(vocab_size: int) -> tuple[tuple[str, float], ...]:
         _prompt_corpus(), vocab_size=vocab_size - 3, special_tokens=[], unk_token=None, show_progress=False
     )
     pieces = json.loads(trainer_tokenizer.to_str())["model"]["vocab"]
-    return tuple([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, float(s)) for p, s in pieces])
+    # Training runs in parallel: every process gets the same pieces, but rare characters come back in another order
+    # (their scores are a floor minus 1e-4 per place) and scores differ in the last digits, which would give a piece
+    # another id. Scores rounded to 1e-3, then the piece itself, fix the order and so the ids.
+    pieces = sorted(((p, round(float(s), 3)) for p, s in pieces), key=lambda item: (-item[1], item[0]))
+    return tuple([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces)
 
 
 def build_t5_tokenizer(vocab_size: int = T5_VOCAB_SIZE) -> T5Tokenizer:

@@ -31,8 +31,10 @@ def test_t5_tokenizer_has_t5_layout_and_is_deterministic():
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a cat"
     from pipelines import tiny
 
-    tiny._t5_vocab.cache_clear()  # retrain from scratch: the same corpus gives the same vocabulary
-    assert build_t5_tokenizer()("a photo of a cat").input_ids == ids
+    vocabulary = tokenizer.get_vocab()
+    for _ in range(2):  # retrain from scratch: the same corpus gives the same pieces with the same ids, every time
+        tiny._t5_vocab.cache_clear()
+        assert build_t5_tokenizer().get_vocab() == vocabulary
 
 
 def test_weights_are_a_function_of_the_seed():
