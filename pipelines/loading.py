@@ -31,6 +31,7 @@ def load_pipeline(
     cpu_offload: bool = False,
     compile_transformer: bool = False,
     compile_vae_decode: bool = False,
+    max_sequence_length: int = 256,
     device: str | torch.device = "cpu",
 ) -> StableDiffusion3LogProbPipeline:
     """Build or load an SD3 / SD3.5 pipeline as a `StableDiffusion3LogProbPipeline`.
@@ -45,6 +46,7 @@ def load_pipeline(
         t5_8bit: load T5 in 8 bits with bitsandbytes (needs CUDA).
         cpu_offload: `enable_model_cpu_offload()` instead of moving everything to `device` (needs CUDA).
         compile_transformer, compile_vae_decode: `torch.compile` the transformer / the VAE decoder.
+        max_sequence_length: the T5 tokens the pipeline encodes prompts to when a call does not say (SD3: 256).
         device: where to put the pipeline.
     """
     if dtype not in DTYPES:
@@ -96,6 +98,7 @@ def load_pipeline(
                 component.to(device)
     else:
         pipe.to(device)
+    pipe.max_sequence_length = max_sequence_length
     if compile_transformer:
         pipe.transformer.compile()
     if compile_vae_decode:

@@ -144,7 +144,12 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
 
     Construct it like the stock pipeline: `StableDiffusion3LogProbPipeline(**stock_pipe.components)` or
     `StableDiffusion3LogProbPipeline.from_pretrained(path_or_hub_id, ...)`.
+
+    `max_sequence_length` is the T5 length of a call that does not give one (the stock default, 256);
+    `load_pipeline(max_sequence_length=...)` sets it, so that every caller samples with the model's configured length.
     """
+
+    max_sequence_length: int = 256
 
     # Adapted from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3.StableDiffusion3Pipeline.__call__
     @torch.no_grad()
@@ -176,7 +181,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_stop: float = 0.2,
@@ -194,9 +199,11 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             sde_type: "sde" (Flow-GRPO) or "cps" (coefficients-preserving sampling); see `sde_step_with_logprob`.
             sde_steps: step indices that use the SDE (Flow-GRPO-Fast's window); the others take the ODE step. None:
                 every step.
+            max_sequence_length: T5 tokens; None: the pipeline's `max_sequence_length`.
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
         """
+        max_sequence_length = max_sequence_length or self.max_sequence_length
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

@@ -79,7 +79,7 @@ class ReFLTrainConfig:
     gradient_checkpointing: bool = True  # DRaFT back-propagates through K transformer calls
     pretrain_weight: float = 0.0  # weight of the supervised loss on `data=` (0: no regulariser)
     pretrain_batch_size: int = 1  # image-caption pairs per process and micro-batch
-    max_sequence_length: int = 256  # T5 tokens (the pipeline samples with 256)
+    max_sequence_length: int | None = None  # T5 tokens; None: the model's (`model.max_sequence_length`)
     log_every: int = 1
     checkpoint_every: int = 100
     keep_checkpoints: int | None = 3
@@ -122,7 +122,7 @@ def reward_loss(
     prompts: list[Prompt],
     refl: ReFLConfig,
     generator: torch.Generator,
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Sample `prompts` with the ODE, back-propagating only through the configured steps, decode with gradients,
     score; returns `(loss, diagnostics, images)`. Gradients reach `transformer` only through the reward's scores."""
@@ -131,7 +131,7 @@ def reward_loss(
     with torch.no_grad():
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             prompt=[p.text for p in prompts], prompt_2=None, prompt_3=None, device=device,
-            do_classifier_free_guidance=guided, max_sequence_length=max_sequence_length,
+            do_classifier_free_guidance=guided, max_sequence_length=max_sequence_length or pipe.max_sequence_length,
         )
     size = (refl.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
     latents = torch.randn(len(prompts), pipe.transformer.config.in_channels, size, size, generator=generator,
@@ -198,7 +198,7 @@ def run(
         sampler = EpochBatchSampler(len(pretraining), train.pretrain_batch_size, ctx.seed, accelerator.num_processes,
                                     accelerator.process_index, start=state.micro_batches)
         pretrain_batches = iter(DataLoader(pretraining, batch_sampler=sampler, collate_fn=collate))
-        encoder = Encoder(s.pipe, False, False, train.max_sequence_length, False)
+        encoder = Encoder(s.pipe, False, False, train.max_sequence_length or s.pipe.max_sequence_length, False)
         train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
     if state.step == 0:
         maybe_evaluate(ctx, s, eval, 0, train.max_steps, force=True)
