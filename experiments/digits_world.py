@@ -1,38 +1,51 @@
 """The digits world: a small SD3-architecture text-to-image model trained here, on the CPU, on real handwritten digits.
 
-    python -m experiments.digits_world --out data/digits_world          # build (or reuse) the base model
+    python -m experiments.digits_world                         # unpack the shipped base model into data/digits_world
+    python -m experiments.digits_world --build --out DIR       # train it from scratch instead (about 15 minutes)
+    python -m experiments.digits_world --build --ship          # ... and replace the shipped weights with the new ones
 
 1. **Data**: the "generator" half of scikit-learn's `load_digits` (`scripts/train_digit_classifier.digits_split`),
-   upscaled to 32 px, captioned in several phrasings ("a handwritten digit 7", "the number seven", ...). The digits
+   upscaled to 32 px, captioned in three phrasings ("a handwritten digit 7", "the number seven", "a 7"). The digits
    reward's classifier trains on another part, so the reward never scores digits the generator saw.
-2. **VAE**: the tiny model's `AutoencoderKL`, trained on those images (reconstruction + a small KL term); its
+2. **VAE**: an `AutoencoderKL` with 4 latent channels, trained on those images (reconstruction + a small KL term); its
    `scaling_factor` and `shift_factor` are then set from the latents' statistics, as SD3's are.
-3. **Transformer**: the tiny SD3.5-architecture MMDiT, fully fine-tuned from random with this project's supervised
-   trainer (`algo=sft algo.lora=null`) on the images and captions, for a fixed, short budget: it learns to draw
-   digits, not yet to draw the right one every time, which leaves RL room to improve.
+3. **Transformer**: a 4-block SD3 MMDiT, trained from random with this project's supervised trainer
+   (`experiment=sft_digits_world_base`) on the images and captions, for a short fixed budget.
+4. **Text encoders**: the tiny model's random CLIP and T5 encoders (`pipelines/tiny.py`, frozen), with prompts cut to
+   `TEXT_LENGTH` tokens: digit prompts are at most 12 tokens long, and short text makes every step about 4x faster.
 
-The result is an ordinary diffusers folder (`<out>/base`), loaded by `model=digits` like any checkpoint.
+The transformer and VAE weights this produced ship in `assets/digits_world/` (fp16, about 6 MB); the text encoders are
+rebuilt from their seed, and a fingerprint of their weights and vocabularies checks that this machine builds the ones
+the base model was trained with. Either way the result is an ordinary diffusers folder (`<out>/base`), loaded by
+`model=digits` with `from_pretrained` like any checkpoint. A build here gives an equivalent model, not a bit-identical
+one (float sums depend on the machine and its thread count).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
+from pipelines.hub import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "data" / "digits_world"
+SHIPPED = ROOT / "assets" / "digits_world"
 PHRASINGS_TRAIN = ["a handwritten digit {n}", "the number {w}", "a {n}"]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEXT_LENGTH = 16  # CLIP and T5 tokens per prompt
 
 
 def caption(template: str, digit: int) -> str:
@@ -87,13 +100,16 @@ def train_vae(vae, pixels: torch.Tensor, steps: int = 1500, batch_size: int = 64
 
 
 def digits_components(seed: int = 0) -> dict:
-    """The tiny pipeline's tokenizers, text encoders and scheduler, with a digits-sized VAE (4 latent channels at
-    16 x 16) and a wider MMDiT (4 blocks, 4 heads of 32) than the random test model, both from the real classes."""
+    """The tiny pipeline's tokenizers (cut to `TEXT_LENGTH`), text encoders and scheduler, with a digits-sized VAE
+    (4 latent channels at 16 x 16) and a wider MMDiT (4 blocks, 4 heads of 32) than the random test model, both from
+    the real classes and random."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    from pipelines.tiny import T5_WIDTH, CLIP_WIDTH, build_tiny_components
+    from pipelines.tiny import CLIP_WIDTH, T5_WIDTH, build_tiny_components
 
     components = build_tiny_components(seed)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        components[name].model_max_length = TEXT_LENGTH  # SD3 pads CLIP prompts to the tokenizer's length
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components["vae"] = AutoencoderKL(
@@ -109,15 +125,30 @@ def digits_components(seed: int = 0) -> dict:
     return components
 
 
-def build_base(out: Path = DEFAULT_DIR, vae_steps: int = 1500, sft_steps: int = 1500, seed: int = 0) -> Path:
-    """Build the digits world's base model into `<out>/base` (reused when it exists); returns that folder."""
+def text_fingerprint(components: dict) -> str:
+    """A hash of the tokenizers' vocabularies and the text encoders' weights: the shipped base model only works with
+    the token ids and encoders it was trained with."""
+    digest = hashlib.sha256()
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        digest.update(json.dumps(sorted(components[name].get_vocab().items())).encode())
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for key, value in sorted(components[name].state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().float().cpu().numpy().round(6).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_base(out: Path = DEFAULT_DIR, vae_steps: int = 300, sft_steps: int = 1000, seed: int = 0) -> Path:
+    """Train the digits world's base model into `<out>/base` (reused when it exists); returns that folder."""
     base = out / "base"
     if (base / "model_index.json").exists():
         return base
     from pipelines import StableDiffusion3LogProbPipeline
 
+    started = time.time()
     folder = write_imagefolder(out / "images")
-    pipe = StableDiffusion3LogProbPipeline(**digits_components(seed))
+    components = digits_components(seed)
+    pipe = StableDiffusion3LogProbPipeline(**components)
     pixels = torch.stack([
         torch.as_tensor(np.asarray(PIL.Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
         for p in sorted(folder.glob("*.png"))
@@ -132,28 +163,76 @@ def build_base(out: Path = DEFAULT_DIR, vae_steps: int = 1500, sft_steps: int = 
     ]
     subprocess.run(command, check=True, cwd=ROOT)
     (out / "sft" / "final").rename(base)
-    (out / "build.json").write_text(json.dumps({"vae_mse": error, "vae_steps": vae_steps, "sft_steps": sft_steps,
-                                                "seed": seed}) + "\n")
+    build = {"vae_mse": error, "vae_steps": vae_steps, "sft_steps": sft_steps, "seed": seed,
+             "text": text_fingerprint(components), "minutes": (time.time() - started) / 60}
+    (out / "build.json").write_text(json.dumps(build) + "\n")
     return base
 
 
-def load_digits_pipeline(world: str = str(DEFAULT_DIR), device="cpu", **kwargs):
-    """`model=digits`: the digits world's base model from `world` (built there first if missing)."""
+def ship(base: Path, world: Path, assets: Path = SHIPPED) -> None:
+    """Write the base model's trained parts (transformer, VAE) into `assets` in fp16, with the build's record."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    for name, cls in (("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL)):
+        model = cls.from_pretrained(base, subfolder=name)
+        model.to(torch.float16).save_pretrained(assets / name)
+    (assets / "build.json").write_text((world / "build.json").read_text())
+
+
+def unpack(out: Path = DEFAULT_DIR, assets: Path = SHIPPED) -> Path:
+    """The shipped base model as a diffusers folder `<out>/base` (reused when it exists); returns that folder."""
+    base = out / "base"
+    if (base / "model_index.json").exists():
+        return base
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from pipelines import StableDiffusion3LogProbPipeline
+
+    build = json.loads((assets / "build.json").read_text())
+    components = digits_components(build["seed"])
+    if text_fingerprint(components) != build["text"]:
+        raise ModelLoadError(
+            f"this torch {torch.__version__} builds other random text encoders or tokenizers than the shipped digits "
+            f"model was trained with; train one here with `python -m experiments.digits_world --build --out {out}`"
+        )
+    components["transformer"] = SD3Transformer2DModel.from_pretrained(assets, subfolder="transformer",
+                                                                      torch_dtype=torch.float32)
+    components["vae"] = AutoencoderKL.from_pretrained(assets, subfolder="vae", torch_dtype=torch.float32)
+    tmp = out / "base.partial"
+    StableDiffusion3LogProbPipeline(**components).save_pretrained(tmp)
+    tmp.rename(base)  # a complete folder or none: an interrupted unpack is redone
+    (out / "build.json").write_text(json.dumps(build) + "\n")
+    return base
+
+
+def load_digits_pipeline(world: str = str(DEFAULT_DIR), build: bool = False, device="cpu", **kwargs):
+    """`model=digits`: the digits world's base model from `<world>/base`; when missing, the shipped weights are
+    unpacked there (or, with `build`, a base model is trained there from scratch)."""
     from pipelines import load_pipeline
 
-    folder = Path(world)
+    folder = Path(world).expanduser()
     folder = folder if folder.is_absolute() else ROOT / folder
-    return load_pipeline(str(build_base(folder)), device=device, **kwargs)
+    base = build_base(folder) if build else unpack(folder)
+    return load_pipeline(str(base), device=device, **kwargs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="where the world is cached")
-    parser.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps")
-    parser.add_argument("--sft-steps", type=int, default=1500, help="supervised steps for the transformer")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="the world's folder (the model is <out>/base)")
+    parser.add_argument("--build", action="store_true", help="train the base model (not unpack the shipped one)")
+    parser.add_argument("--vae-steps", type=int, default=300, help="VAE training steps (with --build)")
+    parser.add_argument("--sft-steps", type=int, default=1000, help="supervised transformer steps (with --build)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the build")
+    parser.add_argument("--ship", action="store_true", help="write the built transformer and VAE into assets/")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    print(build_base(args.out, args.vae_steps, args.sft_steps))
+    if args.build:
+        base = build_base(args.out, args.vae_steps, args.sft_steps, args.seed)
+        if args.ship:
+            ship(base, args.out)
+    else:
+        base = unpack(args.out)
+    print(base)
 
 
 if __name__ == "__main__":
