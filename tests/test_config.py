@@ -8,7 +8,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+NOT_GROUPS = {"sweeps"}  # conf/sweeps/ holds wandb sweep files (tests/test_sweeps.py), not Hydra options
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_GROUPS)
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 
