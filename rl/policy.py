@@ -7,6 +7,7 @@ Each algorithm file strings these together in order and adds only what is its ow
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from rl.trainer import (
     save_validation,
     trainable_parameters,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -444,6 +447,8 @@ def maybe_evaluate(ctx, s: Setup, config: EvalConfig, epoch: int, epochs: int, f
             s.ema.restore(s.parameters)
         metrics["eval/epoch"] = epoch
         s.accelerator.log(metrics, step=epoch)
+        logger.info("step %d, held out: %s", epoch, "  ".join(
+            f"{name[5:-5]} {value:.4f}" for name, value in metrics.items() if name.endswith("_mean")))
         save_validation(s.accelerator, ctx.run_dir, images, epoch, nrow=config.images_per_prompt if config.images_per_prompt > 1 else None)
     s.accelerator.wait_for_everyone()
 

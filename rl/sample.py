@@ -83,8 +83,10 @@ def run(
         if reward is not None:
             metadata = [prompts[job["prompt_index"]].metadata for job in jobs]
             with torch.no_grad():
-                scores, _ = reward(images, [job["prompt"] for job in jobs], metadata)
+                scores, info = reward(images, [job["prompt"] for job in jobs], metadata)
             metrics.update({"sample/reward_mean": scores.mean().item(), "sample/reward_std": scores.std().item()})
+            metrics.update({f"sample/{name}_mean": value.float().mean().item() for name, value in info.items()
+                            if isinstance(value, torch.Tensor) and value.shape == scores.shape})
         accelerator.log(metrics, step=0)
         log_image(accelerator, "samples", grid, step=0)
     accelerator.end_training()
