@@ -69,6 +69,10 @@ class Reward(torch.nn.Module):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise `RewardInputError` (one line) if the reward cannot score images of these prompts; the entry point
+        calls it on the prompt sets before any model loads. Most rewards take any prompt."""
+
     def freeze(self) -> Reward:
         """Put every sub-network in eval mode with no trainable parameters; returns self."""
         self.eval()

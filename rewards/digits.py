@@ -28,7 +28,10 @@ def asked_digit(prompt: str) -> int:
     """The digit a prompt asks for (its first numeral or number word); raises `RewardInputError` if none."""
     match = _PATTERN.search(prompt)
     if match is None:
-        raise RewardInputError(f"the digits reward needs a prompt naming a digit (0-9 or zero-nine), got {prompt!r}")
+        raise RewardInputError(
+            f"reward=digits needs prompts naming a digit (0-9 or zero-nine), got {prompt!r}; "
+            "use prompts=digits_world, or another reward"
+        )
     token = match.group(1).lower()
     return int(token) if token.isdigit() else WORDS.index(token)
 
@@ -73,6 +76,10 @@ class DigitReward(Reward):
         self.classifier = DigitClassifier(hidden=state["net.1.weight"].shape[0])
         self.classifier.load_state_dict(state)
         self.freeze()
+
+    def check_prompts(self, prompts) -> None:
+        for prompt in prompts:
+            asked_digit(prompt)
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
         asked = torch.tensor([asked_digit(p) for p in prompts], device=images.device)

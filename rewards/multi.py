@@ -25,6 +25,10 @@ class MultiReward(Reward):
         self.weights = {name: float(weight) for name, weight in weights.items()}
         self.differentiable = all(c.differentiable for n, c in components.items() if self.weights[n] != 0)
 
+    def check_prompts(self, prompts) -> None:
+        for component in self.components.values():
+            component.check_prompts(prompts)
+
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
         total = torch.zeros(images.shape[0], device=images.device)
         info: dict[str, Any] = {}

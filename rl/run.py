@@ -27,6 +27,9 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
     eval_prompts = build(cfg.prompts.eval)
     if cfg.model.get("path"):
         resolve_source(str(cfg.model.path), revision=cfg.model.get("revision"))  # fails before any weights load
+    reward = build(cfg.reward) if cfg.get("reward") else None
+    if reward is not None:
+        reward.check_prompts([p.text for p in train_prompts + eval_prompts])
     return RunContext(
         run_dir=run_dir,
         seed=cfg.seed,
@@ -36,7 +39,7 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
         logger=build(cfg.logger),
         config=OmegaConf.to_container(cfg, resolve=True),
         mixed_precision=cfg.mixed_precision,
-        reward=build(cfg.reward) if cfg.get("reward") else None,
+        reward=reward,
         data=build(cfg.data) if cfg.get("data") else None,
     )
 

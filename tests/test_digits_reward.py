@@ -9,6 +9,8 @@ import torch
 
 from rewards.base import RewardInputError
 from rewards.digits import ASSETS, DigitReward, asked_digit, to_digit_grid
+from rewards.jpeg import JpegSizeReward
+from rewards.multi import MultiReward
 from scripts.train_digit_classifier import digits_split
 
 
@@ -49,6 +51,17 @@ def test_asked_digit(prompt, digit):
 def test_prompt_without_a_digit_is_a_clear_error():
     with pytest.raises(RewardInputError, match="naming a digit"):
         DigitReward()(torch.rand(1, 3, 32, 32), ["a cat"])
+
+
+def test_prompt_sets_are_checked_before_any_image_is_made():
+    reward = DigitReward()
+    reward.check_prompts(["the number seven", "a 3"])  # fine
+    with pytest.raises(RewardInputError, match="'a cat'"):
+        reward.check_prompts(["the number seven", "a cat"])
+    multi = MultiReward({"digits": reward, "jpeg": JpegSizeReward()}, {"digits": 1.0, "jpeg": 0.1})
+    with pytest.raises(RewardInputError, match="'a cat'"):
+        multi.check_prompts(["a cat"])
+    JpegSizeReward().check_prompts(["a cat"])  # rewards that take any prompt accept it
 
 
 def test_reward_is_differentiable_in_the_images():

@@ -22,7 +22,7 @@ def run(*args, cwd=ROOT, env=None):
 
 def test_sample_writes_images_grid_config_and_metrics(tmp_path):
     run_dir = tmp_path / "run"
-    result = run("algo=sample", "model=tiny", *FAST, f"hydra.run.dir={run_dir}")
+    result = run("algo=sample", "model=tiny", "prompts=simple_animals", *FAST, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     samples = sorted((run_dir / "samples").glob("0*.png"))
     assert [p.name for p in samples] == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png"]
@@ -39,7 +39,9 @@ def test_sample_writes_images_grid_config_and_metrics(tmp_path):
 
     # Started again in the same directory, it keeps the images already written and makes none twice.
     mtimes = {p: p.stat().st_mtime_ns for p in samples}
-    result = run("algo=sample", "model=tiny", *FAST[:2], "algo.num_images_per_prompt=3", f"hydra.run.dir={run_dir}")
+    result = run("algo=sample", "model=tiny", "prompts=simple_animals", *FAST[:2],
+                 "algo.num_images_per_prompt=3",
+                 f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
     assert len(list((run_dir / "samples").glob("0*.png"))) == 6
@@ -49,12 +51,13 @@ def test_sample_writes_images_grid_config_and_metrics(tmp_path):
     "override, message",
     [
         ("model=sd35_medium", "not in the local Hugging Face cache"),
-        ("model.path=/no/such/folder", "no such folder"),
+        ("model=tiny model.path=/no/such/folder", "no such folder"),
         ("prompts.eval.file=/no/such/prompts.txt", "not found"),
+        ("reward=digits prompts=simple_animals", "reward=digits needs prompts naming a digit"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_loading(tmp_path, override, message):
-    result = run(override, f"hydra.run.dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"})
+    result = run(*override.split(), f"hydra.run.dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
@@ -66,7 +69,8 @@ def test_two_processes_share_one_run_directory(tmp_path):
     """`accelerate launch` with two CPU processes (gloo): each samples its share into the main process's directory."""
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.run", *FAST, "algo.max_prompts=3"],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.run", "algo=sample", "model=tiny",
+         "prompts=simple_animals", *FAST, "algo.max_prompts=3"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
