@@ -22,6 +22,7 @@ from rewards import Reward
 from rl.config import ConfigError
 from rl.losses import kl_to_reference, ppo_clip_loss
 from rl.prompts import Prompt
+from rl.tracking import plot_eval_curves
 from rl.trainer import (
     Checkpointer,
     OptimConfig,
@@ -497,10 +498,13 @@ def end_epoch(
 
 
 def finish(ctx, s: Setup, lora) -> None:
-    """Save the adapter (or weights), the EMA weights when kept, in diffusers' format, and close the trackers."""
+    """Save the adapter (or weights), the EMA weights when kept, in diffusers' format; plot the held-out curves
+    (`curves.png`); close the trackers."""
     if s.ema is not None:
         s.ema.copy_to(s.parameters)
     save_final(ctx.run_dir / "final", s.pipe, lora, s.modules, s.accelerator)
+    if s.accelerator.is_main_process and plot_eval_curves(ctx.run_dir) is not None:
+        logger.info("held-out curves: %s; image grids: %s", ctx.run_dir / "curves.png", ctx.run_dir / "samples")
     s.accelerator.end_training()
 
 

@@ -132,3 +132,29 @@ def log_image(accelerator: Accelerator, name: str, image: PIL.Image.Image, step:
             tracker.writer.add_image(name, np.asarray(image), global_step=step, dataformats="HWC")
         elif tracker.name == "wandb":
             tracker.log_images({name: [image]}, step=step)
+
+
+def plot_eval_curves(run_dir: Path) -> Path | None:
+    """`<run dir>/curves.png`: every held-out mean in `metrics.jsonl` (`eval/<name>_mean`) against the step, one panel
+    each. None when nothing was evaluated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    names = sorted({key[5:-5] for r in records for key in r if key.startswith("eval/") and key.endswith("_mean")})
+    if not names:
+        return None
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        points = sorted((r["step"], r[f"eval/{name}_mean"]) for r in records if r.get(f"eval/{name}_mean") is not None)
+        axis.plot(*zip(*points), marker="o")
+        axis.set_xlabel("step")
+        axis.set_title(f"held-out {name}", fontsize=10)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = run_dir / "curves.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -6,6 +6,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -74,6 +75,7 @@ def test_cli_runs_end_to_end_with_the_run_directory_contract(tmp_path, algo):
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
     assert (tmp_path / "samples" / "step_000002.png").exists()
     assert (tmp_path / "checkpoints" / "step_000002" / "done").exists()
+    assert PIL.Image.open(tmp_path / "curves.png").size[0] > 0  # the held-out curves, plotted at the end
 
 
 @pytest.mark.parametrize("recompute", [True, False])
