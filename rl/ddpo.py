@@ -3,7 +3,8 @@
 DDPO's original step is DDIM for epsilon-prediction models; on a flow-matching model it must be the flow SDE step of
 section 1, which this uses (the same sampler as GRPO). What is DDPO's own: advantages from a per-prompt stat tracker
 (each prompt's recent rewards) instead of groups, and no KL term. Each epoch: sample, score, advantages, PPO-clip
-updates, log, and held-out evaluation every few epochs.
+updates, log, and held-out evaluation every few epochs. Like GRPO, it can sample with an SDE window (only those steps
+stochastic and trained; `sampling.sde_window`), which DDPO's paper does not have.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rl.policy import (
     sample_rollouts,
     require_reward,
     score,
+    sde_window,
     setup,
 )
 from rl.sft import EmaConfig
@@ -100,7 +102,8 @@ def run(
         # 1. Sample.
         jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, s.accelerator.num_processes,
                           s.accelerator.process_index)
-        rollouts, images = sample_rollouts(s.pipe, ctx.train_prompts, jobs, sampling, None)
+        window = sde_window(sampling, ctx.seed, epoch)
+        rollouts, images = sample_rollouts(s.pipe, ctx.train_prompts, jobs, sampling, window)
 
         # 2. Reward.
         metadata = [ctx.train_prompts[job["prompt_id"]].metadata for job in jobs]
