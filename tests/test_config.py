@@ -56,7 +56,15 @@ def test_model_presets_point_at_the_published_checkpoints():
     for option, hub_id in expected.items():
         cfg = compose_with(f"model={option}")
         assert cfg.model.path == hub_id and cfg.model.dtype == "bfloat16"
-    assert compose_with().model.path is None  # tiny by default
+    assert compose_with("model=tiny").model.path is None  # the tiny model is built in code
+
+
+def test_the_default_run_is_grpo_in_the_digits_world():
+    cfg = compose_with()
+    assert cfg.algo._target_ == "rl.grpo.run" and cfg.algo.sampling.sde_window == 3
+    assert cfg.model._target_ == "experiments.digits_world.load_digits_pipeline"
+    assert cfg.reward._target_ == "rewards.digits.DigitReward" and cfg.prompts.eval.file == "digits_world_eval.txt"
+    assert compose_with("experiment=grpo_digits").algo == cfg.algo  # the preset names the same run
 
 
 def test_dpo_and_refl_configs_carry_the_published_defaults():

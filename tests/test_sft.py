@@ -170,7 +170,7 @@ def test_dreambooth_with_prior_preservation_and_text_encoder_lora(tmp_path):
 
 def test_cli_trains_from_a_local_folder_and_writes_final(tmp_path, digits, tiny_folder):
     result = subprocess.run(
-        [sys.executable, "-m", "rl.run", "algo=sft", f"model.path={tiny_folder}", f"data.path={digits}",
+        [sys.executable, "-m", "rl.run", "algo=sft", "model=tiny", f"model.path={tiny_folder}", f"data.path={digits}",
          "data.resolution=32", "algo.train.max_steps=2", "algo.train.gradient_accumulation_steps=1",
          "algo.validation.every=2", "algo.validation.num_inference_steps=2", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
