@@ -96,6 +96,12 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file()
 
 
+def is_evaluation_dir(path: Path) -> bool:
+    """An `experiments.evaluate` output folder: its table.json names the run it evaluated."""
+    table = path / "table.json"
+    return table.is_file() and not is_run_dir(path) and "run_dir" in json.loads(table.read_text())
+
+
 def find_runs(paths: list[Path]) -> list[Run]:
     """Run directories named by `paths`: each a run directory, an evaluation folder, or a folder searched for runs."""
     runs: dict[Path, Run] = {}
@@ -103,7 +109,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
         path = path.expanduser()
         if not path.is_dir():
             raise CompareInputError(f"{path} is not a directory")
-        if (path / "table.json").is_file() and not is_run_dir(path):  # an experiments.evaluate output folder
+        if is_evaluation_dir(path):  # an experiments.evaluate output folder
             run_dir = Path(json.loads((path / "table.json").read_text())["run_dir"])
             runs[run_dir.resolve()] = read_run(run_dir if run_dir.is_dir() else path, evaluation_dir=path)
         elif is_run_dir(path):

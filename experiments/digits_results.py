@@ -7,7 +7,7 @@ Each (method, seed) runs `python -m rl.run experiment=<method>_digits seed=<seed
 one after another, so that wall times compare (a finished run is reused, an interrupted one resumes from its
 checkpoint). Then prints a markdown table of held-out accuracy (`eval/correct_mean`) and reward (`eval/reward_mean`)
 at the start and the end, training samples and wall time, as mean +- std over seeds (`experiments.compare` computes
-them), and writes `<out>/table.md`, `<out>/table.json` and `<out>/accuracy.png` (held-out accuracy against training
+them), and writes `<out>/results.md`, `<out>/results.json` and `<out>/accuracy.png` (held-out accuracy against training
 samples, each method's mean with a band of one std over seeds).
 """
 
@@ -54,7 +54,8 @@ def markdown(accuracy: list[dict], reward: list[dict], methods: list[str]) -> st
     for method, a, r in zip(methods, accuracy, reward):
         lines.append(
             f"| {a['label']}, `experiment={method}_digits` | {cell(a['start'])} | **{cell(a['final'])}** | "
-            f"{cell(r['start'])} | {cell(r['final'])} | {a['samples']:.0f} | {a['wall_seconds'] / 60:.1f} |"
+            f"{cell(r['start'])} | {cell(r['final'])} | {a['samples'] or 0:.0f} | "
+            f"{(a['wall_seconds'] or 0) / 60:.1f} |"
         )
     return "\n".join(lines)
 
@@ -76,10 +77,10 @@ def main() -> None:
         print(f"{summary['label']}: held-out accuracy against samples (mean over seeds) {curve_text}")
     text = markdown(accuracy, reward, args.methods)
     print(text)
-    (args.out / "table.md").write_text(text + "\n")
-    (args.out / "table.json").write_text(json.dumps({"accuracy": accuracy, "reward": reward}, indent=1))
+    (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps({"accuracy": accuracy, "reward": reward}, indent=1))
     plot(args.out / "accuracy.png", accuracy, ACCURACY, "samples")
-    print(f"wrote {args.out / 'table.md'}, {args.out / 'table.json'} and {args.out / 'accuracy.png'}")
+    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {args.out / 'accuracy.png'}")
 
 
 if __name__ == "__main__":

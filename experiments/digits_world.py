@@ -27,6 +27,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -176,43 +178,58 @@ def ship(base: Path, world: Path, assets: Path = SHIPPED) -> None:
     for name, cls in (("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL)):
         model = cls.from_pretrained(base, subfolder=name)
         model.to(torch.float16).save_pretrained(assets / name)
+        config = json.loads((assets / name / "config.json").read_text())
+        config.pop("_name_or_path", None)  # the build's local folder means nothing elsewhere
+        (assets / name / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (assets / "build.json").write_text((world / "build.json").read_text())
 
 
 def unpack(out: Path = DEFAULT_DIR, assets: Path = SHIPPED) -> Path:
-    """The shipped base model as a diffusers folder `<out>/base` (reused when it exists); returns that folder."""
-    base = out / "base"
+    """The shipped base model as a diffusers folder `<out>/base`, reused when it holds the shipped build (another
+    build there, e.g. from an older version of the shipped weights, is replaced); returns that folder."""
+    base, shipped = out / "base", json.loads((assets / "build.json").read_text())
+    record = out / "build.json"
     if (base / "model_index.json").exists():
-        return base
+        if record.exists() and json.loads(record.read_text()) == shipped:
+            return base
+        logger.warning("%s holds another base model than the shipped one; unpacking the shipped one", base)
+        shutil.rmtree(base)
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     from pipelines import StableDiffusion3LogProbPipeline
 
-    build = json.loads((assets / "build.json").read_text())
-    components = digits_components(build["seed"])
-    if text_fingerprint(components) != build["text"]:
+    components = digits_components(shipped["seed"])
+    if text_fingerprint(components) != shipped["text"]:
         raise ModelLoadError(
-            f"this torch {torch.__version__} builds other random text encoders or tokenizers than the shipped digits "
-            f"model was trained with; train one here with `python -m experiments.digits_world --build --out {out}`"
+            f"this machine (torch {torch.__version__}, transformers, tokenizers) builds other random text encoders or "
+            f"tokenizers than the shipped digits model was trained with; train one here with "
+            f"`python -m experiments.digits_world --build --out {out}`"
         )
     components["transformer"] = SD3Transformer2DModel.from_pretrained(assets, subfolder="transformer",
                                                                       torch_dtype=torch.float32)
     components["vae"] = AutoencoderKL.from_pretrained(assets, subfolder="vae", torch_dtype=torch.float32)
-    tmp = out / "base.partial"
-    StableDiffusion3LogProbPipeline(**components).save_pretrained(tmp)
-    tmp.rename(base)  # a complete folder or none: an interrupted unpack is redone
-    (out / "build.json").write_text(json.dumps(build) + "\n")
+    partial = out / f"base.partial-{os.getpid()}"
+    StableDiffusion3LogProbPipeline(**components).save_pretrained(partial)
+    try:
+        partial.rename(base)  # a complete folder or none: an interrupted unpack is redone
+    except OSError:  # another process (a second run started at once) unpacked it first
+        shutil.rmtree(partial)
+    record.write_text(json.dumps(shipped) + "\n")
     return base
 
 
 def load_digits_pipeline(world: str = str(DEFAULT_DIR), build: bool = False, device="cpu", **kwargs):
     """`model=digits`: the digits world's base model from `<world>/base`; when missing, the shipped weights are
-    unpacked there (or, with `build`, a base model is trained there from scratch)."""
+    unpacked there (or, with `build`, a base model is trained there from scratch). Under `accelerate launch` the main
+    process prepares the folder while the others wait, then every process loads it."""
+    from accelerate import PartialState
+
     from pipelines import load_pipeline
 
     folder = Path(world).expanduser()
     folder = folder if folder.is_absolute() else ROOT / folder
-    base = build_base(folder) if build else unpack(folder)
+    with PartialState().main_process_first():
+        base = build_base(folder) if build else unpack(folder)
     return load_pipeline(str(base), device=device, **kwargs)
 
 

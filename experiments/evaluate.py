@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         automatic = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(automatic if args.device == "auto" else args.device)
         rewards = [(r.name, build(r.config).to(device)) for r in named_rewards] if todo else []
+        chosen = [p.text for p in prompts[: config.max_prompts]]
+        for _, reward in rewards:
+            reward.check_prompts(chosen)  # before the model loads
         lora = build(run_cfg.algo.lora) if run_cfg.algo.get("lora") is not None else None
         mixed = MIXED_PRECISION.get(str(run_cfg.get("mixed_precision", "no")))
         pipe = build(run_cfg.model, _partial_=True)(device=device) if todo else None

@@ -300,7 +300,7 @@ def ppo_update(
 
 def micro_batches_per_optimizer_step(local_samples: int, sampling: SamplingConfig, ppo: PPOConfig) -> int:
     """Gradient accumulation: the training forwards of one inner epoch, split into `ppo.optimizer_steps` steps."""
-    num_sde = sampling.sde_window or sampling.num_inference_steps
+    num_sde = min(sampling.sde_window or sampling.num_inference_steps, sampling.num_inference_steps)
     num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
     forwards = (local_samples // ppo.batch_size) * num_train_steps
     if forwards % ppo.optimizer_steps:

@@ -1,6 +1,7 @@
 """The digits world's pieces: data, the VAE fit and its latent scaling, the shipped base model, the build (slow)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch
 from experiments.digits_world import WORDS, build_base, digits_components, train_vae, unpack, write_imagefolder
 from pipelines import StableDiffusion3LogProbPipeline, load_pipeline
 from rewards.digits import DigitReward
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_imagefolder_has_every_training_phrasing(tmp_path):
@@ -39,7 +42,12 @@ def test_vae_fit_lowers_the_error_and_scales_latents_to_unit_std():
 
 def test_shipped_base_model_unpacks_loads_and_draws_the_digits_it_was_trained_on(tmp_path):
     base = unpack(tmp_path / "world")
-    assert unpack(tmp_path / "world") == base  # unpacked once, then reused
+    stamp = (base / "model_index.json").stat().st_mtime_ns
+    assert unpack(tmp_path / "world") == base and (base / "model_index.json").stat().st_mtime_ns == stamp  # reused
+    (tmp_path / "world" / "build.json").write_text(json.dumps({"sft_steps": 1500}))  # an older build in the folder
+    assert unpack(tmp_path / "world") == base and (base / "model_index.json").stat().st_mtime_ns != stamp  # replaced
+    assert json.loads((tmp_path / "world" / "build.json").read_text()) == json.loads(
+        (ROOT / "assets" / "digits_world" / "build.json").read_text())
     pipe = load_pipeline(str(base), max_sequence_length=16)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.tokenizer_max_length == 16 and pipe.transformer.config.in_channels == 4

@@ -175,3 +175,25 @@ def test_later_inner_epochs_compare_with_the_sampling_policy(tmp_path, monkeypat
     per_epoch = len(calls) // 2
     assert all(torch.equal(r, torch.ones_like(r)) for r in calls[:per_epoch])  # one update per inner epoch
     assert any((r - 1).abs().max() > 0 for r in calls[per_epoch:])
+
+
+@pytest.mark.parametrize("algo", [grpo, ddpo], ids=["grpo", "ddpo"])
+def test_sde_window_samples_and_trains_only_its_steps(tmp_path, monkeypatch, algo):
+    """With `sde_window=2`, both methods sample 2 stochastic steps in the trajectory's first half (ODE elsewhere) and
+    PPO trains those steps only."""
+    seen = []
+    original = rl.policy.ppo_update
+
+    def spy(accelerator, transformer, rollouts, *args, **kwargs):
+        seen.append(rollouts)
+        return original(accelerator, transformer, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(algo, "ppo_update", spy)
+    configs = small_configs()
+    configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=4,
+                                         sde_window=2, sde_window_range=0.5)
+    configs["ppo"] = PPOConfig(batch_size=4, clip_range=1e-2, timestep_fraction=1.0)
+    algo.run(context(tmp_path), epochs=2, **configs)
+    assert [r.sde_steps for r in seen] == [[0, 1], [0, 1]]  # 0.5 x 4 steps hold exactly one window of 2
+    assert all(r.log_probs.shape == (8, 2) for r in seen)
+    assert all(r.latents.shape[1] == 5 for r in seen)  # the whole trajectory is kept

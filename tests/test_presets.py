@@ -103,8 +103,6 @@ def write_data(kind: str, folder: Path) -> None:
 @pytest.mark.parametrize("name", CPU_PRESETS)
 def test_cpu_preset_runs_end_to_end(tmp_path, name):
     cfg = CONFIGS[name]
-    if "world" in cfg.model and not (ROOT / "assets" / "digits_world" / "build.json").is_file():
-        pytest.skip("the digits world's base model is not shipped yet (assets/digits_world/)")
     kind = data_kind(cfg)
     if kind:
         write_data(kind, tmp_path / "data")

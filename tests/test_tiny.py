@@ -1,5 +1,11 @@
 """The tiny offline SD3 world: real tokenizers, seeded weights, and a save / load round trip."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import open_clip
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -7,6 +13,8 @@ from diffusers import StableDiffusion3Pipeline
 from pipelines.tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_components
 from rl.prompts import load_prompts
 from scripts.save_tiny_model import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_clip_tokenizer_matches_openai_clip_tokenization():
@@ -35,6 +43,11 @@ def test_t5_tokenizer_has_t5_layout_and_is_deterministic():
     for _ in range(2):  # retrain from scratch: the same corpus gives the same pieces with the same ids, every time
         tiny._t5_vocab.cache_clear()
         assert build_t5_tokenizer().get_vocab() == vocabulary
+    # ... also in another process with another number of threads (training runs in parallel)
+    code = "import json; from pipelines.tiny import build_t5_tokenizer; print(json.dumps(build_t5_tokenizer().get_vocab()))"
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+    assert json.loads(other.stdout) == vocabulary
 
 
 def test_weights_are_a_function_of_the_seed():
