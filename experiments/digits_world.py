@@ -152,7 +152,7 @@ def build_base(out: Path = DEFAULT_DIR, vae_steps: int = 300, sft_steps: int = 1
     components = digits_components(seed)
     pipe = StableDiffusion3LogProbPipeline(**components)
     pixels = torch.stack([
-        torch.as_tensor(np.asarray(PIL.Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+        torch.from_numpy(np.array(PIL.Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
         for p in sorted(folder.glob("*.png"))
     ])
     error = train_vae(pipe.vae, pixels, vae_steps, seed=seed)
