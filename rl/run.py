@@ -15,6 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipelines.loading import resolve_source
 from rl.config import USER_ERRORS, build
@@ -69,7 +70,8 @@ def main(cfg: DictConfig) -> None:
     try:
         ctx = build_context(cfg, run_dir)
         algorithm = build(cfg.algo)
-        algorithm(ctx)
+        with logging_redirect_tqdm():  # log lines print above the progress bar instead of inside it
+            algorithm(ctx)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
