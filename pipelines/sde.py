@@ -1,6 +1,6 @@
 """One stochastic sampling step of a flow-matching model, with the log-density of the transition.
 
-Implements `ALGORITHMS.md` section 1 (Flow-GRPO, arXiv 2505.05470): the Euler ODE step `x' = x + (s' - s) v` is
+Implements `docs/algorithms.md` section 1 (Flow-GRPO, arXiv 2505.05470): the Euler ODE step `x' = x + (s' - s) v` is
 turned into an SDE with the same marginals, whose one-step transition is Gaussian, so that policy-gradient methods can
 compute `log p(x' | x)` and re-score stored transitions under new weights.
 

@@ -1,4 +1,4 @@
-"""Differentiable image preprocessing for CLIP-style reward models (`ALGORITHMS.md` section 7).
+"""Differentiable image preprocessing for CLIP-style reward models (`docs/algorithms.md` section 7).
 
 The reference pipelines (open_clip's and transformers' processors) go through PIL, which cuts the gradient. This does
 the same resize / center crop / normalise in torch, so that ReFL and DRaFT can back-propagate a reward into images.

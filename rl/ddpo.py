@@ -1,4 +1,4 @@
-"""`algo=ddpo`: DDPO (Black et al. 2023, arXiv 2305.13301) for SD3 / SD3.5 (`ALGORITHMS.md` section 3).
+"""`algo=ddpo`: DDPO (Black et al. 2023, arXiv 2305.13301) for SD3 / SD3.5 (`docs/algorithms.md` section 3).
 
 DDPO's original step is DDIM for epsilon-prediction models; on a flow-matching model it must be the flow SDE step of
 section 1, which this uses (the same sampler as GRPO). What is DDPO's own: advantages from a per-prompt stat tracker

@@ -1,5 +1,5 @@
 """`algo=dpo` (offline) and `algo=dpo_online`: Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908) for flow
-matching (`ALGORITHMS.md` section 4).
+matching (`docs/algorithms.md` section 4).
 
 Both train on pairs (winner, loser) of one prompt: the two latents are noised with the same noise at the same sigma,
 the trained model's and the reference's flow-matching errors are compared, and `rl.losses.dpo_loss` rewards the model

@@ -2,7 +2,7 @@
 
 With prior preservation, images of the subject's class ("a photo of a dog") are generated with the base model when the
 class folder holds fewer than `num_class_images` (and kept there, so later runs reuse them), and their loss is added
-with `prior_loss_weight` (`ALGORITHMS.md` section 6). LoRA may also adapt both CLIP text encoders
+with `prior_loss_weight` (`docs/algorithms.md` section 6). LoRA may also adapt both CLIP text encoders
 (`algo.lora.text_encoders=true`). Training is the supervised loop of `rl/sft.py`.
 """
 

@@ -1,4 +1,4 @@
-"""`algo=grpo`: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) for SD3 / SD3.5 (`ALGORITHMS.md` section 2).
+"""`algo=grpo`: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) for SD3 / SD3.5 (`docs/algorithms.md` section 2).
 
 Each epoch: (1) sample a group of G images per prompt with the SDE sampler, recording log-probabilities; (2) score
 them; (3) advantages relative to each group, after gathering every process's rewards; (4) PPO-clip updates over the

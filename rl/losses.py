@@ -1,6 +1,6 @@
 """The training objectives, as small pure functions with unit tests (`tests/test_losses.py`).
 
-Notation as in `ALGORITHMS.md`: `x_s = (1 - s) x0 + s eps`, the transformer predicts the velocity `v = eps - x0`.
+Notation as in `docs/algorithms.md`: `x_s = (1 - s) x0 + s eps`, the transformer predicts the velocity `v = eps - x0`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def sample_training_timesteps(
     mode_scale: float = 1.29,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw training timesteps and their sigmas from the SD3 timestep density (`ALGORITHMS.md` section 6).
+    """Draw training timesteps and their sigmas from the SD3 timestep density (`docs/algorithms.md` section 6).
 
     `scheduler` is a training scheduler with its full `num_train_timesteps` schedule (not `set_timesteps`). Returns
     `(timesteps, sigmas)`, each of shape (B,), on the generator's device.
@@ -75,7 +75,7 @@ def flow_matching_loss(
 def ppo_clip_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, as DDPO and Flow-GRPO use it (`ALGORITHMS.md` sections 2-3).
+    """PPO's clipped surrogate, as DDPO and Flow-GRPO use it (`docs/algorithms.md` sections 2-3).
 
     `loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps)))` with `ratio = exp(logp - logp_old)`. Also
     returns the diagnostics `approx_kl = mean((logp - logp_old)^2) / 2` and `clipfrac = mean(|ratio - 1| > eps)`.
@@ -127,7 +127,7 @@ def dpo_loss(
     reference_loser: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO for flow matching (`ALGORITHMS.md` section 4), from per-pair flow-matching errors (B,).
+    """Diffusion-DPO for flow matching (`docs/algorithms.md` section 4), from per-pair flow-matching errors (B,).
 
     `diff = (L(w) - L_ref(w)) - (L(l) - L_ref(l))`; `loss = mean(-logsigmoid(-beta / 2 * diff))`. A model whose error
     drops more on the winner than the reference's does has `diff < 0` and a loss below log 2. Diagnostics:

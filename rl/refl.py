@@ -1,5 +1,5 @@
 """`algo=refl`: direct reward fine-tuning, ReFL (Xu et al. 2023, arXiv 2304.05977) and DRaFT-K (Clark et al. 2023,
-arXiv 2309.17400), for SD3 / SD3.5 (`ALGORITHMS.md` section 5).
+arXiv 2309.17400), for SD3 / SD3.5 (`docs/algorithms.md` section 5).
 
 Both sample with the ODE from noise, without gradients, then let gradients flow through the last part of the
 trajectory only, decode with gradients through the (frozen) VAE, and score with a *differentiable* reward:

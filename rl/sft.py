@@ -1,8 +1,8 @@
 """`algo=sft`: supervised fine-tuning of SD3 / SD3.5 on image-caption data, full or LoRA.
 
-The objective is SD3's rectified-flow loss (`ALGORITHMS.md` section 6, `rl.losses.flow_matching_loss`), with timesteps
-from diffusers' SD3 densities. The loop reads top to bottom: load, prepare, resume, then for each optimiser step
-(data -> encode -> loss -> backward -> step -> log -> checkpoint -> validate), then save `<run dir>/final/`.
+The objective is SD3's rectified-flow loss (`docs/algorithms.md` section 6, `rl.losses.flow_matching_loss`), with
+timesteps from diffusers' SD3 densities. The loop reads top to bottom: load, prepare, resume, then for each optimiser
+step (data -> encode -> loss -> backward -> step -> log -> checkpoint -> validate), then save `<run dir>/final/`.
 `rl/dreambooth.py` runs the same loop with its own data and a prior-preservation term.
 """
 
