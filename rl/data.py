@@ -7,6 +7,7 @@ batches the uninterrupted run would have seen, from any step, on any number of p
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,16 @@ logger = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """The training data cannot be used; the message names the path or file."""
+
+
+def import_data_extra(module: str):
+    """Import a package of the `data` extra (scikit-learn's digits, scikit-image's photographs), or stop with one line
+    saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise DataError(f"this needs {module.split('.')[0]} (the real digits and photographs come from it): "
+                        "pip install -e '.[data]'") from error
 
 
 @dataclass
@@ -212,9 +223,7 @@ class EpochBatchSampler(Sampler):
 def digits_imagefolder(folder: Path, resolution: int = 32, limit: int | None = None) -> Path:
     """Write scikit-learn's real handwritten digits (8x8, 1797 images) as an imagefolder with captions
     "a handwritten digit N"; used by tests and CPU examples."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = import_data_extra("sklearn.datasets").load_digits()
     folder.mkdir(parents=True, exist_ok=True)
     import json
 

@@ -18,6 +18,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageFilter
 
+from rl.data import import_data_extra
+
 PHOTOS = {
     "astronaut": "a photo of an astronaut",
     "chelsea": "a photo of a cat",
@@ -54,11 +56,11 @@ def degrade(picture: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Ima
 
 
 def make_pairs(out: Path, pairs: int, resolution: int, seed: int = 0) -> Path:
-    import skimage.data
     from datasets import Dataset
 
+    skimage_data = import_data_extra("skimage.data")
     rng = np.random.default_rng(seed)
-    photos = {name: getattr(skimage.data, name)() for name in PHOTOS}
+    photos = {name: getattr(skimage_data, name)() for name in PHOTOS}
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
     names = list(PHOTOS)
     for i in range(pairs):

@@ -17,14 +17,13 @@ import numpy as np
 import torch
 
 from rewards.digits import ASSETS, DigitClassifier
+from rl.data import import_data_extra
 
 
 def digits_split(part: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Images (N x 8 x 8 in [0, 1]) and labels of one fixed part of `load_digits`: "generator" (the first 50%, for
     the text-to-image model), "classifier" (30%, to train the reward) or "held_out" (20%, to test the reward)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = import_data_extra("sklearn.datasets").load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.target))
     bounds = {"generator": (0.0, 0.5), "classifier": (0.5, 0.8), "held_out": (0.8, 1.0)}
     low, high = (int(f * len(order)) for f in bounds[part])

@@ -19,7 +19,7 @@ from pipelines import load_pipeline
 from rl import dreambooth, sft
 from rl.config import ConfigError
 from rl.context import RunContext
-from rl.data import DataError, EpochBatchSampler, ImageCaptionData, digits_imagefolder
+from rl.data import DataError, EpochBatchSampler, ImageCaptionData, digits_imagefolder, import_data_extra
 from rl.lora import LoraSpec, add_transformer_lora, transformer_lora_targets
 from rl.prompts import Prompt
 from rl.sft import EmaConfig, LossConfig, TrainConfig, ValidationConfig
@@ -284,3 +284,11 @@ def test_full_fine_tune_resumes_exactly(tmp_path, digits):
     b = SD3Transformer2DModel.from_pretrained(tmp_path / "split" / "final", subfolder="transformer")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_missing_data_extra_stops_in_one_line_saying_how_to_install_it(monkeypatch):
+    assert import_data_extra("sklearn.datasets").load_digits is not None
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # what Python sees when scikit-learn is not installed
+    monkeypatch.delitem(sys.modules, "sklearn.datasets", raising=False)
+    with pytest.raises(DataError, match=r"^this needs sklearn .*pip install -e '\.\[data\]'$"):
+        import_data_extra("sklearn.datasets")
