@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.learning_curve import eval_curve
+from rl.tracking import flatten_config, metric_curve, read_metrics
 
 # Keys that differ between seeds of one configuration without changing it.
 IGNORED_KEYS = ("seed", "algo.resume", "algo.exit_after_epochs", "algo.train.resume", "algo.train.exit_after_steps")
@@ -68,25 +68,12 @@ class Group:
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested config to `a.b.c` keys (lists kept as values)."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def read_run(path: Path, evaluation_dir: Path | None = None) -> Run:
     """A run directory's config, metrics and (from `evaluation_dir`, default `<run>/evaluation`) evaluation table."""
     config = None
     if (path / "config.yaml").is_file():
-        config = flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
-    metrics = path / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    records = [json.loads(line) for line in lines if line.strip()]
+        config = flatten_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    records = read_metrics(path)
     table = (evaluation_dir or path / "evaluation") / "table.json"
     evaluation = json.loads(table.read_text()) if table.is_file() else None
     return Run(path, config, records, evaluation)
@@ -134,8 +121,7 @@ def curve(run: Run, key: str, source: str, x: str) -> list[tuple[float, float]]:
                 by_step.setdefault(row["step"], row[key])
         points = list(by_step.items())
     else:
-        logged = eval_curve(run.path, key) if run.records else []
-        points = [(step, value) for step, value in logged if value is not None]
+        points = [(step, value) for step, value in metric_curve(run.records, key) if value is not None]
     if x == "samples":
         samples = samples_by_step(run)
         points = [(samples[step], value) for step, value in points if step in samples]

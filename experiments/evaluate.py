@@ -49,13 +49,12 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from experiments.learning_curve import eval_curve
 from pipelines.loading import resolve_source
 from rl.config import USER_ERRORS, build
 from rl.lora import load_lora
-from rl.policy import EvalConfig, evaluate, score
+from rl.policy import EvalConfig, eval_metrics, evaluate, score
 from rl.prompts import Prompt, load_prompts
-from rl.tracking import image_grid
+from rl.tracking import image_grid, metric_curve, read_metrics
 from rl.trainer import prepare_models, trainable_parameters
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -141,13 +140,6 @@ def select_checkpoints(run_dir: Path, names: list[str] | None) -> list[Checkpoin
             raise EvaluationInputError(f"no checkpoint {name!r} in {run_dir}; available: {available}")
     order = {"base": 0, "final": 2}
     return sorted(set(chosen), key=lambda c: (order.get(c.name, 1), c.step))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def samples_at(records: list[dict], step: int) -> int | None:
@@ -321,17 +313,6 @@ def prefixed(metrics: dict[str, float], name: str) -> dict[str, float]:
     return {f"eval/{name}/{key.removeprefix('eval/')}": value for key, value in metrics.items()}
 
 
-def score_metrics(scores: torch.Tensor, info: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The mean and std of a reward's scores and of each per-image info value, named as `rl.policy.evaluate` names
-    them."""
-    spread = lambda values: values.std().item() if len(values) > 1 else 0.0  # noqa: E731
-    metrics = {"eval/reward_mean": scores.mean().item(), "eval/reward_std": spread(scores)}
-    for name, values in info.items():
-        metrics[f"eval/{name}_mean"] = values.mean().item()
-        metrics[f"eval/{name}_std"] = spread(values)
-    return metrics
-
-
 def evaluate_weights(pipe, rewards: list[tuple[str, Any]], prompts: list[Prompt], config: EvalConfig,
                      seed: int) -> tuple[dict[str, float], torch.Tensor]:
     """`rl.policy.evaluate` with the first reward (so the numbers are the run's own `eval/*`), and the same images
@@ -340,7 +321,7 @@ def evaluate_weights(pipe, rewards: list[tuple[str, Any]], prompts: list[Prompt]
     chosen = [p for p in prompts[: config.max_prompts] for _ in range(config.images_per_prompt)]
     for name, reward in rewards[1:]:
         scores, info = score(reward, images, [p.text for p in chosen], [p.metadata for p in chosen])
-        metrics.update(prefixed(score_metrics(scores, info), name))
+        metrics.update(prefixed(eval_metrics(scores, info), name))
     return metrics, images
 
 
@@ -501,7 +482,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # The run's own curve is comparable only when everything that sets the numbers is the run's own.
     changed = args.overrides or args.prompts_file or args.seed is not None
     as_run = config == run_eval_config(run_cfg.algo) and not changed
-    logged = eval_curve(run_dir, "eval/reward_mean") if as_run and records else None
+    logged = metric_curve(records, "eval/reward_mean") if as_run and records else None
     title = (f"{run_dir.name}: {len(settings['prompts'])} prompts x {config.images_per_prompt}, "
              f"{config.num_inference_steps} ODE steps, seed {seed}")
     plot_curve(out / "curve.png", table, [r.name for r in named_rewards], logged, title)

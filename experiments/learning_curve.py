@@ -16,15 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from rl.tracking import metric_curve, read_metrics
+
 
 def eval_curve(run_dir: Path, key: str = "eval/reward_mean") -> list[tuple[int, float]]:
     """The (step, value) points of a held-out metric in a run directory's metrics.jsonl."""
-    points = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if key in record:
-            points[record["step"]] = record[key]
-    return sorted(points.items())
+    return metric_curve(read_metrics(run_dir), key)
 
 
 def main() -> None:

@@ -323,11 +323,20 @@ def evaluate(
     )
     scores, info = score(reward, images.to(pipe.transformer.device), [p.text for p in chosen],
                          [p.metadata for p in chosen])
-    metrics = {"eval/reward_mean": scores.mean().item(), "eval/reward_std": scores.std().item() if len(scores) > 1 else 0.0}
+    return eval_metrics(scores, info), images
+
+
+def eval_metrics(scores: torch.Tensor, info: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`eval/reward_mean` and `_std` of a reward's scores, and `eval/<name>_mean` and `_std` of each per-image value it
+    reports (the std is 0 for one image)."""
+    def spread(values: torch.Tensor) -> float:
+        return values.std().item() if len(values) > 1 else 0.0
+
+    metrics = {"eval/reward_mean": scores.mean().item(), "eval/reward_std": spread(scores)}
     for name, values in info.items():
         metrics[f"eval/{name}_mean"] = values.mean().item()
-        metrics[f"eval/{name}_std"] = values.std().item() if len(values) > 1 else 0.0
-    return metrics, images
+        metrics[f"eval/{name}_std"] = spread(values)
+    return metrics
 
 
 @dataclass

@@ -97,17 +97,31 @@ def make_accelerator(
             "tags": list(logger.tags),
         }
     }
-    accelerator.init_trackers(logger.project, config=_flatten(config), init_kwargs=init_kwargs)
+    accelerator.init_trackers(logger.project, config=flatten_config(config), init_kwargs=init_kwargs)
     return accelerator
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run directory's `metrics.jsonl` (none when it has no such file)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metric_curve(records: list[dict], key: str = "eval/reward_mean") -> list[tuple[int, float]]:
+    """The (step, value) points of one metric in `metrics.jsonl` records, by step (a step logged twice: the last)."""
+    points = {record["step"]: record[key] for record in records if key in record}
+    return sorted(points.items())
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
     """Nested config to flat `a.b.c` keys with scalar values, as trackers' hyperparameter tables want."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten_config(value, f"{name}."))
         elif value is None or isinstance(value, (bool, int, float, str)):
             flat[name] = value
         else:
@@ -142,13 +156,13 @@ def plot_eval_curves(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir)
     names = sorted({key[5:-5] for r in records for key in r if key.startswith("eval/") and key.endswith("_mean")})
     if not names:
         return None
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for axis, name in zip(axes[0], names):
-        points = sorted((r["step"], r[f"eval/{name}_mean"]) for r in records if r.get(f"eval/{name}_mean") is not None)
+        points = [(step, value) for step, value in metric_curve(records, f"eval/{name}_mean") if value is not None]
         axis.plot(*zip(*points), marker="o")
         axis.set_xlabel("step")
         axis.set_title(f"held-out {name}", fontsize=10)
