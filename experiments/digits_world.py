@@ -206,8 +206,8 @@ def unpack(out: Path = DEFAULT_DIR, assets: Path = SHIPPED) -> Path:
             f"`python -m experiments.digits_world --build --out {out}`"
         )
     components["transformer"] = SD3Transformer2DModel.from_pretrained(assets, subfolder="transformer",
-                                                                      torch_dtype=torch.float32)
-    components["vae"] = AutoencoderKL.from_pretrained(assets, subfolder="vae", torch_dtype=torch.float32)
+                                                                      dtype=torch.float32)
+    components["vae"] = AutoencoderKL.from_pretrained(assets, subfolder="vae", dtype=torch.float32)
     partial = out / f"base.partial-{os.getpid()}"
     StableDiffusion3LogProbPipeline(**components).save_pretrained(partial)
     try:

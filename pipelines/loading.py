@@ -74,7 +74,7 @@ def load_pipeline(
             pipe.to(dtype=torch_dtype)
     else:
         source = resolve_source(str(path), revision=revision)
-        kwargs = {"torch_dtype": torch_dtype, "revision": revision, "variant": variant}
+        kwargs = {"dtype": torch_dtype, "revision": revision, "variant": variant}
         if drop_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         if t5_8bit:
@@ -85,7 +85,7 @@ def load_pipeline(
                 subfolder="text_encoder_3",
                 revision=revision,
                 quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                torch_dtype=torch_dtype,
+                dtype=torch_dtype,
             )
         pipe = StableDiffusion3LogProbPipeline.from_pretrained(source, **kwargs)
 
