@@ -54,7 +54,7 @@ from rl.config import USER_ERRORS, build
 from rl.lora import load_lora
 from rl.policy import EvalConfig, eval_metrics, evaluate, score
 from rl.prompts import Prompt, load_prompts
-from rl.tracking import image_grid, metric_curve, read_metrics
+from rl.tracking import image_grid, metric_curve, metric_name, read_metrics, step_unit
 from rl.trainer import prepare_models, trainable_parameters
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -353,8 +353,19 @@ def write_table(out: Path, rows: list[dict], settings: dict, run_dir: Path) -> N
         writer.writerows(rows)
 
 
+def mean_columns(row: dict) -> list[tuple[str, str]]:
+    """`(key, label)` of each held-out mean in a table row, as the README names them: `eval/reward_mean` -> reward,
+    `eval/correct_mean` -> accuracy, `eval/aesthetic/reward_mean` -> aesthetic/reward."""
+    columns = []
+    for key in row:
+        if key.startswith("eval/") and key.endswith("_mean"):
+            *reward, name = key[len("eval/"):-len("_mean")].split("/")
+            columns.append((key, "/".join([*reward, metric_name(name)])))
+    return columns
+
+
 def plot_curve(path: Path, rows: list[dict], rewards: list[str], logged: list[tuple[int, float]] | None,
-               title: str) -> None:
+               title: str, unit: str = "step") -> None:
     """Each reward's mean against step, shaded +- one standard error over the images; the curve the run logged
     during training, dashed, when scored with the run's own reward."""
     import matplotlib
@@ -375,7 +386,7 @@ def plot_curve(path: Path, rows: list[dict], rewards: list[str], logged: list[tu
                         alpha=0.25, label="+- s.e. over images")
         if i == 0 and logged:
             ax.plot(*zip(*logged), linestyle="--", marker=".", color="grey", label="logged in training")
-        ax.set_xlabel("step")
+        ax.set_xlabel(unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{name} reward")
         ax.grid(alpha=0.3)
@@ -470,8 +481,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 sys.exit(2)
             with autocast:
                 metrics, images = evaluate_weights(pipe, rewards, prompts, config, seed)
-            image_grid(images, nrow=config.images_per_prompt if config.images_per_prompt > 1 else None).save(
-                out / grid_name(checkpoint))
+            image_grid(images, nrow=config.images_per_prompt, row_labels=chosen).save(out / grid_name(checkpoint))
             rows[checkpoint.name] = {"checkpoint": checkpoint.name, "step": checkpoint.step,
                                      "samples": samples_at(records, checkpoint.step), "images": len(images), **metrics}
             progress.set_postfix(checkpoint=checkpoint.name, reward=f"{metrics['eval/reward_mean']:.4g}")
@@ -485,10 +495,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logged = metric_curve(records, "eval/reward_mean") if as_run and records else None
     title = (f"{run_dir.name}: {len(settings['prompts'])} prompts x {config.images_per_prompt}, "
              f"{config.num_inference_steps} ODE steps, seed {seed}")
-    plot_curve(out / "curve.png", table, [r.name for r in named_rewards], logged, title)
+    unit = step_unit(records)
+    plot_curve(out / "curve.png", table, [r.name for r in named_rewards], logged, title, unit)
     for row in table:
-        print(f"{row['checkpoint']:>12}  step {row['step']:>6}  reward {row['eval/reward_mean']:.6g} "
-              f"+- {row['eval/reward_std']:.3g}")
+        values = "  ".join(f"{label} {row[key]:.4g} +- {row[key[:-5] + '_std']:.3g}" for key, label in mean_columns(row))
+        print(f"{row['checkpoint']:>12}  {unit} {row['step']:>6}  {values}")
     print(f"wrote {out}/table.csv, table.json, curve.png and grid_*.png")
     return table
 

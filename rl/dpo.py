@@ -214,7 +214,7 @@ def evaluate_offline(ctx, s, reference, encoder, scheduler, held_out: Preference
         s.accelerator.log(metrics, step=step)
     s.accelerator.wait_for_everyone()
     if s.reward is not None:
-        maybe_evaluate(ctx, s, eval, step, train.max_steps, force=True)
+        maybe_evaluate(ctx, s, eval, step, train.max_steps, force=True, unit="step")
 
 
 def held_out_pair_metrics(

@@ -22,7 +22,7 @@ from rewards import Reward
 from rl.config import ConfigError
 from rl.losses import kl_to_reference, ppo_clip_loss
 from rl.prompts import Prompt
-from rl.tracking import plot_eval_curves
+from rl.tracking import metric_name, plot_eval_curves
 from rl.trainer import (
     Checkpointer,
     OptimConfig,
@@ -443,8 +443,11 @@ def reference_policy(s: Setup, lora) -> Callable:
     return frozen_weights
 
 
-def maybe_evaluate(ctx, s: Setup, config: EvalConfig, epoch: int, epochs: int, force: bool = False) -> None:
-    """Evaluate after `epoch` epochs when due (every `config.every`, and the last), with EMA weights when kept."""
+def maybe_evaluate(
+    ctx, s: Setup, config: EvalConfig, epoch: int, epochs: int, force: bool = False, unit: str = "epoch"
+) -> None:
+    """Evaluate after `epoch` epochs (or steps: `unit`) when due (every `config.every`, and the last), with EMA weights
+    when kept."""
     due = bool(config.every) and (epoch % config.every == 0 or epoch == epochs)
     if not (due or force) or not ctx.eval_prompts:
         return
@@ -457,9 +460,10 @@ def maybe_evaluate(ctx, s: Setup, config: EvalConfig, epoch: int, epochs: int, f
             s.ema.restore(s.parameters)
         metrics["eval/epoch"] = epoch
         s.accelerator.log(metrics, step=epoch)
-        logger.info("step %d, held out: %s", epoch, "  ".join(
-            f"{name[5:-5]} {value:.4f}" for name, value in metrics.items() if name.endswith("_mean")))
-        save_validation(s.accelerator, ctx.run_dir, images, epoch, nrow=config.images_per_prompt if config.images_per_prompt > 1 else None)
+        logger.info("%s %d, held out: %s", unit, epoch, "  ".join(
+            f"{metric_name(name[5:-5])} {value:.4f}" for name, value in metrics.items() if name.endswith("_mean")))
+        prompts = [p.text for p in ctx.eval_prompts[: config.max_prompts]]
+        save_validation(s.accelerator, ctx.run_dir, images, epoch, prompts, config.images_per_prompt)
     s.accelerator.wait_for_everyone()
 
 

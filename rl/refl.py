@@ -201,7 +201,7 @@ def run(
         encoder = Encoder(s.pipe, False, False, train.max_sequence_length or s.pipe.max_sequence_length, False)
         train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
     if state.step == 0:
-        maybe_evaluate(ctx, s, eval, 0, train.max_steps, force=True)
+        maybe_evaluate(ctx, s, eval, 0, train.max_steps, force=True, unit="step")
 
     # 2. Train: sample -> decode -> reward -> loss (+ regulariser) -> step; log, evaluate, checkpoint.
     progress = tqdm(total=train.max_steps, initial=state.step, desc=refl.method,
@@ -230,7 +230,7 @@ def run(
                     total = total + train.pretrain_weight * pretrain
                 backward_and_step(s, total, optim.max_grad_norm, step_stats)
             collect(stats, {**step_stats, "loss": total})
-        evaluate = lambda step: maybe_evaluate(ctx, s, eval, step, train.max_steps)  # noqa: E731
+        evaluate = lambda step: maybe_evaluate(ctx, s, eval, step, train.max_steps, unit="step")  # noqa: E731
         steps_this_run += 1
         if end_step(s, stats, train, samples_per_step, started, steps_this_run, evaluate, progress):
             return

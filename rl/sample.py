@@ -77,7 +77,7 @@ def run(
             for job in jobs:
                 index.write(json.dumps(job) + "\n")
         images = torch.stack([pil_to_tensor(PIL.Image.open(sample_dir / job["file"])) for job in jobs]).float() / 255
-        grid = image_grid(images, nrow=num_images_per_prompt if num_images_per_prompt > 1 else None)
+        grid = image_grid(images, nrow=num_images_per_prompt, row_labels=[p.text for p in prompts])
         grid.save(sample_dir / "grid.png")
         metrics = {"sample/num_images": len(jobs), "sample/num_prompts": len(prompts)}
         if reward is not None:

@@ -348,9 +348,10 @@ def validate(ctx, accelerator, pipe, parameters, ema_model, validation: Validati
     if ema_model is not None:
         ema_model.store(parameters)
         ema_model.copy_to(parameters)
+    prompts = ctx.eval_prompts[: validation.max_prompts]
     images = sample_validation_images(
         pipe,
-        ctx.eval_prompts[: validation.max_prompts],
+        prompts,
         ctx.seed,
         validation.num_inference_steps,
         validation.guidance_scale,
@@ -358,6 +359,6 @@ def validate(ctx, accelerator, pipe, parameters, ema_model, validation: Validati
     )
     if ema_model is not None:
         ema_model.restore(parameters)
-    save_validation(accelerator, ctx.run_dir, images, step)
+    save_validation(accelerator, ctx.run_dir, images, step, [p.text for p in prompts])
     accelerator.wait_for_everyone()
 

@@ -22,6 +22,20 @@ from torchvision.utils import make_grid
 
 BACKENDS = ("wandb", "tensorboard")
 
+# What a per-image value of a reward is called in the README and on plots, where its key alone does not say it: the
+# digits reward's `correct` (1 when the classifier reads the asked digit), whose mean is the model's accuracy.
+METRIC_NAMES = {"correct": "accuracy"}
+
+
+def metric_name(key: str) -> str:
+    """The readable name of a reward value's key (`correct` -> `accuracy`; others unchanged)."""
+    return METRIC_NAMES.get(key, key)
+
+
+def step_unit(records: list[dict]) -> str:
+    """"epoch" for the epoch-based algorithms (their steps are epochs: they log `train/epoch`), else "step"."""
+    return "epoch" if any("train/epoch" in r for r in records) else "step"
+
 
 @dataclass
 class LoggerConfig:
@@ -129,12 +143,55 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> PIL.Image.Image:
-    """A grid of NCHW images in [0, 1] as one PIL image (rows of `nrow`, default about square)."""
+def image_grid(
+    images: torch.Tensor, nrow: int | None = None, row_labels: list[str] | None = None, min_cell: int = 64
+) -> PIL.Image.Image:
+    """A grid of NCHW images in [0, 1] as one PIL image (rows of `nrow`, default about square).
+
+    With `row_labels` (one text per row, e.g. each row's prompt), every row is captioned in a strip on its left, and
+    images smaller than `min_cell` pixels are enlarged (nearest neighbour, so pixels stay sharp) to keep the captions
+    beside them readable.
+    """
+    images = images.detach().float().cpu().clamp(0, 1)
     if nrow is None:
         nrow = max(1, math.ceil(math.sqrt(images.shape[0])))
-    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-    return PIL.Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if row_labels is not None:
+        rows = math.ceil(images.shape[0] / nrow)
+        if len(row_labels) != rows:
+            raise ValueError(f"{len(row_labels)} row labels for {rows} rows of {nrow} images")
+        scale = math.ceil(min_cell / max(images.shape[-2:]))
+        if scale > 1:
+            images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    picture = PIL.Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if row_labels is None:
+        return picture
+    return caption_rows(picture, row_labels, row_height=images.shape[-2] + 2)
+
+
+def caption_rows(picture: PIL.Image.Image, labels: list[str], row_height: int, width: int = 220) -> PIL.Image.Image:
+    """`picture` with a white strip of `width` pixels on its left holding one wrapped label per row."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    size = 12
+    font = ImageFont.load_default(size=size)
+    line_height = size + 2
+    lines_per_row = max(1, (row_height - 2) // line_height)
+    chars_per_line = max(8, (width - 8) * 2 // size)  # the default font averages about half its size per character
+    out = PIL.Image.new("RGB", (picture.width + width, picture.height), "white")
+    out.paste(picture, (width, 0))
+    draw = ImageDraw.Draw(out)
+    for row, label in enumerate(labels):
+        lines = textwrap.wrap(label, chars_per_line) or [""]
+        if len(lines) > lines_per_row:
+            lines = lines[:lines_per_row]
+            lines[-1] = lines[-1][: chars_per_line - 1] + "\u2026"
+        top = 2 + row * row_height + (row_height - 2 - len(lines) * line_height) // 2
+        for index, line in enumerate(lines):
+            draw.text((4, top + index * line_height), line, fill="black", font=font)
+    return out
 
 
 def log_image(accelerator: Accelerator, name: str, image: PIL.Image.Image, step: int) -> None:
@@ -155,17 +212,20 @@ def plot_eval_curves(run_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(run_dir)
     names = sorted({key[5:-5] for r in records for key in r if key.startswith("eval/") and key.endswith("_mean")})
     if not names:
         return None
+    unit = step_unit(records)
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for axis, name in zip(axes[0], names):
         points = [(step, value) for step, value in metric_curve(records, f"eval/{name}_mean") if value is not None]
         axis.plot(*zip(*points), marker="o")
-        axis.set_xlabel("step")
-        axis.set_title(f"held-out {name}", fontsize=10)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel(unit)
+        axis.set_title(f"held-out {metric_name(name)}", fontsize=10)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     path = run_dir / "curves.png"

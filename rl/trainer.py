@@ -85,6 +85,12 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype=dtype)` when that changes anything (diffusers warns on every dtype cast, even a no-op)."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+
+
 def prepare_models(
     pipe: StableDiffusion3LogProbPipeline,
     lora: LoraSpec | None,
@@ -101,10 +107,10 @@ def prepare_models(
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
             module.requires_grad_(False)
-            module.to(dtype=weight_dtype)
+            cast(module, weight_dtype)
     trained: list[torch.nn.Module] = [pipe.transformer]
     if lora is not None:
-        pipe.transformer.to(dtype=weight_dtype)
+        cast(pipe.transformer, weight_dtype)
         with torch.random.fork_rng():  # seeds CPU and CUDA generators, restores them afterwards
             torch.manual_seed(seed)
             add_transformer_lora(pipe.transformer, lora)
@@ -232,11 +238,13 @@ def sample_validation_images(
     return torch.cat(images)
 
 
-def save_validation(accelerator: Accelerator, run_dir: Path, images: torch.Tensor, step: int, nrow: int | None = None):
-    """Write `samples/step_<N>.png` and send it to the image trackers."""
+def save_validation(
+    accelerator: Accelerator, run_dir: Path, images: torch.Tensor, step: int, prompts: list[str], images_per_prompt: int = 1
+):
+    """Write `samples/step_<N>.png` (one row per prompt, captioned with it) and send it to the image trackers."""
     if not accelerator.is_main_process:
         return
-    grid = image_grid(images, nrow=nrow)
+    grid = image_grid(images, nrow=images_per_prompt, row_labels=prompts)
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     grid.save(run_dir / "samples" / f"step_{step:06d}.png")
     log_image(accelerator, "validation", grid, step)

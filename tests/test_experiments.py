@@ -110,7 +110,10 @@ def test_evaluate_lora_run_reproduces_the_runs_own_held_out_curve(grpo_run, grpo
     assert (out / "table.csv").read_text().splitlines()[0].startswith("checkpoint,step,samples")
     assert pixels(out / "curve.png").shape[1] > 300
     grids = [pixels(out / f"grid_step_{step:06d}.png") for step in (0, 1, 2)]
-    assert grids[0].shape == grids[2].shape == (36, 70, 3)  # two 32 px images side by side, 2 px padding
+    # One row per prompt (two prompts, one image each), 32 px enlarged to 64, 2 px padding, a 220 px caption strip
+    assert grids[0].shape == grids[2].shape == (2 * 66 + 2, 220 + 68, 3)
+    strip = grids[0][:, :220]
+    assert (strip[2:66] < 128).any() and (strip[68:132] < 128).any()  # each row's prompt is written beside it
     assert np.abs(grids[2] - grids[0]).max() > 0  # the adapter changed the images
 
 

@@ -28,7 +28,9 @@ def test_sample_writes_images_grid_config_and_metrics(tmp_path):
     assert [p.name for p in samples] == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png"]
     assert PIL.Image.open(samples[0]).size == (32, 32)
     grid = PIL.Image.open(run_dir / "samples" / "grid.png")
-    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 x 2 images of 32 px with 2 px padding
+    # A row per prompt (2 images each, 32 px enlarged to 64, 2 px padding), captioned in a 220 px strip on the left
+    assert grid.size == (220 + 2 * 66 + 2, 2 * 66 + 2)
+    assert PIL.Image.open(samples[0]).convert("RGB").resize((64, 64), PIL.Image.NEAREST) == grid.crop((222, 2, 286, 66))
     config = (run_dir / "config.yaml").read_text()
     assert "_target_: rl.sample.run" in config and "${" not in config  # resolved
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
