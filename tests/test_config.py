@@ -8,8 +8,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-NOT_GROUPS = {"sweeps"}  # conf/sweeps/ holds wandb sweep files (tests/test_sweeps.py), not Hydra options
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_GROUPS)
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())  # Hydra lists every folder of conf/ as a group
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 
@@ -76,3 +75,15 @@ def test_dpo_and_refl_configs_carry_the_published_defaults():
     pickapic = compose_with("experiment=dpo_pickapic_sd35_medium")
     assert pickapic.data.dataset == "yuvalkirstain/pickapic_v2" and pickapic.data.eval_split == "validation_unique"
     assert list(pickapic.data.image_columns) == ["jpg_0", "jpg_1"] and pickapic.data.label_column == "label_0"
+
+
+def test_help_lists_exactly_the_selectable_groups():
+    """`python -m rl.run --help` names every group a user can set with `group=option`, and nothing else."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rl.run", "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=CONF.parent, check=True).stdout
+    listed = out.split("== Configuration groups ==")[1].split("==")[0]
+    names = {line.split(":")[0] for line in listed.splitlines() if ": " in line}  # "algo: ddpo, dpo, ..."
+    assert names == set(GROUPS), out

@@ -1,4 +1,4 @@
-"""The wandb sweep files in conf/sweeps/ start `python -m rl.run` with Hydra overrides, and every job they can start
+"""The wandb sweep files in experiments/sweeps/ start `python -m rl.run` with Hydra overrides, and every job they can start
 composes; Hydra's own multirun (`python -m rl.run -m ...`) gives one complete run directory per job."""
 
 import itertools
@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SWEEPS = sorted((CONF / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 COMMAND = ["${env}", "python", "-m", "rl.run", "${args_no_hyphens}"]  # the agent fills in `key=value` overrides
 TOP_LEVEL_KEYS = {"program", "method", "metric", "parameters", "command", "name", "description", "run_cap",
                   "early_terminate", "project", "entity"}  # what a wandb sweep file may hold
@@ -50,7 +50,7 @@ def args_no_hyphens(job: dict) -> list[str]:
 
 
 def test_there_are_sweeps():
-    assert len(SWEEPS) >= 4  # (tests/test_config.py leaves conf/sweeps/ out of the config groups it composes)
+    assert len(SWEEPS) >= 4
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
