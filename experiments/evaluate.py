@@ -42,20 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
-from tqdm.auto import tqdm
+from rl.threads import limit_openmp_spinning, set_cpu_threads
 
-from pipelines.loading import resolve_source
-from rl.config import USER_ERRORS, build
-from rl.lora import load_lora
-from rl.policy import EvalConfig, eval_metrics, evaluate, score
-from rl.prompts import Prompt, load_prompts
-from rl.tracking import image_grid, metric_curve, metric_name, read_metrics, step_unit
-from rl.trainer import prepare_models, trainable_parameters
+limit_openmp_spinning()  # before torch loads OpenMP (rl/threads.py)
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from pipelines.loading import resolve_source  # noqa: E402
+from rl.config import USER_ERRORS, build  # noqa: E402
+from rl.lora import load_lora  # noqa: E402
+from rl.policy import EvalConfig, eval_metrics, evaluate, score  # noqa: E402
+from rl.prompts import Prompt, load_prompts  # noqa: E402
+from rl.tracking import image_grid, metric_curve, metric_name, read_metrics, step_unit  # noqa: E402
+from rl.trainer import prepare_models, trainable_parameters  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHECKPOINT_NAME = re.compile(r"(?:step_)?(\d+)")
@@ -434,6 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run_dir, named = locate(args.run_dir)
         checkpoints = select_checkpoints(run_dir, [*(args.checkpoint or []), *([named] if named else [])])
         run_cfg = OmegaConf.load(run_dir / "config.yaml")
+        set_cpu_threads(run_cfg.get("cpu_threads", "auto"))
         prompts = load_prompts(args.prompts_file) if args.prompts_file else build(run_cfg.prompts.eval)
         config = eval_config(run_cfg.algo, args, len(prompts))
         seed = args.seed if args.seed is not None else int(run_cfg.seed)

@@ -10,16 +10,20 @@ import shutil
 import sys
 from pathlib import Path
 
-import hydra
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from tqdm.contrib.logging import logging_redirect_tqdm
+from rl.threads import limit_openmp_spinning, set_cpu_threads
 
-from pipelines.loading import resolve_source
-from rl.config import USER_ERRORS, build
-from rl.context import RunContext
+limit_openmp_spinning()  # before torch loads OpenMP (rl/threads.py)
+
+import hydra  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from accelerate.utils import broadcast_object_list  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
+from pipelines.loading import resolve_source  # noqa: E402
+from rl.config import USER_ERRORS, build  # noqa: E402
+from rl.context import RunContext  # noqa: E402
 
 
 def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
@@ -68,6 +72,7 @@ def main(cfg: DictConfig) -> None:
     if PartialState().is_main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     try:
+        set_cpu_threads(cfg.get("cpu_threads", "auto"))
         ctx = build_context(cfg, run_dir)
         algorithm = build(cfg.algo)
         with logging_redirect_tqdm():  # log lines print above the progress bar instead of inside it

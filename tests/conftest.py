@@ -1,7 +1,13 @@
-import pytest
-import torch
+from rl.threads import limit_openmp_spinning, set_cpu_threads
 
-from pipelines import load_pipeline
+limit_openmp_spinning()  # the suite runs as `python -m rl.run` does (rl/threads.py); before torch loads OpenMP
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines import load_pipeline  # noqa: E402
+
+set_cpu_threads("auto")
 
 
 @pytest.fixture(scope="session")
