@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run_dir, named = locate(args.run_dir)
         checkpoints = select_checkpoints(run_dir, [*(args.checkpoint or []), *([named] if named else [])])
         run_cfg = OmegaConf.load(run_dir / "config.yaml")
-        set_cpu_threads(run_cfg.get("cpu_threads", "auto"))
+        if argv is None:  # run as a program; a caller in the same process keeps its own thread count
+            set_cpu_threads(run_cfg.get("cpu_threads", "auto"))
         prompts = load_prompts(args.prompts_file) if args.prompts_file else build(run_cfg.prompts.eval)
         config = eval_config(run_cfg.algo, args, len(prompts))
         seed = args.seed if args.seed is not None else int(run_cfg.seed)

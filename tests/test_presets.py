@@ -1,6 +1,11 @@
 """Every CPU-scale experiment preset (conf/experiment/*.yaml on model=tiny or model=digits) runs end to end through
-`python -m rl.run experiment=<name>`, cut to a few steps, after writing the data it needs (marked slow). That every
-preset composes is checked by tests/test_config.py."""
+`python -m rl.run experiment=<name>`, cut to a few steps, after writing the data it needs (marked slow), and logs
+exactly the metrics recorded in tests/golden/<preset>.json: golden runs, so that a refactor of the shared layer shows
+that it changed no number. That every preset composes is checked by tests/test_config.py.
+
+Re-record the golden metrics only for a change that is meant to change numbers, and say why in its commit:
+`GOLDEN_RECORD=1 pytest -m slow tests/test_presets.py`.
+"""
 
 import json
 import os
@@ -15,6 +20,8 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+GOLDEN = ROOT / "tests" / "golden"
+WALL_CLOCK = {"train/steps_per_second"}  # the only logged values that depend on the machine's speed
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 # Overrides that cut a run to a few seconds, per algorithm (the preset's `algo._target_`): one or two epochs or steps,
@@ -108,7 +115,8 @@ def test_cpu_preset_runs_end_to_end(tmp_path, name):
         write_data(kind, tmp_path / "data")
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "rl.run", *short_overrides(name, cfg, tmp_path), f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "rl.run", *short_overrides(name, cfg, tmp_path), f"hydra.run.dir={run_dir}",
+         "cpu_threads=1"],  # one thread: the numbers do not depend on the machine's core count
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
     )
@@ -116,3 +124,16 @@ def test_cpu_preset_runs_end_to_end(tmp_path, name):
     assert (run_dir / "config.yaml").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records and all("step" in record for record in records)
+    logged = [{k: v for k, v in record.items() if k not in WALL_CLOCK} for record in records]
+    golden = GOLDEN / f"{name}.json"
+    if os.environ.get("GOLDEN_RECORD") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        golden.write_text(json.dumps({"preset": name, "records": logged}, indent=1) + "\n")
+        return
+    assert golden.is_file(), f"no golden metrics for {name}: record them with GOLDEN_RECORD=1 (see this module)"
+    expected = json.loads(golden.read_text())["records"]
+    assert len(logged) == len(expected), (len(logged), len(expected))
+    for index, (got, want) in enumerate(zip(logged, expected)):
+        assert got.keys() == want.keys(), (index, sorted(got.keys() ^ want.keys()))
+        differ = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
+        assert not differ, f"record {index} (step {want.get('step')}) differs from the golden run: {differ}"
