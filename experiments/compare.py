@@ -32,18 +32,16 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.errors import UserError, exit_on_user_error
 from rl.tracking import flatten_config, metric_curve, read_metrics
 
 # Keys that differ between seeds of one configuration without changing it.
-IGNORED_KEYS = ("seed", "algo.resume", "algo.exit_after_epochs", "algo.train.resume", "algo.train.exit_after_steps")
+IGNORED_KEYS = ("seed", "algo.checkpoint.resume", "algo.checkpoint.exit_after",
+                "algo.resume", "algo.exit_after_epochs", "algo.train.resume", "algo.train.exit_after_steps")  # older runs
 # What training writes into a run directory (its file times give the wall time), and folders never searched for runs.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.before-resume.jsonl", "run.log")
 RUN_FOLDERS = (".hydra", "samples", "checkpoints", "final", "class_images", "tensorboard")
 OUTPUT_FOLDERS = ("evaluation", "wandb", *RUN_FOLDERS)
-
-
-class CompareInputError(ValueError):
-    """The paths or options given cannot be compared; one-line message."""
 
 
 @dataclass
@@ -95,7 +93,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for path in paths:
         path = path.expanduser()
         if not path.is_dir():
-            raise CompareInputError(f"{path} is not a directory")
+            raise UserError(f"{path} is not a directory")
         if is_evaluation_dir(path):  # an experiments.evaluate output folder
             run_dir = Path(json.loads((path / "table.json").read_text())["run_dir"])
             runs[run_dir.resolve()] = read_run(run_dir if run_dir.is_dir() else path, evaluation_dir=path)
@@ -105,7 +103,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             found = sorted({p.parent for name in ("config.yaml", "metrics.jsonl") for p in path.rglob(name)})
             found = [p for p in found if not any(part in OUTPUT_FOLDERS for part in p.relative_to(path).parts)]
             if not found:
-                raise CompareInputError(f"no run directories (config.yaml or metrics.jsonl) under {path}")
+                raise UserError(f"no run directories (config.yaml or metrics.jsonl) under {path}")
             for run_dir in found:
                 runs.setdefault(run_dir.resolve(), read_run(run_dir))
     return list(runs.values())
@@ -219,10 +217,11 @@ def differing_options(groups: list[list[Run]], index: int, limit: int = 3) -> st
 
 
 def describe(key: str, value) -> str:
-    """`algo._target_=rl.grpo.run` -> `algo=grpo`, `reward._target_=rewards.jpeg.JpegSizeReward` ->
-    `reward=JpegSizeReward`; other options as `key=value`."""
+    """`algo._target_=rl.grpo.GRPO` -> `algo=GRPO`, `reward._target_=rewards.jpeg.JpegSizeReward` ->
+    `reward=JpegSizeReward` (runs of earlier versions: `rl.grpo.run` -> `algo=grpo`); other options as `key=value`."""
     if key.endswith("._target_") and isinstance(value, str):
-        short = value.removeprefix("rl.").removesuffix(".run") if key == "algo._target_" else value.rsplit(".", 1)[-1]
+        legacy = key == "algo._target_" and ".run" in value
+        short = value.removeprefix("rl.").removesuffix(".run") if legacy else value.rsplit(".", 1)[-1]
         return f"{key.removesuffix('._target_')}={short}"
     return f"{key}={value}"
 
@@ -341,7 +340,7 @@ def plot(path: Path, summaries: list[dict], key: str, x: str) -> None:
 def parse_label(text: str) -> tuple[str, str]:
     name, sep, pattern = text.partition("=")
     if not sep or not name or not pattern:
-        raise CompareInputError(f"--label {text!r}: write NAME=GLOB, e.g. --label 'GRPO=*grpo*'")
+        raise UserError(f"--label {text!r}: write NAME=GLOB, e.g. --label 'GRPO=*grpo*'")
     return name, pattern
 
 
@@ -351,7 +350,7 @@ def choose_source(runs: list[Run], source: str) -> str:
     if source == "evaluation":
         missing = [str(r.path) for r in runs if r.evaluation is None]
         if missing:
-            raise CompareInputError(f"no evaluation/table.json in {missing[0]}; write it with experiments.evaluate")
+            raise UserError(f"no evaluation/table.json in {missing[0]}; write it with experiments.evaluate")
     return source
 
 
@@ -374,7 +373,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lower-is-better", action="store_true", help="best is the minimum (e.g. a loss)")
     parser.add_argument("--out", type=Path, default=Path("compare.png"), help="the PNG; .json and .csv beside it")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         labels = [parse_label(text) for text in args.label]
         runs = find_runs(args.paths)
         source = choose_source(runs, args.source)
@@ -383,12 +382,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         missing = [r for r in runs if not r.curve]
         if len(missing) == len(runs):
             keys = ", ".join(available_keys(runs, source)) or "none"
-            raise CompareInputError(f"no run has {args.key!r} in its {source}; keys there: {keys}")
+            raise UserError(f"no run has {args.key!r} in its {source}; keys there: {keys}")
         for run in missing:
             print(f"note: {run.path} has no {args.key!r} in its {source}; left out", file=sys.stderr)
-    except CompareInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
     runs = [r for r in runs if r.curve]
     summaries = [summarise(group, not args.lower_is_better) for group in group_runs(runs, labels)]

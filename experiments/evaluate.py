@@ -21,8 +21,8 @@ training samples used by then, and each reward's mean and std over the images, n
 `eval/reward_mean`, `eval/<info>_mean` - for the first reward and `eval/<name>/reward_mean` for each further one),
 `curve.png` (reward against step) and `grid_step_<N>.png` (the images of each checkpoint; one row per prompt with
 `--images-per-prompt` > 1). Rows already in the table with the same settings are kept and not recomputed
-(`--recompute` to do them again). Only the newest `keep_checkpoints` checkpoints survive training: set
-`algo.keep_checkpoints=null` (`algo.train.keep_checkpoints=null` for step-based algorithms) for a full curve.
+(`--recompute` to do them again). Only the newest `algo.checkpoint.keep` checkpoints survive training: set
+`algo.checkpoint.keep=null` for a full curve.
 
 Bad input (not a run directory, no checkpoints, an unknown checkpoint or reward, a missing prompt file) stops with one
 line on stderr and exit code 2, before any model loads.
@@ -37,7 +37,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,21 +52,22 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
+
+from pipelines.errors import UserError, build, exit_on_user_error  # noqa: E402
 from pipelines.loading import resolve_source  # noqa: E402
-from rl.config import USER_ERRORS, build  # noqa: E402
+from rl.checkpoints import complete_checkpoints, has_ema, read_ema  # noqa: E402
+from rl.evaluation import EvalConfig, eval_metrics, evaluate, held_out_prompts  # noqa: E402
+from rl.legacy import upgrade_config  # noqa: E402
 from rl.lora import load_lora  # noqa: E402
-from rl.policy import EvalConfig, eval_metrics, evaluate, score  # noqa: E402
 from rl.prompts import Prompt, load_prompts  # noqa: E402
+from rl.rollouts import score  # noqa: E402
+from rl.session import prepare_models, trainable_parameters  # noqa: E402
 from rl.tracking import image_grid, metric_curve, metric_name, read_metrics, step_unit  # noqa: E402
-from rl.trainer import prepare_models, trainable_parameters  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHECKPOINT_NAME = re.compile(r"(?:step_)?(\d+)")
 MIXED_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class EvaluationInputError(ValueError):
-    """The command line names something that is not there (run directory, checkpoint, reward); one-line message."""
 
 
 @dataclass(frozen=True)
@@ -100,17 +100,12 @@ def locate(path: Path) -> tuple[Path, str | None]:
     if path.name == "final" and (path.parent / "config.yaml").is_file():
         return path.parent, "final"
     what = "does not exist" if not path.exists() else "holds no config.yaml"
-    raise EvaluationInputError(f"{path} is not a run directory: it {what} (give a directory written by rl.run)")
+    raise UserError(f"{path} is not a run directory: it {what} (give a directory written by rl.run)")
 
 
 def saved_checkpoints(run_dir: Path) -> list[Checkpoint]:
     """The complete checkpoints (those with the `done` marker a finished save writes), by step."""
-    found = []
-    for path in (run_dir / "checkpoints").glob("step_*"):
-        match = re.fullmatch(r"step_(\d+)", path.name)
-        if match and (path / "done").exists():
-            found.append(Checkpoint(path.name, int(match.group(1)), path))
-    return sorted(found, key=lambda c: c.step)
+    return [Checkpoint(path.name, step, path) for step, path in complete_checkpoints(run_dir)]
 
 
 def last_logged_step(run_dir: Path) -> int | None:
@@ -120,12 +115,12 @@ def last_logged_step(run_dir: Path) -> int | None:
 
 def select_checkpoints(run_dir: Path, names: list[str] | None) -> list[Checkpoint]:
     """The checkpoints to evaluate, base first: `names` (base, final, step_20, step_000020 or 20), or the base model
-    and every saved checkpoint. Raises `EvaluationInputError` for an unknown name or a run without checkpoints."""
+    and every saved checkpoint. Raises `UserError` for an unknown name or a run without checkpoints."""
     saved = saved_checkpoints(run_dir)
     if not names:
         if not saved:
             hint = " (--checkpoint final evaluates final/)" if (run_dir / "final").is_dir() else ""
-            raise EvaluationInputError(f"{run_dir} has no complete checkpoints in checkpoints/{hint}; "
+            raise UserError(f"{run_dir} has no complete checkpoints in checkpoints/{hint}; "
                                        f"--checkpoint base evaluates the base model")
         return [Checkpoint("base", 0, None), *saved]
     by_step = {c.step: c for c in saved}
@@ -141,7 +136,7 @@ def select_checkpoints(run_dir: Path, names: list[str] | None) -> list[Checkpoin
         elif match and int(match.group(1)) in by_step:
             chosen.append(by_step[int(match.group(1))])
         else:
-            raise EvaluationInputError(f"no checkpoint {name!r} in {run_dir}; available: {available}")
+            raise UserError(f"no checkpoint {name!r} in {run_dir}; available: {available}")
     order = {"base": 0, "final": 2}
     return sorted(set(chosen), key=lambda c: (order.get(c.name, 1), c.step))
 
@@ -163,17 +158,25 @@ def available_rewards() -> list[str]:
 
 def split_reward_overrides(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     """Split command-line overrides into those for the run's own reward (`reward.<key>=...` before any
-    `reward=<name>`) and one list per `reward=<name>` (the choice and the overrides after it)."""
+    `reward=<name>`) and one list per `reward=<name>` (the choice and the overrides after it), as Hydra parses
+    them."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise UserError(f"cannot parse the reward overrides: {str(error).splitlines()[0]}") from None
     own, groups = [], []
-    for override in overrides:
-        if override.startswith("reward="):
-            groups.append([override])
-        elif groups and re.match(r"(\+\+|\+|~)?reward[.@]", override):
-            groups[-1].append(override)
-        elif not groups and re.match(r"reward\.[^=]+=", override):
-            own.append(override)
+    for text, override in zip(overrides, parsed):
+        key, package = override.key_or_group, override.package
+        choice = key == "reward" and package is None and not (override.is_add() or override.is_delete())
+        of_reward = key.startswith("reward.") or (key == "reward" and package is not None)
+        if choice:
+            groups.append([text])
+        elif groups and of_reward:
+            groups[-1].append(text)
+        elif not groups and key.startswith("reward.") and not (override.is_add() or override.is_delete()):
+            own.append(text)
         else:
-            raise EvaluationInputError(
+            raise UserError(
                 f"unexpected argument {override!r}: reward overrides are reward=<name> followed by its "
                 f"reward.<key>=<value> / +reward@... options, or reward.<key>=<value> for the run's own reward"
             )
@@ -185,12 +188,12 @@ def compose_reward(group: list[str]) -> DictConfig:
     `python -m rewards.score` composes it."""
     name = group[0].removeprefix("reward=")
     if name not in available_rewards():
-        raise EvaluationInputError(f"unknown reward {name!r}; choose from {', '.join(available_rewards())}")
+        raise UserError(f"unknown reward {name!r}; choose from {', '.join(available_rewards())}")
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             return compose("score", overrides=group).reward
     except HydraException as error:
-        raise EvaluationInputError(f"reward overrides {group}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"reward overrides {group}: {str(error).splitlines()[0]}") from None
 
 
 def choose_rewards(run_cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[NamedReward]:
@@ -198,11 +201,11 @@ def choose_rewards(run_cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     own, groups = split_reward_overrides(overrides)
     rewards = [NamedReward(group[0].removeprefix("reward="), compose_reward(group)) for group in groups]
     if rewards and own:
-        raise EvaluationInputError(f"{own[0]!r} comes before any reward=<name>; put it after the reward it changes")
+        raise UserError(f"{own[0]!r} comes before any reward=<name>; put it after the reward it changes")
     if rewards:
         return rewards
     if run_cfg.get("reward") is None:
-        raise EvaluationInputError(
+        raise UserError(
             f"the run in {run_dir} has no reward; choose one: reward=<name> ({', '.join(available_rewards())})"
         )
     config = run_cfg.reward.copy()
@@ -276,15 +279,15 @@ def load_weights(checkpoint: Checkpoint, modules: list[torch.nn.Module], lora, u
     path = checkpoint.path
     if lora is not None:
         if not (path / "pytorch_lora_weights.safetensors").is_file():
-            raise EvaluationInputError(f"{path} holds no LoRA adapter (pytorch_lora_weights.safetensors)")
+            raise UserError(f"{path} holds no LoRA adapter (pytorch_lora_weights.safetensors)")
         load_lora(path, *lora_modules(modules, lora.text_encoders))
     else:
         modules[0].load_state_dict(full_weights(path))
     if use_ema and checkpoint_has_ema(checkpoint):  # final/ holds none: it already is the EMA weights
-        ema = torch.load(path / "custom_checkpoint_1.pkl", map_location="cpu", weights_only=True)
+        ema = read_ema(path)
         parameters = trainable_parameters(modules)
         if not isinstance(ema, dict) or len(ema.get("shadow_params", [])) != len(parameters):
-            raise EvaluationInputError(f"{path}/custom_checkpoint_1.pkl is not the EMA of this run's trained weights")
+            raise UserError(f"the EMA in {path} is not the EMA of this run's trained weights")
         with torch.no_grad():
             for parameter, shadow in zip(parameters, ema["shadow_params"]):
                 parameter.copy_(shadow)
@@ -300,13 +303,11 @@ def full_weights(path: Path) -> dict[str, torch.Tensor]:
     shards = sorted((path / "transformer").glob("*.safetensors"))
     if shards:
         return {key: value for shard in shards for key, value in load_file(shard).items()}
-    raise EvaluationInputError(f"{path} holds no transformer weights (model.safetensors) and no LoRA adapter")
+    raise UserError(f"{path} holds no transformer weights (model.safetensors) and no LoRA adapter")
 
 
 def checkpoint_has_ema(checkpoint: Checkpoint) -> bool:
-    """accelerate numbers the objects registered for checkpointing in order: the TrainState is 0 and the EMA, when
-    kept, 1 (`rl.policy.setup`, `rl.sft.train_supervised`)."""
-    return checkpoint.path is not None and (checkpoint.path / "custom_checkpoint_1.pkl").is_file()
+    return checkpoint.path is not None and has_ema(checkpoint.path)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -319,10 +320,10 @@ def prefixed(metrics: dict[str, float], name: str) -> dict[str, float]:
 
 def evaluate_weights(pipe, rewards: list[tuple[str, Any]], prompts: list[Prompt], config: EvalConfig,
                      seed: int) -> tuple[dict[str, float], torch.Tensor]:
-    """`rl.policy.evaluate` with the first reward (so the numbers are the run's own `eval/*`), and the same images
+    """`rl.evaluation.evaluate` with the first reward (so the numbers are the run's own `eval/*`), and the same images
     scored by each further reward."""
     metrics, images = evaluate(pipe, rewards[0][1], prompts, config, seed)
-    chosen = [p for p in prompts[: config.max_prompts] for _ in range(config.images_per_prompt)]
+    chosen = held_out_prompts(prompts, config)
     for name, reward in rewards[1:]:
         scores, info = score(reward, images, [p.text for p in chosen], [p.metadata for p in chosen])
         metrics.update(prefixed(eval_metrics(scores, info), name))
@@ -433,11 +434,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Evaluate and write the table, plot and grids; returns the table's rows."""
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         # 1. Everything cheap first, so that bad input fails before any weights load.
         run_dir, named = locate(args.run_dir)
         checkpoints = select_checkpoints(run_dir, [*(args.checkpoint or []), *([named] if named else [])])
-        run_cfg = OmegaConf.load(run_dir / "config.yaml")
+        run_cfg, _ = upgrade_config(OmegaConf.load(run_dir / "config.yaml"))  # also a run of an earlier version
         if argv is None:  # run as a program; a caller in the same process keeps its own thread count
             set_cpu_threads(run_cfg.get("cpu_threads", "auto"))
         prompts = load_prompts(args.prompts_file) if args.prompts_file else build(run_cfg.prompts.eval)
@@ -463,9 +464,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lora = build(run_cfg.algo.lora) if run_cfg.algo.get("lora") is not None else None
         mixed = MIXED_PRECISION.get(str(run_cfg.get("mixed_precision", "no")))
         pipe = build(run_cfg.model, _partial_=True)(device=device) if todo else None
-    except (EvaluationInputError, *USER_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
     # 3. Each checkpoint: set its weights, sample the prompts at fixed seeds, score, save the grid.
     out.mkdir(parents=True, exist_ok=True)
@@ -479,12 +477,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         progress = tqdm(todo, desc="evaluate")
         for checkpoint in progress:
             progress.set_postfix(checkpoint=checkpoint.name)
-            try:
-                if checkpoint.path is not None:
+            if checkpoint.path is not None:
+                with exit_on_user_error():
                     load_weights(checkpoint, modules, lora, use_ema)
-            except EvaluationInputError as error:
-                print(f"error: {error}", file=sys.stderr)
-                sys.exit(2)
             with autocast:
                 metrics, images = evaluate_weights(pipe, rewards, prompts, config, seed)
             image_grid(images, nrow=config.images_per_prompt, row_labels=chosen).save(out / grid_name(checkpoint))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pipelines.errors import UserError
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(UserError):
     """Weights cannot be loaded; the message (one line) says why and what to do."""
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from pipelines.errors import UserError
 
-class RewardInputError(ValueError):
+
+class RewardInputError(UserError):
     """The images or prompts passed to a reward are not what the contract asks for."""
 
 

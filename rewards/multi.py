@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from pipelines.errors import ConfigError
 from rewards.base import Reward
 
 
@@ -18,9 +19,9 @@ class MultiReward(Reward):
     def __init__(self, components: dict[str, Reward], weights: dict[str, float]):
         super().__init__()
         if set(components) != set(weights):
-            raise ValueError(f"reward weights {sorted(weights)} must name exactly the components {sorted(components)}")
+            raise ConfigError(f"reward weights {sorted(weights)} must name exactly the components {sorted(components)}")
         if not components:
-            raise ValueError("a multi-reward needs at least one component")
+            raise ConfigError("a multi-reward needs at least one component")
         self.components = torch.nn.ModuleDict(components)
         self.weights = {name: float(weight) for name, weight in weights.items()}
         self.differentiable = all(c.differentiable for n, c in components.items() if self.weights[n] != 0)

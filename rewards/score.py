@@ -10,7 +10,6 @@ Every image is opened and checked before the reward model loads, so a corrupt fi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,13 +18,9 @@ import PIL.Image
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from rl.config import USER_ERRORS, build
+from pipelines.errors import UserError, build, exit_on_user_error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-class ScoreInputError(ValueError):
-    """The images or prompts given on the command line cannot be used."""
 
 
 def list_images(images: str | list[str]) -> list[Path]:
@@ -39,9 +34,9 @@ def list_images(images: str | list[str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ScoreInputError(f"no such image file or folder: {entry}")
+            raise UserError(f"no such image file or folder: {entry}")
     if not files:
-        raise ScoreInputError(f"no images found in {images}")
+        raise UserError(f"no images found in {images}")
     return files
 
 
@@ -51,21 +46,21 @@ def read_image(path: Path) -> torch.Tensor:
         with PIL.Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
     except Exception as error:
-        raise ScoreInputError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
+        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
 def read_prompts(count: int, prompt: str | None, prompts_file: str | None) -> list[str]:
     if prompt is not None and prompts_file is not None:
-        raise ScoreInputError("give either prompt or prompts_file, not both")
+        raise UserError("give either prompt or prompts_file, not both")
     if prompts_file is None:
         return [prompt or ""] * count
     path = Path(prompts_file).expanduser()
     if not path.is_file():
-        raise ScoreInputError(f"no such prompts file: {prompts_file}")
+        raise UserError(f"no such prompts file: {prompts_file}")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(prompts) != count:
-        raise ScoreInputError(f"{prompts_file} has {len(prompts)} prompts for {count} images; give one per image")
+        raise UserError(f"{prompts_file} has {len(prompts)} prompts for {count} images; give one per image")
     return prompts
 
 
@@ -91,7 +86,7 @@ def score_images(reward, images: list[torch.Tensor], prompts: list[str], batch_s
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="score")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         images_arg = list(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)
         files = list_images(images_arg)
         images = [read_image(path) for path in files]  # all checked before the reward model loads
@@ -100,9 +95,6 @@ def main(cfg: DictConfig) -> None:
         reward = build(cfg.reward).to(device)
         for path, prompt, record in zip(files, prompts, score_images(reward, images, prompts, cfg.batch_size, device)):
             print(json.dumps({"image": str(path), "prompt": prompt, **record}), flush=True)
-    except (ScoreInputError, *USER_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

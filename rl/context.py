@@ -10,6 +10,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from pipelines import StableDiffusion3LogProbPipeline
+from pipelines.errors import ConfigError
 from rewards import Reward
 from rl.data import ImageCaptionData
 from rl.prompts import Prompt
@@ -34,6 +35,12 @@ class RunContext:
     mixed_precision: str = "no"
     reward: Reward | None = None
     data: ImageCaptionData | None = None
+
+    def require_reward(self, algo: str) -> Reward:
+        """The reward, which `algo` cannot run without."""
+        if self.reward is None:
+            raise ConfigError(f"algo={algo} needs a reward: reward=<name> (e.g. reward=jpeg_compressibility)")
+        return self.reward
 
     def accelerator(self, **kwargs) -> Accelerator:
         """An `Accelerator` for this run, logging to `metrics.jsonl` and the configured trackers."""

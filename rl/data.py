@@ -20,10 +20,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, Sampler
 
+from pipelines.errors import UserError
+from rl import seeds
+
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The training data cannot be used; the message names the path or file."""
 
 
@@ -141,11 +144,6 @@ def load_pixels(
     return pixels
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator that depends only on (seed, epoch, index): per-sample randomness that survives any resume."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
-
-
 class ImageCaptionDataset(Dataset):
     """Items are `(index, epoch, seed)` tuples (see `EpochBatchSampler`); each yields
     `{"pixel_values": CHW in [-1, 1], "caption": str, "key": str}`, the key identifying the sample for caches."""
@@ -175,7 +173,7 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, item: tuple[int, int, int]) -> dict:
         index, epoch, seed = item
         key, image, caption = self.records[index]
-        generator = sample_generator(seed, epoch, index)
+        generator = seeds.data_sample(seed, epoch, index)
         pixels = load_pixels(image, self.resolution, self.center_crop, self.random_flip, generator)
         return {"pixel_values": pixels * 2 - 1, "caption": caption, "key": key, "index": index, "epoch": epoch}
 
@@ -214,7 +212,7 @@ class EpochBatchSampler(Sampler):
         position = self.start
         while True:
             epoch, batch = divmod(position, self.batches_per_epoch)
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.randperm(self.num_samples, generator=seeds.data_order(self.seed, epoch))
             first = batch * self.batch_size * self.num_replicas + self.rank * self.batch_size
             yield [(int(i), epoch, self.seed) for i in order[first : first + self.batch_size]]
             position += 1

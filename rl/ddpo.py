@@ -10,34 +10,16 @@ stochastic and trained; `sampling.sde_window`), which DDPO's paper does not have
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import trange
 
 from rl.context import RunContext
-from rl.lora import LoraSpec
-from rl.policy import (
-    EvalConfig,
-    PPOConfig,
-    SamplingConfig,
-    epoch_jobs,
-    end_epoch,
-    epoch_metrics,
-    finish,
-    gather_rewards,
-    local_slice,
-    ppo_layout,
-    maybe_evaluate,
-    ppo_update,
-    sample_rollouts,
-    require_reward,
-    score,
-    sde_window,
-    setup,
-)
-from rl.sft import EmaConfig
-from rl.trainer import OptimConfig
+from rl.evaluation import EvalConfig, held_out
+from rl.ppo import PPOConfig, ppo_layout, ppo_update
+from rl.rollouts import SamplingConfig, epoch_metrics, local_slice, sample_epoch, sde_window
+from rl.session import TrainingConfig, open_session
 
 
 class PerPromptStatTracker:
@@ -69,61 +51,47 @@ class PerPromptStatTracker:
         self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in state["buffers"].items()}
 
 
-def run(
-    ctx: RunContext,
-    *,
-    epochs: int = 100,
-    buffer_size: int = 32,
-    min_count: int = 16,
-    sampling: SamplingConfig | None = None,
-    ppo: PPOConfig | None = None,
-    lora: LoraSpec | None = None,
-    optim: OptimConfig | None = None,
-    eval: EvalConfig | None = None,
-    ema: EmaConfig | None = None,
-    checkpoint_every: int = 10,
-    keep_checkpoints: int | None = 3,
-    resume: bool = True,
-    exit_after_epochs: int | None = None,
-) -> None:
-    """Train with DDPO for `epochs` epochs; `buffer_size` and `min_count` configure the per-prompt stat tracker."""
-    sampling, ppo, optim = sampling or SamplingConfig(), ppo or PPOConfig(), optim or OptimConfig()
-    eval, ema = eval or EvalConfig(), ema or EmaConfig()
-    tracker = PerPromptStatTracker(buffer_size, min_count)
-    require_reward(ctx, "ddpo")
-    local, accumulation, updates = ppo_layout(sampling, ppo, epochs)
-    s = setup(ctx, lora, optim, local, accumulation, updates, ema.decay if ema.enabled else None, checkpoint_every,
-              keep_checkpoints, resume, registered=[tracker])
-    start = s.state.step
-    if start == 0:
-        maybe_evaluate(ctx, s, eval, 0, epochs, force=True)  # the base model's held-out reward: the curve's start
-    for epoch in trange(start, epochs, initial=start, total=epochs, desc="ddpo",
-                        disable=not s.accelerator.is_local_main_process):
-        # 1. Sample.
-        jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, s.accelerator.num_processes,
-                          s.accelerator.process_index)
-        window = sde_window(sampling, ctx.seed, epoch)
-        rollouts, images = sample_rollouts(s.pipe, ctx.train_prompts, jobs, sampling, window)
+@dataclass(kw_only=True)
+class DDPO(TrainingConfig):
+    """`algo=ddpo` (conf/algo/ddpo.yaml): DDPO's own options, and the session's (`TrainingConfig`)."""
 
-        # 2. Reward.
-        metadata = [ctx.train_prompts[job["prompt_id"]].metadata for job in jobs]
-        rewards, info = score(s.reward, images, rollouts.prompts, metadata)
+    epochs: int = 100
+    buffer_size: int = 32  # the per-prompt stat tracker: rewards kept per prompt
+    min_count: int = 16  # below this many, a prompt uses the batch's mean and std
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
-        # 3. Advantages from each prompt's running statistics (the same tracker state on every process).
-        all_rewards, all_prompt_ids = gather_rewards(s, rewards, rollouts.prompt_ids)
-        texts = [ctx.train_prompts[i].text for i in all_prompt_ids.tolist()]
-        advantages = torch.as_tensor(tracker.update(texts, all_rewards.cpu().numpy()), dtype=torch.float32)
-        advantages = local_slice(s, advantages.clamp(-ppo.adv_clip, ppo.adv_clip).to(rewards.device))
+    def __call__(self, ctx: RunContext) -> None:
+        run(ctx, self)
 
-        # 4. Train: PPO-clip, no KL.
-        stats = ppo_update(
-            s.accelerator, s.transformer, rollouts, advantages, sampling, ppo, s.optimizer,
-            s.lr_scheduler, s.parameters, optim.max_grad_norm, ctx.seed, epoch,
-        )
 
-        # 5. Log; 6. evaluate on held-out prompts every few epochs; checkpoint.
-        metrics = epoch_metrics(all_rewards, info, stats, s, epoch + 1)
-        if end_epoch(ctx, s, metrics, eval, epoch, epochs, checkpoint_every, start, exit_after_epochs):
+def run(ctx: RunContext, config: DDPO) -> None:
+    """Train with DDPO for `config.epochs` epochs."""
+    sampling, ppo, eval = config.sampling, config.ppo, config.eval
+    tracker = PerPromptStatTracker(config.buffer_size, config.min_count)
+    ctx.require_reward("ddpo")
+    layout = ppo_layout(sampling, ppo, config.epochs)
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
+                     accumulation=layout.accumulation, state={"stat_tracker": tracker})
+    if s.state.step == 0:
+        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    for epoch in s.steps("ddpo"):
+        # 1. Sample and score.
+        samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch))
+
+        # 2. Advantages from each prompt's running statistics (the same tracker state on every process).
+        texts = [ctx.train_prompts[i].text for i in samples.all_prompt_ids.tolist()]
+        advantages = torch.as_tensor(tracker.update(texts, samples.all_rewards.cpu().numpy()), dtype=torch.float32)
+        advantages = advantages.clamp(-ppo.adv_clip, ppo.adv_clip).to(samples.rewards.device)
+        advantages = local_slice(advantages, layout.samples_per_process)
+
+        # 3. Train: PPO-clip, no KL.
+        stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch)
+
+        # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
+        metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)
+        if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
             return
 
-    finish(ctx, s, lora)
+    s.finish()

@@ -1,98 +1,79 @@
 """`algo=grpo`: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) for SD3 / SD3.5 (`docs/algorithms.md` section 2).
 
-Each epoch: (1) sample a group of G images per prompt with the SDE sampler, recording log-probabilities; (2) score
-them; (3) advantages relative to each group, after gathering every process's rewards; (4) PPO-clip updates over the
+Each epoch: (1) sample a group of G images per prompt with the SDE sampler, recording log-probabilities, and score
+them; (2) advantages relative to each group, after gathering every process's rewards; (3) PPO-clip updates over the
 stored transitions with classifier-free guidance, plus a KL term to the reference policy (the adapter disabled);
-(5) log; (6) every few epochs (and before the first), evaluate held-out prompts with ODE sampling at fixed seeds.
+(4) log; every few epochs (and before the first), evaluate held-out prompts with ODE sampling at fixed seeds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
-from tqdm.auto import trange
 
 from rl.context import RunContext
-from rl.losses import group_advantages
-from rl.lora import LoraSpec
-from rl.policy import (
-    EvalConfig,
-    PPOConfig,
-    SamplingConfig,
-    epoch_jobs,
-    end_epoch,
-    epoch_metrics,
-    finish,
-    gather_rewards,
-    local_slice,
-    ppo_layout,
-    maybe_evaluate,
-    ppo_update,
-    reference_policy,
-    sample_rollouts,
-    require_reward,
-    score,
-    sde_window,
-    setup,
-)
-from rl.sft import EmaConfig
-from rl.trainer import OptimConfig
+from rl.evaluation import EvalConfig, held_out
+from rl.losses import group_advantages, kl_to_reference
+from rl.ppo import ExtraLoss, PPOConfig, ppo_layout, ppo_update
+from rl.rollouts import SamplingConfig, epoch_metrics, local_slice, sample_epoch, sde_window
+from rl.session import TrainingConfig, open_session
 
 
-def run(
-    ctx: RunContext,
-    *,
-    epochs: int = 100,
-    beta: float = 0.04,
-    advantage_std: str = "global",
-    sampling: SamplingConfig | None = None,
-    ppo: PPOConfig | None = None,
-    lora: LoraSpec | None = None,
-    optim: OptimConfig | None = None,
-    eval: EvalConfig | None = None,
-    ema: EmaConfig | None = None,
-    checkpoint_every: int = 10,
-    keep_checkpoints: int | None = 3,
-    resume: bool = True,
-    exit_after_epochs: int | None = None,
-) -> None:
-    """Train with GRPO for `epochs` epochs; `beta` weighs the KL to the reference, `advantage_std` is "global" or
-    "group"."""
-    sampling, ppo, optim = sampling or SamplingConfig(), ppo or PPOConfig(), optim or OptimConfig()
-    eval, ema = eval or EvalConfig(), ema or EmaConfig()
-    require_reward(ctx, "grpo")
-    local, accumulation, updates = ppo_layout(sampling, ppo, epochs)
-    s = setup(ctx, lora, optim, local, accumulation, updates, ema.decay if ema.enabled else None, checkpoint_every,
-              keep_checkpoints, resume)
-    reference = reference_policy(s, lora) if beta > 0 else None
-    start = s.state.step
-    if start == 0:
-        maybe_evaluate(ctx, s, eval, 0, epochs, force=True)  # the base model's held-out reward: the curve's start
-    for epoch in trange(start, epochs, initial=start, total=epochs, desc="grpo",
-                        disable=not s.accelerator.is_local_main_process):
-        # 1. Sample: this process's share of G images for each of the epoch's prompts.
-        jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, s.accelerator.num_processes,
-                          s.accelerator.process_index)
-        rollouts, images = sample_rollouts(s.pipe, ctx.train_prompts, jobs, sampling, sde_window(sampling, ctx.seed, epoch))
+def kl_penalty(beta: float, reference: Callable) -> ExtraLoss:
+    """GRPO's `beta * KL(policy || reference)` on the trained transitions, added to the PPO loss."""
 
-        # 2. Reward.
-        metadata = [ctx.train_prompts[job["prompt_id"]].metadata for job in jobs]
-        rewards, info = score(s.reward, images, rollouts.prompts, metadata)
+    def term(forward, index, column, mean, std_dev_t):
+        with torch.no_grad(), reference():
+            _, reference_mean, _ = forward(index, column)
+        kl = kl_to_reference(mean, reference_mean, std_dev_t).mean()
+        return beta * kl, {"kl": kl.detach()}
 
-        # 3. Advantages within complete groups, after gathering every process's rewards.
-        groups = torch.tensor([job["group"] for job in jobs], device=rewards.device)
-        all_rewards, all_groups = gather_rewards(s, rewards, groups)
-        advantages = local_slice(s, group_advantages(all_rewards, all_groups, advantage_std, clip=ppo.adv_clip))
+    return term
 
-        # 4. Train: PPO-clip with the KL to the reference policy.
-        stats = ppo_update(
-            s.accelerator, s.transformer, rollouts, advantages, sampling, ppo, s.optimizer,
-            s.lr_scheduler, s.parameters, optim.max_grad_norm, ctx.seed, epoch, kl_beta=beta, reference=reference,
-        )
 
-        # 5. Log; 6. evaluate on held-out prompts every few epochs; checkpoint.
-        metrics = epoch_metrics(all_rewards, info, stats, s, epoch + 1)
-        if end_epoch(ctx, s, metrics, eval, epoch, epochs, checkpoint_every, start, exit_after_epochs):
+@dataclass(kw_only=True)
+class GRPO(TrainingConfig):
+    """`algo=grpo` (conf/algo/grpo.yaml): GRPO's own options, and the session's (`TrainingConfig`)."""
+
+    epochs: int = 100
+    beta: float = 0.04  # the weight of the KL to the reference
+    advantage_std: str = "global"  # normalise advantages by the std of all rewards ("global") or of each group
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __call__(self, ctx: RunContext) -> None:
+        run(ctx, self)
+
+
+def run(ctx: RunContext, config: GRPO) -> None:
+    """Train with GRPO for `config.epochs` epochs."""
+    sampling, ppo, eval = config.sampling, config.ppo, config.eval
+    ctx.require_reward("grpo")
+    layout = ppo_layout(sampling, ppo, config.epochs)
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
+                     accumulation=layout.accumulation)
+    kl = kl_penalty(config.beta, s.reference_policy()) if config.beta > 0 else None
+    if s.state.step == 0:
+        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    for epoch in s.steps("grpo"):
+        # 1. Sample this process's share of G images for each of the epoch's prompts, and score them.
+        samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch))
+
+        # 2. Advantages within complete groups, over every process's rewards.
+        advantages = group_advantages(samples.all_rewards, samples.all_groups, config.advantage_std,
+                                      clip=ppo.adv_clip)
+        advantages = local_slice(advantages, layout.samples_per_process)
+
+        # 3. Train: PPO-clip with the KL to the reference policy.
+        stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch, extra_loss=kl)
+
+        # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
+        metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)
+        if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
             return
 
     # The adapter (or weights) in diffusers' format; the EMA weights when kept.
-    finish(ctx, s, lora)
+    s.finish()

@@ -16,7 +16,7 @@ from diffusers.training_utils import _set_state_dict_into_text_encoder
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from rl.config import ConfigError
+from pipelines.errors import ConfigError
 
 # The attention projections of each MMDiT block: image stream (to_*) and text stream (add_*), as Flow-GRPO and the
 # diffusers SD3 LoRA recipe target them.
@@ -112,7 +112,7 @@ def load_lora(
     transformer_state = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
     incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(transformer_state), "default")
     if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
-        raise ValueError(f"LoRA checkpoint {directory} does not match the adapter: {incompatible.unexpected_keys[:3]}")
+        raise ConfigError(f"LoRA checkpoint {directory} does not match the adapter (another algo.lora?): {incompatible.unexpected_keys[:3]}")
     if text_encoder is not None:
         _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
     if text_encoder_2 is not None:

@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from rl.config import ConfigError
+from pipelines.errors import ConfigError
 
 # diffusers.training_utils' timestep densities / loss weightings for SD3 ("none": uniform timesteps, weight 1).
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import UserError
+
 SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
 
 
-class PromptSetError(ValueError):
+class PromptSetError(UserError):
     """A prompt set cannot be read; the message says which file and why."""
 
 

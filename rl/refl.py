@@ -16,25 +16,23 @@ image-caption dataset (`data=`) is added with weight `pretrain_weight`, ReFL's r
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline, guided_velocity
+from pipelines.errors import ConfigError
 from rewards import Reward
-from rl.config import ConfigError
+from rl import seeds
+from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
-from rl.data import DataError, EpochBatchSampler, ImageCaptionData, collate
-from rl.lora import LoraSpec
-from rl.policy import EvalConfig, backward_and_step, collect, end_step, finish, maybe_evaluate, require_reward, setup
+from rl.data import DataError, ImageCaptionData
+from rl.evaluation import EvalConfig, held_out
 from rl.prompts import Prompt
-from rl.sft import EmaConfig, Encoder, LossConfig, supervised_loss
-from rl.trainer import OptimConfig, step_generator
+from rl.session import TrainingConfig, collect, open_session
+from rl.supervised import Encoder, LossConfig, batches, supervised_loss
 
 METHODS = ("refl", "draft")
 LOSSES = ("relu", "negative")
@@ -81,10 +79,6 @@ class ReFLTrainConfig:
     pretrain_batch_size: int = 1  # image-caption pairs per process and micro-batch
     max_sequence_length: int | None = None  # T5 tokens; None: the model's (`model.max_sequence_length`)
     log_every: int = 1
-    checkpoint_every: int = 100
-    keep_checkpoints: int | None = 3
-    resume: bool = True
-    exit_after_steps: int | None = None  # stop this invocation after N steps, as a kill would (resume later)
 
 
 def sampling_scheduler(pipe: StableDiffusion3LogProbPipeline, num_inference_steps: int, latent_size: int, device):
@@ -163,24 +157,28 @@ def reward_loss(
     return loss, stats, images.detach()
 
 
-def run(
-    ctx: RunContext,
-    *,
-    refl: ReFLConfig | None = None,
-    train: ReFLTrainConfig | None = None,
-    lora: LoraSpec | None = None,
-    optim: OptimConfig | None = None,
-    loss: LossConfig | None = None,
-    eval: EvalConfig | None = None,
-    ema: EmaConfig | None = None,
-) -> None:
+@dataclass(kw_only=True)
+class ReFL(TrainingConfig):
+    """`algo=refl` (conf/algo/refl.yaml): what is back-propagated (`refl`), steps and batches (`train`), the
+    regulariser's loss, held-out evaluation, and the session's options (`TrainingConfig`)."""
+
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    train: ReFLTrainConfig = field(default_factory=ReFLTrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
+
+    def __call__(self, ctx: RunContext) -> None:
+        run(ctx, self)
+
+
+def run(ctx: RunContext, config: ReFL) -> None:
     """ReFL or DRaFT-K for `train.max_steps` steps; held-out evaluation every `eval.every` steps."""
-    refl, train, optim = refl or ReFLConfig(), train or ReFLTrainConfig(), optim or OptimConfig()
-    loss, eval, ema = loss or LossConfig(), eval or EvalConfig(), ema or EmaConfig()
-    require_reward(ctx, "refl")
-    if not ctx.reward.differentiable:
+    refl, train, loss, eval = config.refl, config.train, config.loss, config.eval
+    reward = ctx.require_reward("refl")
+    if not reward.differentiable:
         raise ConfigError(
-            f"algo=refl back-propagates through the reward, and {type(ctx.reward).__name__} is not differentiable; "
+            f"algo=refl back-propagates through the reward, and {type(reward).__name__} is not differentiable; "
             f"use aesthetic, clip_score, pickscore, hpsv2 or imagereward (or a policy-gradient method: algo=grpo)"
         )
     pretraining = None
@@ -190,28 +188,24 @@ def run(
         pretraining = ctx.data.load(require_captions=True)
 
     # 1. Load and prepare; resume.
-    s = setup(ctx, lora, optim, train.batch_size, train.gradient_accumulation_steps, train.max_steps,
-              ema.decay if ema.enabled else None, train.checkpoint_every, train.keep_checkpoints, train.resume,
-              gradient_checkpointing=train.gradient_checkpointing)
+    s = open_session(ctx, config, total_steps=train.max_steps, accumulation=train.gradient_accumulation_steps,
+                     gradient_checkpointing=train.gradient_checkpointing)
     accelerator, state = s.accelerator, s.state
+    max_sequence_length = train.max_sequence_length or s.pipe.max_sequence_length
     if pretraining is not None:
-        sampler = EpochBatchSampler(len(pretraining), train.pretrain_batch_size, ctx.seed, accelerator.num_processes,
-                                    accelerator.process_index, start=state.micro_batches)
-        pretrain_batches = iter(DataLoader(pretraining, batch_sampler=sampler, collate_fn=collate))
-        encoder = Encoder(s.pipe, False, False, train.max_sequence_length or s.pipe.max_sequence_length, False)
+        pretrain_batches = batches(pretraining, train.pretrain_batch_size, s)
+        encoder = Encoder(s.pipe, max_sequence_length)
         train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
     if state.step == 0:
-        maybe_evaluate(ctx, s, eval, 0, train.max_steps, force=True, unit="step")
+        held_out(s, eval, 0, force=True)
 
     # 2. Train: sample -> decode -> reward -> loss (+ regulariser) -> step; log, evaluate, checkpoint.
-    progress = tqdm(total=train.max_steps, initial=state.step, desc=refl.method,
-                    disable=not accelerator.is_local_main_process)
     samples_per_step = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
-    started, steps_this_run = time.time(), 0
-    while state.step < train.max_steps:
+    for _ in s.steps(refl.method):
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(train.gradient_accumulation_steps):
-            generator = step_generator(ctx.seed, state.micro_batches, accelerator.process_index, accelerator.device)
+            generator = seeds.training_step(ctx.seed, state.micro_batches, accelerator.process_index,
+                                            accelerator.device)
             state.micro_batches += 1
             chosen = torch.randint(len(ctx.train_prompts), (train.batch_size,), generator=generator,
                                    device=generator.device)
@@ -228,11 +222,8 @@ def run(
                                                generator).mean()
                     step_stats["pretrain_loss"] = pretrain.detach()
                     total = total + train.pretrain_weight * pretrain
-                backward_and_step(s, total, optim.max_grad_norm, step_stats)
+                s.backward_and_step(total, step_stats)
             collect(stats, {**step_stats, "loss": total})
-        evaluate = lambda step: maybe_evaluate(ctx, s, eval, step, train.max_steps, unit="step")  # noqa: E731
-        steps_this_run += 1
-        if end_step(s, stats, train, samples_per_step, started, steps_this_run, evaluate, progress):
+        if s.end_step(stats, samples_per_step, train.log_every, lambda step: held_out(s, eval, step)):
             return
-    progress.close()
-    finish(ctx, s, lora)
+    s.finish()

@@ -7,7 +7,6 @@ Hydra composes `conf/config.yaml`; this file turns the config into typed objects
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 from rl.threads import limit_openmp_spinning, set_cpu_threads
@@ -21,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
+from pipelines.errors import build, exit_on_user_error  # noqa: E402
 from pipelines.loading import resolve_source  # noqa: E402
-from rl.config import USER_ERRORS, build  # noqa: E402
 from rl.context import RunContext  # noqa: E402
 
 
@@ -71,15 +70,12 @@ def main(cfg: DictConfig) -> None:
     run_dir = shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
     if PartialState().is_main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    try:
+    with exit_on_user_error():
         set_cpu_threads(cfg.get("cpu_threads", "auto"))
         ctx = build_context(cfg, run_dir)
         algorithm = build(cfg.algo)
         with logging_redirect_tqdm():  # log lines print above the progress bar instead of inside it
             algorithm(ctx)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ number of processes, and an interrupted run started again in the same directory 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Literal
 
 import PIL.Image
@@ -14,34 +15,42 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
+from rl import seeds
 from rl.context import RunContext
 from rl.tracking import image_grid, log_image
 
 
-def run(
-    ctx: RunContext,
-    *,
-    prompt_set: Literal["train", "eval"] = "eval",
-    max_prompts: int | None = None,
-    num_images_per_prompt: int = 2,
-    num_inference_steps: int = 28,
-    guidance_scale: float = 4.5,
-    resolution: int | None = None,
-    noise_level: float = 0.0,
-    batch_size: int = 8,
-) -> None:
+@dataclass(kw_only=True)
+class Sample:
+    """`algo=sample` (conf/algo/sample.yaml): which prompts, how many images, how they are sampled."""
+
+    prompt_set: Literal["train", "eval"] = "eval"
+    max_prompts: int | None = None
+    num_images_per_prompt: int = 2
+    num_inference_steps: int = 28
+    guidance_scale: float = 4.5
+    resolution: int | None = None
+    noise_level: float = 0.0
+    batch_size: int = 8
+
+    def __call__(self, ctx: RunContext) -> None:
+        run(ctx, self)
+
+
+def run(ctx: RunContext, config: Sample) -> None:
     """Sample `num_images_per_prompt` images for each prompt of the chosen set into `<run dir>/samples/`.
 
     Writes `samples/<prompt>_<image>.png`, `samples/index.jsonl` (file, prompt, seed) and `samples/grid.png`, and logs
     the count (and the mean reward, when a reward is configured) to `metrics.jsonl`.
     """
-    prompts = (ctx.eval_prompts if prompt_set == "eval" else ctx.train_prompts)[:max_prompts]
+    num_images_per_prompt, batch_size = config.num_images_per_prompt, config.batch_size
+    prompts = (ctx.eval_prompts if config.prompt_set == "eval" else ctx.train_prompts)[: config.max_prompts]
     jobs = [
         {
             "file": f"{p:04d}_{i:02d}.png",
             "prompt": prompt.text,
             "prompt_index": p,
-            "seed": ctx.seed + p * num_images_per_prompt + i,
+            "seed": seeds.sampled_image(ctx.seed, p * num_images_per_prompt + i),
         }
         for p, prompt in enumerate(prompts)
         for i in range(num_images_per_prompt)
@@ -57,14 +66,14 @@ def run(
     with accelerator.split_between_processes(todo) as my_jobs:
         batches = [my_jobs[i : i + batch_size] for i in range(0, len(my_jobs), batch_size)]
         for batch in tqdm(batches, desc="sampling", disable=not accelerator.is_local_main_process):
-            generators = [torch.Generator(accelerator.device).manual_seed(job["seed"]) for job in batch]
+            generators = [seeds.generator(job["seed"], accelerator.device) for job in batch]
             images = pipe(
                 [job["prompt"] for job in batch],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                noise_level=noise_level,
+                num_inference_steps=config.num_inference_steps,
+                guidance_scale=config.guidance_scale,
+                height=config.resolution,
+                width=config.resolution,
+                noise_level=config.noise_level,
                 generator=generators,
                 output_type="pil",
             ).images

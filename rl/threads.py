@@ -70,7 +70,7 @@ def set_cpu_threads(setting: int | str = "auto") -> int:
         except (TypeError, ValueError):
             threads = 0
         if threads < 1:
-            from rl.config import ConfigError
+            from pipelines.errors import ConfigError
 
             raise ConfigError(f"cpu_threads must be auto or a positive number, got {setting!r}")
     torch.set_num_threads(threads)

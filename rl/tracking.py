@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration
 from torchvision.utils import make_grid
+
+from pipelines.errors import ConfigError
 
 BACKENDS = ("wandb", "tensorboard")
 
@@ -50,7 +53,7 @@ class LoggerConfig:
     def __post_init__(self):
         unknown = sorted(set(self.backends) - set(BACKENDS))
         if unknown:
-            raise ValueError(f"unknown logger backends {unknown}; choose from {list(BACKENDS)}")
+            raise ConfigError(f"unknown logger backends {unknown}; choose from {list(BACKENDS)}")
 
 
 class JsonlTracker(GeneralTracker):
@@ -121,6 +124,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Cut `metrics.jsonl` back to the records of steps up to `step` (a resume from that step's checkpoint logs the
+    later ones again), keeping the original file as `metrics.before-resume.jsonl`."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    shutil.copy(path, run_dir / "metrics.before-resume.jsonl")
+    records = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in records if (json.loads(line).get("step") or 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def metric_curve(records: list[dict], key: str = "eval/reward_mean") -> list[tuple[int, float]]:

@@ -45,7 +45,7 @@ def worker(repeats: int, forever: bool) -> None:
     """Load the digits world's model with a LoRA, warm up, then time `repeats` units (or loop until killed)."""
     import torch
 
-    from experiments.digits_world import load_digits_pipeline
+    from pipelines.digits import load_digits_pipeline
     from rl.lora import LoraSpec, add_transformer_lora
 
     pipe = load_digits_pipeline()

@@ -9,7 +9,12 @@ from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())  # Hydra lists every folder of conf/ as a group
-OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+# Blocks shared by the algos (conf/algo/*.yaml pull them in with `- /<group>@<group>: <option>`); a user picks one with
+# `<group>@algo.<group>=<option>` and changes a value with `algo.<group>.<key>=<value>`.
+BLOCKS = ["checkpoint", "ema", "eval", "lora", "loss", "optim", "ppo", "sampling"]
+TOP_LEVEL = [g for g in GROUPS if g not in BLOCKS]
+OPTIONS = [(group, path.stem) for group in TOP_LEVEL for path in sorted((CONF / group).glob("*.yaml"))]
+BLOCK_OPTIONS = [(group, path.stem) for group in BLOCKS for path in sorted((CONF / group).glob("*.yaml"))]
 
 
 def compose_with(*overrides):
@@ -18,8 +23,28 @@ def compose_with(*overrides):
 
 
 def test_every_group_has_options():
-    assert {"algo", "model", "prompts", "reward", "logger", "experiment"} <= set(GROUPS)
-    assert all(any(g == group for g, _ in OPTIONS) for group in GROUPS)
+    assert {"algo", "model", "prompts", "reward", "logger", "experiment"} <= set(TOP_LEVEL)
+    assert set(BLOCKS) <= set(GROUPS)
+    assert all(any(g == group for g, _ in OPTIONS + BLOCK_OPTIONS) for group in GROUPS)
+
+
+def algos_using(group: str) -> list[str]:
+    """The algos whose defaults pull in a block of `group`."""
+    return [p.stem for p in sorted((CONF / "algo").glob("*.yaml")) if f"- /{group}@{group}:" in p.read_text()]
+
+
+@pytest.mark.parametrize("group, option", BLOCK_OPTIONS, ids=[f"{g}={o}" for g, o in BLOCK_OPTIONS])
+def test_every_shared_block_composes_into_the_algos_that_use_its_group(group, option):
+    algos = algos_using(group)
+    assert algos, f"no algo uses conf/{group}"
+    for algo in algos:
+        cfg = compose_with(f"algo={algo}", f"{group}@algo.{group}={option}")
+        block = cfg.algo[group]
+        assert block._target_ and callable(instantiate(cfg.algo)), (algo, group, option)
+        expected = OmegaConf.load(CONF / group / f"{option}.yaml")
+        for key, value in expected.items():  # the option's own values arrive (unless the algo sets them itself)
+            if key != "defaults" and key not in OmegaConf.load(CONF / "algo" / f"{algo}.yaml").get(group, {}):
+                assert block[key] == value, (algo, group, option, key)
 
 
 def test_score_config_composes():
@@ -30,7 +55,8 @@ def test_score_config_composes():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_config_composes_and_builds(group, option):
-    cfg = compose_with(f"{group}={option}")
+    required = ["model.path=/data/my-sd3-folder"] if (group, option) == ("model", "checkpoint") else []  # `???`
+    cfg = compose_with(f"{group}={option}", *required)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["seed"] == cfg.seed
     assert callable(instantiate(cfg.algo))
@@ -56,12 +82,13 @@ def test_model_presets_point_at_the_published_checkpoints():
         cfg = compose_with(f"model={option}")
         assert cfg.model.path == hub_id and cfg.model.dtype == "bfloat16"
     assert compose_with("model=tiny").model.path is None  # the tiny model is built in code
+    assert "tiny_seed" not in compose_with("model=sd35_medium").model  # real checkpoints carry no tiny-model options
 
 
 def test_the_default_run_is_grpo_in_the_digits_world():
     cfg = compose_with()
-    assert cfg.algo._target_ == "rl.grpo.run" and cfg.algo.sampling.sde_window == 3
-    assert cfg.model._target_ == "experiments.digits_world.load_digits_pipeline"
+    assert cfg.algo._target_ == "rl.grpo.GRPO" and cfg.algo.sampling.sde_window == 3
+    assert cfg.model._target_ == "pipelines.digits.load_digits_pipeline"
     assert cfg.reward._target_ == "rewards.digits.DigitReward" and cfg.prompts.eval.file == "digits_world_eval.txt"
     assert compose_with("experiment=grpo_digits").algo == cfg.algo  # the preset names the same run
 
@@ -86,4 +113,4 @@ def test_help_lists_exactly_the_selectable_groups():
                          cwd=CONF.parent, check=True).stdout
     listed = out.split("== Configuration groups ==")[1].split("==")[0]
     names = {line.split(":")[0] for line in listed.splitlines() if ": " in line}  # "algo: ddpo, dpo, ..."
-    assert names == set(GROUPS), out
+    assert names == set(GROUPS), out  # the blocks too: each is selectable as <group>@algo.<group>=<option>

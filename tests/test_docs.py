@@ -41,3 +41,16 @@ def test_every_module_the_readme_runs_exists():
     assert {"rl.run", "experiments.evaluate", "experiments.compare", "experiments.digits_results"} <= modules
     missing = sorted(m for m in modules if importlib.util.find_spec(m) is None)
     assert not missing, f"the README runs modules that do not exist: {missing}"
+
+
+def test_every_project_path_the_docs_name_exists():
+    """`rl/session.py`, `conf/lora`, `tests/golden/` ... named in the README or docs/ are in the repository."""
+    named = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path in re.findall(r"`((?:rl|pipelines|rewards|experiments|scripts|conf|docs|tests|assets)/[\w./-]*)`",
+                               doc.read_text()):
+            if not re.search(r"\bfoo\b|_foo\b", path):  # `rl/foo.py`: the example of adding an algorithm
+                named.add(path.rstrip("/"))
+    assert {"rl/session.py", "rl/checkpoints.py", "rl/seeds.py"} <= named
+    missing = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing, f"the docs name paths that do not exist: {missing}"

@@ -12,19 +12,20 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines import load_pipeline
+from pipelines.errors import ConfigError
 from rewards import Reward
 from rewards.jpeg import JpegSizeReward
 from rl import dpo, refl
-from rl.config import ConfigError
+from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
 from rl.data import DataError
+from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
-from rl.policy import EvalConfig
 from rl.preferences import PreferenceData
 from rl.prompts import load_prompts
 from rl.refl import ReFLConfig, ReFLTrainConfig, reward_loss
+from rl.session import OptimConfig, prepare_models
 from rl.tracking import LoggerConfig
-from rl.trainer import OptimConfig, prepare_models
 from scripts.make_preference_pairs import make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,14 +142,16 @@ def test_online_dpo_end_to_end(tmp_path):
 
 def test_online_dpo_needs_whole_groups_per_process(tmp_path):
     from rl.dpo import OnlineTrainConfig
-    from rl.policy import SamplingConfig
+    from rl.rollouts import SamplingConfig
 
     ctx = context(tmp_path, JpegSizeReward())
     with pytest.raises(ConfigError, match="at least 2"):
-        dpo.run_online(ctx, sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=1, batch_size=2))
+        dpo.OnlineDPO(sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=1, batch_size=2))(ctx)
     with pytest.raises(ConfigError, match="not a multiple of train.batch_size=4"):
-        dpo.run_online(ctx, sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8),
-                       train=OnlineTrainConfig(batch_size=4))
+        dpo.OnlineDPO(
+            sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8),
+            train=OnlineTrainConfig(batch_size=4),
+        )(ctx)
 
 
 @pytest.mark.parametrize("method", ["refl", "draft"])
@@ -255,11 +258,14 @@ def test_refl_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path):
         lora=LoraSpec(rank=4), optim=OptimConfig(lr=1e-2),
         eval=EvalConfig(every=2, max_prompts=2, num_inference_steps=4),
     )
-    whole_train = ReFLTrainConfig(max_steps=4, checkpoint_every=2)
-    refl.run(context(tmp_path / "whole", Brightness()), train=whole_train, **kwargs)
-    refl.run(context(tmp_path / "split", Brightness()),
-             train=ReFLTrainConfig(max_steps=4, checkpoint_every=2, exit_after_steps=2), **kwargs)
-    refl.run(context(tmp_path / "split", Brightness()), train=whole_train, **kwargs)
+    train = ReFLTrainConfig(max_steps=4)
+    refl.ReFL(train=train, checkpoint=CheckpointConfig(every=2), **kwargs)(context(tmp_path / "whole", Brightness()))
+    refl.ReFL(
+        train=train,
+        checkpoint=CheckpointConfig(every=2, exit_after=2),
+        **kwargs,
+    )(context(tmp_path / "split", Brightness()))
+    refl.ReFL(train=train, checkpoint=CheckpointConfig(every=2), **kwargs)(context(tmp_path / "split", Brightness()))
     whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split]
     for a, b in zip(whole, split):
@@ -277,11 +283,12 @@ def test_offline_dpo_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, 
 
     data = PreferenceData(path=str(pairs), resolution=32, eval_pairs=4)
     kwargs = dict(beta=500.0, lora=LoraSpec(rank=4), optim=OptimConfig(lr=1e-3))
-    train = dict(max_steps=4, batch_size=2, checkpoint_every=2, eval_every=2)
-    dpo.run_offline(context(tmp_path / "whole", data=data), train=DPOTrainConfig(**train), **kwargs)
-    dpo.run_offline(context(tmp_path / "split", data=data), train=DPOTrainConfig(**train, exit_after_steps=3), **kwargs)
+    train = DPOTrainConfig(max_steps=4, batch_size=2, eval_every=2)
+    every_2, stop_after_3 = CheckpointConfig(every=2), CheckpointConfig(every=2, exit_after=3)
+    dpo.OfflineDPO(train=train, checkpoint=every_2, **kwargs)(context(tmp_path / "whole", data=data))
+    dpo.OfflineDPO(train=train, checkpoint=stop_after_3, **kwargs)(context(tmp_path / "split", data=data))
     assert not (tmp_path / "split" / "final").exists()
-    dpo.run_offline(context(tmp_path / "split", data=data), train=DPOTrainConfig(**train), **kwargs)
+    dpo.OfflineDPO(train=train, checkpoint=every_2, **kwargs)(context(tmp_path / "split", data=data))
     whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split]
     for a, b in zip(whole, split):
@@ -295,16 +302,17 @@ def test_refl_regulariser_adds_the_supervised_loss_on_image_caption_data(tmp_pat
 
     folder = digits_imagefolder(tmp_path / "digits", resolution=32, limit=8)
     data = ImageCaptionData(path=str(folder), resolution=32)
-    refl.run(
-        context(tmp_path / "run", Brightness(), data=data),
+    refl.ReFL(
         refl=ReFLConfig(method="refl", num_inference_steps=4, stop_range=(2, 3), loss="negative"),
-        train=ReFLTrainConfig(max_steps=2, pretrain_weight=0.5, pretrain_batch_size=2, checkpoint_every=2),
-        lora=LoraSpec(rank=4), eval=EvalConfig(every=0),
-    )
+        train=ReFLTrainConfig(max_steps=2, pretrain_weight=0.5, pretrain_batch_size=2),
+        checkpoint=CheckpointConfig(every=2),
+        lora=LoraSpec(rank=4),
+        eval=EvalConfig(every=0),
+    )(context(tmp_path / "run", Brightness(), data=data))
     logged = [r for r in records(tmp_path / "run") if "train/loss" in r]
     assert len(logged) == 2
     for r in logged:
         assert r["train/pretrain_loss"] > 0
         assert r["train/loss"] == pytest.approx(r["train/reward_loss"] + 0.5 * r["train/pretrain_loss"], rel=1e-5)
     with pytest.raises(DataError, match="needs image-caption data"):
-        refl.run(context(tmp_path / "bad", Brightness()), train=ReFLTrainConfig(pretrain_weight=0.5))
+        refl.ReFL(train=ReFLTrainConfig(pretrain_weight=0.5))(context(tmp_path / "bad", Brightness()))

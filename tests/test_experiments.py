@@ -14,9 +14,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import pipelines
 from experiments import compare, evaluate
-from rl.config import build
+import pipelines
+from pipelines.errors import build
 from rl.data import digits_imagefolder
 from rl.run import build_context
 from scripts.make_preference_pairs import make_pairs
@@ -24,17 +24,17 @@ from scripts.make_preference_pairs import make_pairs
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EVAL = ["algo.eval.every=1", "algo.eval.max_prompts=2", "algo.eval.num_inference_steps=2"]
 GRPO = [
-    "algo=grpo", "reward=jpeg_compressibility", "algo.epochs=2", "algo.checkpoint_every=1", "algo.optim.lr=5e-2",
+    "algo=grpo", "reward=jpeg_compressibility", "algo.epochs=2", "algo.checkpoint.every=1", "algo.optim.lr=5e-2",
     "algo.sampling.prompts_per_epoch=2", "algo.sampling.images_per_prompt=4", "algo.sampling.batch_size=8",
     "algo.sampling.num_inference_steps=2", "algo.ppo.batch_size=8", "algo.ppo.optimizer_steps=1", *TINY_EVAL,
 ]
 REFL_FULL = [
     "algo=refl", "reward=digits", "prompts=digits", "algo.lora=null", "algo.optim.lr=1e-3", "algo.train.max_steps=2",
-    "algo.train.checkpoint_every=1", "algo.refl.num_inference_steps=2", "algo.refl.stop_range=[0,1]",
+    "algo.checkpoint.every=1", "algo.refl.num_inference_steps=2", "algo.refl.stop_range=[0,1]",
     "algo.refl.loss=negative", "algo.train.batch_size=1", *TINY_EVAL,
 ]
 SUPERVISED = [
-    "data.resolution=32", "algo.optim.lr=1e-2", "algo.train.max_steps=2", "algo.train.checkpoint_every=1",
+    "data.resolution=32", "algo.optim.lr=1e-2", "algo.train.max_steps=2", "algo.checkpoint.every=1",
     "algo.train.gradient_accumulation_steps=1", "algo.validation.every=2", "algo.validation.num_inference_steps=2",
 ]
 
@@ -183,7 +183,7 @@ def test_bad_input_stops_in_one_line_before_the_model_loads(grpo_run, tmp_path, 
 
 def fake_run(path: Path, seed: int, values: list[float], lr: float = 0.1) -> Path:
     path.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"seed": seed, "algo": {"_target_": "rl.grpo.run", "optim": {"lr": lr}}}),
+    OmegaConf.save(OmegaConf.create({"seed": seed, "algo": {"_target_": "rl.grpo.GRPO", "optim": {"lr": lr}}}),
                    path / "config.yaml")
     records = []
     for step, value in enumerate(values):
@@ -249,12 +249,12 @@ def test_compare_command_line_errors_are_one_line(tmp_path):
 def test_evaluate_and_compare_work_on_every_algorithm(tmp_path, algo):
     overrides = {
         "ddpo": [o for o in GRPO if o != "algo=grpo"] + ["algo=ddpo", "algo.min_count=2"],
-        "dpo_online": ["algo=dpo_online", "reward=jpeg_compressibility", "algo.epochs=2", "algo.checkpoint_every=1",
+        "dpo_online": ["algo=dpo_online", "reward=jpeg_compressibility", "algo.epochs=2", "algo.checkpoint.every=1",
                        "algo.sampling.prompts_per_epoch=2", "algo.sampling.images_per_prompt=4",
                        "algo.sampling.batch_size=8", "algo.sampling.num_inference_steps=2", "algo.train.batch_size=2",
                        "algo.train.optimizer_steps=1", "algo.optim.lr=5e-2", *TINY_EVAL],
         "dpo": ["algo=dpo", "data=preferences", "data.resolution=32", "data.eval_pairs=4", "algo.train.max_steps=2",
-                "algo.train.checkpoint_every=1", "algo.train.eval_every=1", "algo.train.batch_size=2", "algo.lora=null",
+                "algo.checkpoint.every=1", "algo.train.eval_every=1", "algo.train.batch_size=2", "algo.lora=null",
                 "algo.optim.lr=1e-2", *TINY_EVAL[1:]],
         "sft": ["algo=sft", *SUPERVISED],
         "dreambooth": ["algo=dreambooth", "algo.instance_prompt=a photo of sks dog", "algo.lora.text_encoders=true",

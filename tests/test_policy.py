@@ -11,17 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rl.policy
 from pipelines import load_pipeline
+from pipelines.errors import ConfigError
 from rewards.jpeg import JpegSizeReward
 from rl import ddpo, grpo
-from rl.config import ConfigError
+from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
+from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
-from rl.policy import EvalConfig, PPOConfig, SamplingConfig
+from rl.ppo import PPOConfig
+import rl.ppo
 from rl.prompts import load_prompts
+from rl.rollouts import SamplingConfig, epoch_jobs
+from rl.session import OptimConfig
 from rl.tracking import LoggerConfig
-from rl.trainer import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -54,6 +57,11 @@ def small_configs():
     )
 
 
+def config_class(module):
+    """The config of the algorithm in `module`, which runs it when called with a context."""
+    return {grpo: grpo.GRPO, ddpo: ddpo.DDPO}[module]
+
+
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -81,16 +89,16 @@ def test_cli_runs_end_to_end_with_the_run_directory_contract(tmp_path, algo):
 @pytest.mark.parametrize("recompute", [True, False])
 def test_first_inner_step_has_ratio_one(tmp_path, monkeypatch, recompute):
     calls = []
-    original = rl.policy.ppo_clip_loss
+    original = rl.ppo.ppo_clip_loss
 
     def spy(log_prob, old_log_prob, advantages, clip_range):
         calls.append((log_prob.detach().clone(), old_log_prob.detach().clone()))
         return original(log_prob, old_log_prob, advantages, clip_range)
 
-    monkeypatch.setattr(rl.policy, "ppo_clip_loss", spy)
+    monkeypatch.setattr(rl.ppo, "ppo_clip_loss", spy)
     configs = small_configs()
     configs["ppo"] = PPOConfig(batch_size=4, recompute_old_log_probs=recompute)
-    grpo.run(context(tmp_path), epochs=1, **configs)
+    grpo.GRPO(epochs=1, **configs)(context(tmp_path))
     log_prob, old = calls[0]
     ratio = torch.exp(log_prob - old)
     if recompute:
@@ -102,10 +110,11 @@ def test_first_inner_step_has_ratio_one(tmp_path, monkeypatch, recompute):
 @pytest.mark.parametrize("algo", [grpo, ddpo], ids=["grpo", "ddpo"])
 def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
     extra = {"beta": 0.04} if algo is grpo else {"min_count": 2}
-    algo.run(context(tmp_path / "whole"), epochs=4, checkpoint_every=2, **small_configs(), **extra)
-    algo.run(context(tmp_path / "split"), epochs=4, checkpoint_every=2, exit_after_epochs=2, **small_configs(), **extra)
+    every_2, stop_after_2 = CheckpointConfig(every=2), CheckpointConfig(every=2, exit_after=2)
+    config_class(algo)(epochs=4, checkpoint=every_2, **small_configs(), **extra)(context(tmp_path / "whole"))
+    config_class(algo)(epochs=4, checkpoint=stop_after_2, **small_configs(), **extra)(context(tmp_path / "split"))
     assert not (tmp_path / "split" / "final").exists()
-    algo.run(context(tmp_path / "split"), epochs=4, checkpoint_every=2, **small_configs(), **extra)
+    config_class(algo)(epochs=4, checkpoint=every_2, **small_configs(), **extra)(context(tmp_path / "split"))
     whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split]
     for a, b in zip(whole, split):
@@ -121,26 +130,28 @@ def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
 def test_layout_and_reward_are_checked_before_loading(tmp_path):
     ctx = context(tmp_path)
     with pytest.raises(ConfigError, match="not a multiple of sampling.batch_size"):
-        grpo.run(ctx, sampling=SamplingConfig(prompts_per_epoch=3, images_per_prompt=3, batch_size=4))
+        grpo.GRPO(sampling=SamplingConfig(prompts_per_epoch=3, images_per_prompt=3, batch_size=4))(ctx)
     with pytest.raises(ConfigError, match="3 training forwards per epoch do not split into 2 optimiser steps"):
-        grpo.run(ctx, sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8,
-                                              num_inference_steps=4), ppo=PPOConfig(batch_size=8, optimizer_steps=2))
+        grpo.GRPO(
+            sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=4),
+            ppo=PPOConfig(batch_size=8, optimizer_steps=2),
+        )(ctx)
     ctx.reward = None
     with pytest.raises(ConfigError, match="needs a reward"):
-        ddpo.run(ctx)
+        ddpo.DDPO()(ctx)
 
 
 def test_epoch_jobs_form_complete_groups_across_processes():
     sampling = SamplingConfig(prompts_per_epoch=3, images_per_prompt=4, same_initial_noise=True)
-    shares = [rl.policy.epoch_jobs(10, epoch=5, seed=0, sampling=sampling, num_processes=2, rank=r) for r in (0, 1)]
+    shares = [epoch_jobs(10, epoch=5, seed=0, sampling=sampling, num_processes=2, rank=r) for r in (0, 1)]
     jobs = shares[0] + shares[1]
-    assert [j["index"] for j in jobs] == list(range(12))
+    assert [j.index for j in jobs] == list(range(12))
     groups = {}
     for job in jobs:
-        groups.setdefault(job["group"], []).append(job)
-    assert all(len(g) == 4 and len({j["prompt_id"] for j in g}) == 1 for g in groups.values())
-    assert all(len({j["noise_seed"] for j in g}) == 1 for g in groups.values())  # shared initial noise
-    assert len({j["sde_seed"] for j in jobs}) == 12
+        groups.setdefault(job.group, []).append(job)
+    assert all(len(g) == 4 and len({j.prompt_id for j in g}) == 1 for g in groups.values())
+    assert all(len({j.noise_seed for j in g}) == 1 for g in groups.values())  # shared initial noise
+    assert len({j.sde_seed for j in jobs}) == 12
 
 
 @pytest.mark.slow
@@ -162,16 +173,16 @@ def test_grpo_on_two_processes(tmp_path):
 def test_later_inner_epochs_compare_with_the_sampling_policy(tmp_path, monkeypatch):
     """With two inner epochs, the second epoch's ratios are measured against the weights that sampled, so they move."""
     calls = []
-    original = rl.policy.ppo_clip_loss
+    original = rl.ppo.ppo_clip_loss
 
     def spy(log_prob, old_log_prob, advantages, clip_range):
         calls.append(torch.exp(log_prob.detach() - old_log_prob.detach()))
         return original(log_prob, old_log_prob, advantages, clip_range)
 
-    monkeypatch.setattr(rl.policy, "ppo_clip_loss", spy)
+    monkeypatch.setattr(rl.ppo, "ppo_clip_loss", spy)
     configs = small_configs()
     configs["ppo"] = PPOConfig(batch_size=4, inner_epochs=2, optimizer_steps=1, clip_range=0.2)
-    grpo.run(context(tmp_path), epochs=1, **configs)
+    grpo.GRPO(epochs=1, **configs)(context(tmp_path))
     per_epoch = len(calls) // 2
     assert all(torch.equal(r, torch.ones_like(r)) for r in calls[:per_epoch])  # one update per inner epoch
     assert any((r - 1).abs().max() > 0 for r in calls[per_epoch:])
@@ -182,18 +193,18 @@ def test_sde_window_samples_and_trains_only_its_steps(tmp_path, monkeypatch, alg
     """With `sde_window=2`, both methods sample 2 stochastic steps in the trajectory's first half (ODE elsewhere) and
     PPO trains those steps only."""
     seen = []
-    original = rl.policy.ppo_update
+    original = rl.ppo.ppo_update
 
-    def spy(accelerator, transformer, rollouts, *args, **kwargs):
+    def spy(session, rollouts, *args, **kwargs):
         seen.append(rollouts)
-        return original(accelerator, transformer, rollouts, *args, **kwargs)
+        return original(session, rollouts, *args, **kwargs)
 
     monkeypatch.setattr(algo, "ppo_update", spy)
     configs = small_configs()
     configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=4,
                                          sde_window=2, sde_window_range=0.5)
     configs["ppo"] = PPOConfig(batch_size=4, clip_range=1e-2, timestep_fraction=1.0)
-    algo.run(context(tmp_path), epochs=2, **configs)
+    config_class(algo)(epochs=2, **configs)(context(tmp_path))
     assert [r.sde_steps for r in seen] == [[0, 1], [0, 1]]  # 0.5 x 4 steps hold exactly one window of 2
     assert all(r.log_probs.shape == (8, 2) for r in seen)
     assert all(r.latents.shape[1] == 5 for r in seen)  # the whole trajectory is kept

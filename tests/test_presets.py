@@ -31,21 +31,21 @@ TINY_EVAL = ["algo.eval.every=1", "algo.eval.max_prompts=1", "algo.eval.images_p
 TINY_POLICY = ["algo.epochs=1", "algo.sampling.prompts_per_epoch=2", "algo.sampling.images_per_prompt=2",
                "algo.sampling.batch_size=4", "algo.sampling.num_inference_steps=2", *TINY_EVAL]
 TINY_SUPERVISED = ["algo.train.max_steps=2", "algo.train.batch_size=2", "algo.train.gradient_accumulation_steps=1",
-                   "algo.train.checkpoint_every=2", "algo.validation.every=2", "algo.validation.max_prompts=1",
+                   "algo.checkpoint.every=2", "algo.validation.every=2", "algo.validation.max_prompts=1",
                    "algo.validation.num_inference_steps=2"]
 SHORT = {
-    "rl.sample.run": ["algo.max_prompts=1", "algo.num_images_per_prompt=1", "algo.num_inference_steps=2"],
-    "rl.grpo.run": [*TINY_POLICY, "algo.ppo.batch_size=4", "algo.ppo.optimizer_steps=1", "algo.checkpoint_every=1"],
-    "rl.ddpo.run": [*TINY_POLICY, "algo.ppo.batch_size=4", "algo.ppo.optimizer_steps=1", "algo.checkpoint_every=1"],
-    "rl.dpo.run_online": [*TINY_POLICY, "algo.train.batch_size=2", "algo.train.optimizer_steps=1",
-                          "algo.checkpoint_every=1"],
-    "rl.dpo.run_offline": ["algo.train.max_steps=2", "algo.train.batch_size=2", "algo.train.gradient_accumulation_steps=1",
-                           "algo.train.checkpoint_every=2", "algo.train.eval_every=2", "algo.train.eval_repeats=1",
-                           "algo.train.eval_batch_size=2", "data.eval_pairs=4", *TINY_EVAL],
-    "rl.refl.run": ["algo.train.max_steps=2", "algo.train.batch_size=1", "algo.train.checkpoint_every=2",
-                    "algo.refl.num_inference_steps=2", "algo.refl.stop_range=[0,1]", "algo.refl.k=1", *TINY_EVAL],
-    "rl.sft.run": TINY_SUPERVISED,
-    "rl.dreambooth.run": [*TINY_SUPERVISED, "algo.num_class_images=2", "algo.class_num_inference_steps=2"],
+    "rl.sample.Sample": ["algo.max_prompts=1", "algo.num_images_per_prompt=1", "algo.num_inference_steps=2"],
+    "rl.grpo.GRPO": [*TINY_POLICY, "algo.ppo.batch_size=4", "algo.ppo.optimizer_steps=1", "algo.checkpoint.every=1"],
+    "rl.ddpo.DDPO": [*TINY_POLICY, "algo.ppo.batch_size=4", "algo.ppo.optimizer_steps=1", "algo.checkpoint.every=1"],
+    "rl.dpo.OnlineDPO": [*TINY_POLICY, "algo.train.batch_size=2", "algo.train.optimizer_steps=1",
+                         "algo.checkpoint.every=1"],
+    "rl.dpo.OfflineDPO": ["algo.train.max_steps=2", "algo.train.batch_size=2", "algo.train.gradient_accumulation_steps=1",
+                          "algo.checkpoint.every=2", "algo.train.eval_every=2", "algo.train.eval_repeats=1",
+                          "algo.train.eval_batch_size=2", "data.eval_pairs=4", *TINY_EVAL],
+    "rl.refl.ReFL": ["algo.train.max_steps=2", "algo.train.batch_size=1", "algo.checkpoint.every=2",
+                     "algo.refl.num_inference_steps=2", "algo.refl.stop_range=[0,1]", "algo.refl.k=1", *TINY_EVAL],
+    "rl.sft.SFT": TINY_SUPERVISED,
+    "rl.dreambooth.DreamBooth": [*TINY_SUPERVISED, "algo.num_class_images=2", "algo.class_num_inference_steps=2"],
 }
 
 
@@ -66,9 +66,10 @@ CPU_PRESETS = [name for name, cfg in CONFIGS.items() if on_cpu_scale(cfg)]
 def data_kind(cfg) -> str | None:
     """What a preset trains on besides prompts: preference pairs, an imagefolder of digits, or nothing."""
     target = cfg.algo._target_
-    if target == "rl.dpo.run_offline":
+    if target == "rl.dpo.OfflineDPO":
         return "pairs"
-    if target in ("rl.sft.run", "rl.dreambooth.run") or (target == "rl.refl.run" and cfg.algo.train.pretrain_weight):
+    supervised = target in ("rl.sft.SFT", "rl.dreambooth.DreamBooth")
+    if supervised or (target == "rl.refl.ReFL" and cfg.algo.train.pretrain_weight):
         return "imagefolder"
     return None
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from skimage import data
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from pipelines.errors import build
 from pipelines.hub import ModelLoadError
 from pipelines.tiny import build_clip_tokenizer
 from rewards import RewardInputError
@@ -25,7 +26,6 @@ from rewards.clip_score import ClipSimilarityReward
 from rewards.jpeg import JpegSizeReward, jpeg_size_kb
 from rewards.multi import MultiReward
 from rewards.preprocess import clip_preprocess
-from rl.config import build
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_HEAD = ROOT / "assets" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"

@@ -32,7 +32,7 @@ def test_sample_writes_images_grid_config_and_metrics(tmp_path):
     assert grid.size == (220 + 2 * 66 + 2, 2 * 66 + 2)
     assert PIL.Image.open(samples[0]).convert("RGB").resize((64, 64), PIL.Image.NEAREST) == grid.crop((222, 2, 286, 66))
     config = (run_dir / "config.yaml").read_text()
-    assert "_target_: rl.sample.run" in config and "${" not in config  # resolved
+    assert "_target_: rl.sample.Sample" in config and "${" not in config  # resolved
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records and all("step" in r for r in records)
     assert records[-1]["sample/num_images"] == 4

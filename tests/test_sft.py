@@ -16,15 +16,17 @@ from safetensors.torch import load_file
 from skimage import data as skdata
 
 from pipelines import load_pipeline
+from pipelines.errors import ConfigError
 from rl import dreambooth, sft
-from rl.config import ConfigError
+from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
 from rl.data import DataError, EpochBatchSampler, ImageCaptionData, digits_imagefolder, import_data_extra
+from rl.evaluation import ValidationConfig
 from rl.lora import LoraSpec, add_transformer_lora, transformer_lora_targets
 from rl.prompts import Prompt
-from rl.sft import EmaConfig, LossConfig, TrainConfig, ValidationConfig
+from rl.session import EmaConfig, OptimConfig
+from rl.supervised import LossConfig, TrainConfig
 from rl.tracking import LoggerConfig
-from rl.trainer import OptimConfig
 from scripts.save_tiny_model import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +60,13 @@ def metrics(run_dir):
 
 
 def test_lora_sft_lowers_the_training_loss_on_real_digits(tmp_path, digits):
-    sft.run(
-        context(tmp_path, digits),
+    sft.SFT(
         lora=LoraSpec(rank=16),
         optim=OptimConfig(lr=3e-3),
-        train=TrainConfig(max_steps=60, batch_size=16, checkpoint_every=1000),
+        train=TrainConfig(max_steps=60, batch_size=16),
+        checkpoint=CheckpointConfig(every=1000),
         validation=ValidationConfig(every=0),
-    )
+    )(context(tmp_path, digits))
     losses = [r["train/loss"] for r in metrics(tmp_path)]
     assert len(losses) == 60
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
@@ -72,13 +74,13 @@ def test_lora_sft_lowers_the_training_loss_on_real_digits(tmp_path, digits):
 
 
 def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_images(tmp_path, digits, tiny_folder):
-    sft.run(
-        context(tmp_path, digits, model_path=str(tiny_folder)),
+    sft.SFT(
         lora=LoraSpec(rank=8, text_encoders=True),
         optim=OptimConfig(lr=1e-2),
-        train=TrainConfig(max_steps=3, batch_size=4, checkpoint_every=1000),
+        train=TrainConfig(max_steps=3, batch_size=4),
+        checkpoint=CheckpointConfig(every=1000),
         validation=ValidationConfig(every=0),
-    )
+    )(context(tmp_path, digits, model_path=str(tiny_folder)))
     weights = load_file(tmp_path / "final" / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in weights} == {"transformer", "text_encoder", "text_encoder_2"}
     stock = StableDiffusion3Pipeline.from_pretrained(tiny_folder)
@@ -91,13 +93,13 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_images(tmp_path,
 
 
 def test_full_fine_tune_saves_a_pipeline_that_from_pretrained_loads(tmp_path, digits):
-    sft.run(
-        context(tmp_path, digits),
+    sft.SFT(
         lora=None,
         optim=OptimConfig(lr=1e-4),
-        train=TrainConfig(max_steps=2, batch_size=4, checkpoint_every=1000),
+        train=TrainConfig(max_steps=2, batch_size=4),
+        checkpoint=CheckpointConfig(every=1000),
         validation=ValidationConfig(every=0),
-    )
+    )(context(tmp_path, digits))
     tuned = StableDiffusion3Pipeline.from_pretrained(tmp_path / "final")
     base = load_pipeline()
     changed = [not torch.equal(a, b) for a, b in zip(tuned.transformer.parameters(), base.transformer.parameters())]
@@ -111,15 +113,14 @@ def test_resumed_run_ends_with_the_same_weights_and_losses(tmp_path, digits):
     caption dropout, gradient accumulation, a warmup + cosine LR schedule and EMA all in play."""
 
     def train(run_dir, exit_after=None):
-        sft.run(
-            context(run_dir, digits, resolution=24, center_crop=False, random_flip=True),
+        sft.SFT(
             lora=LoraSpec(rank=4),
             optim=OptimConfig(lr=5e-3, lr_scheduler="cosine", warmup_steps=2),
-            train=TrainConfig(max_steps=6, batch_size=3, gradient_accumulation_steps=2, caption_dropout=0.3,
-                              checkpoint_every=3, exit_after_steps=exit_after),
+            train=TrainConfig(max_steps=6, batch_size=3, gradient_accumulation_steps=2, caption_dropout=0.3),
+            checkpoint=CheckpointConfig(every=3, exit_after=exit_after),
             validation=ValidationConfig(every=0),
             ema=EmaConfig(enabled=True, decay=0.9),
-        )
+        )(context(run_dir, digits, resolution=24, center_crop=False, random_flip=True))
 
     train(tmp_path / "whole")
     train(tmp_path / "split", exit_after=3)
@@ -145,17 +146,17 @@ def test_dreambooth_with_prior_preservation_and_text_encoder_lora(tmp_path):
     for name in ("chelsea", "coffee", "astronaut"):
         PIL.Image.fromarray(getattr(skdata, name)()).save(instances / f"{name}.png")
     ctx = context(tmp_path / "run", instances)
-    dreambooth.run(
-        ctx,
+    dreambooth.DreamBooth(
         instance_prompt="a photo of sks cat",
         with_prior_preservation=True,
         class_prompt="a photo of a cat",
         num_class_images=4,
         class_num_inference_steps=3,
         lora=LoraSpec(rank=4, text_encoders=True),
-        train=TrainConfig(max_steps=4, batch_size=1, checkpoint_every=2),
+        train=TrainConfig(max_steps=4, batch_size=1),
+        checkpoint=CheckpointConfig(every=2),
         validation=ValidationConfig(every=2, num_inference_steps=3),
-    )
+    )(ctx)
     run_dir = tmp_path / "run"
     assert len(list((run_dir / "class_images").glob("*.png"))) == 4
     records = metrics(run_dir)
@@ -248,18 +249,17 @@ def test_data_errors_are_clear(tmp_path, caplog):
 
 def test_caching_latents_with_augmentation_is_refused(tmp_path, digits):
     with pytest.raises(ConfigError, match="cache_latents needs"):
-        sft.run(context(tmp_path, digits, random_flip=True), train=TrainConfig(cache_latents=True))
+        sft.SFT(train=TrainConfig(cache_latents=True))(context(tmp_path, digits, random_flip=True))
 
 
 def test_cached_latents_and_embeddings_train_like_uncached(tmp_path, digits):
     def train(run_dir, cache):
-        sft.run(
-            context(run_dir, digits),
+        sft.SFT(
             lora=LoraSpec(rank=4),
-            train=TrainConfig(max_steps=3, batch_size=4, cache_latents=cache, cache_text_embeddings=cache,
-                              checkpoint_every=1000),
+            train=TrainConfig(max_steps=3, batch_size=4, cache_latents=cache, cache_text_embeddings=cache),
+            checkpoint=CheckpointConfig(every=1000),
             validation=ValidationConfig(every=0),
-        )
+        )(context(run_dir, digits))
         return [r["train/loss"] for r in metrics(run_dir)]
 
     assert train(tmp_path / "cached", True) == pytest.approx(train(tmp_path / "plain", False), rel=1e-5)
@@ -267,13 +267,13 @@ def test_cached_latents_and_embeddings_train_like_uncached(tmp_path, digits):
 
 def test_full_fine_tune_resumes_exactly(tmp_path, digits):
     def train(run_dir, exit_after=None):
-        sft.run(
-            context(run_dir, digits),
+        sft.SFT(
             lora=None,
             optim=OptimConfig(lr=1e-4),
-            train=TrainConfig(max_steps=4, batch_size=2, checkpoint_every=2, exit_after_steps=exit_after),
+            train=TrainConfig(max_steps=4, batch_size=2),
+            checkpoint=CheckpointConfig(every=2, exit_after=exit_after),
             validation=ValidationConfig(every=0),
-        )
+        )(context(run_dir, digits))
 
     train(tmp_path / "whole")
     train(tmp_path / "split", exit_after=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.config import ConfigError
+from pipelines.errors import ConfigError
 from rl.threads import SPIN_COUNT, auto_threads, limit_openmp_spinning, set_cpu_threads
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,13 +34,13 @@ def test_jsonl_tracker_writes_one_object_per_call(tmp_path):
 
 
 def test_tensorboard_backend_writes_event_files(tmp_path):
-    sample.run(context(tmp_path, ["tensorboard"]), num_inference_steps=2, num_images_per_prompt=1)
+    sample.Sample(num_inference_steps=2, num_images_per_prompt=1)(context(tmp_path, ["tensorboard"]))
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert (tmp_path / "metrics.jsonl").exists()
 
 
 def test_wandb_backend_works_offline(tmp_path):
-    sample.run(context(tmp_path, ["wandb"], mode="offline"), num_inference_steps=2, num_images_per_prompt=1)
+    sample.Sample(num_inference_steps=2, num_images_per_prompt=1)(context(tmp_path, ["wandb"], mode="offline"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
 

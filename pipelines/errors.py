@@ -1,0 +1,50 @@
+"""The one base class of the user's input errors, on the lowest layer so that every package can raise it (and
+`build`, which instantiates Hydra configs without hiding those errors).
+
+A `UserError` means the input is wrong (a missing file, offline weights, a bad value, two options that contradict each
+other), not the code: every entry point (`rl.run`, `rewards.score`, `experiments.evaluate`, `experiments.compare`)
+prints its message as one line, `error: <message>`, and exits with code 2 (`exit_on_user_error`). Subclasses only say
+which part of the input is at fault, for callers that want to catch one kind.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+
+class UserError(ValueError):
+    """Bad input from the user; the message (one line) names the option or file and says what to do."""
+
+
+class ConfigError(UserError):
+    """A configuration value is invalid or two values contradict each other; the message names the option."""
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Around an entry point's work: a `UserError` becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        yield
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build(config: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, except that a user error raised by any (nested) target reaches the caller as itself
+    rather than wrapped in Hydra's `InstantiationException`, so that it can be reported in one line."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise

@@ -1,0 +1,196 @@
+"""Checkpoints of a run: `checkpoints/step_<N>/` folders in the run directory, written and read back by name.
+
+A checkpoint is accelerate's `save_state` folder (the trained model or only its LoRA adapters in diffusers' format,
+the optimiser, the LR scheduler, every process's RNG states) plus one file per named piece of the session's state:
+`train_state.pt` (the counters), `ema.pt` (EMA weights, when kept), `stat_tracker.pt` (DDPO), ... A `done` marker is
+written last: a checkpoint cut off by a kill has none and is never read. Tools find a piece by its name
+(`read_state(checkpoint, "ema")`), whatever else the run kept.
+
+Runs written before the pieces were named (accelerate's numbered `custom_checkpoint_<i>.pkl`, in registration order)
+are read too: `read_state` and `Checkpointer.restore` map the numbers to names in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+
+from pipelines.errors import ConfigError
+from rl.lora import load_lora, save_lora
+from rl.tracking import trim_metrics
+
+logger = logging.getLogger(__name__)
+
+STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written and whether a run resumes (`algo.checkpoint`), the same for every algorithm.
+
+    `every` counts the algorithm's steps: epochs for GRPO, DDPO and online DPO, optimiser steps for the others."""
+
+    every: int = 10  # steps between checkpoints (the last step is always saved)
+    keep: int | None = 3  # newest complete checkpoints kept; None keeps all (for a full curve from experiments.evaluate)
+    resume: bool = True  # continue from the run directory's latest complete checkpoint
+    exit_after: int | None = None  # stop this invocation after N steps, as a kill would (start again to resume)
+
+
+@dataclass
+class TrainState:
+    """The counters a resume needs; saved in every checkpoint as `train_state`."""
+
+    step: int = 0  # epochs or optimiser steps done
+    micro_batches: int = 0  # data batches consumed by this process (the data position)
+    extra: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_batches": self.micro_batches, "extra": self.extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro_batches, self.extra = state["step"], state["micro_batches"], state.get("extra", {})
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """`(step, folder)` of every checkpoint with its `done` marker, by step."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("step_*"):
+        match = STEP_FOLDER.fullmatch(path.name)
+        if match and (path / "done").exists():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def state_file(checkpoint: Path, name: str, legacy_order: list[str] | None = None) -> Path | None:
+    """The file holding the piece `name` of a checkpoint, or None. `legacy_order` is the order in which a run written
+    before the pieces were named registered them (its `custom_checkpoint_<i>.pkl` files)."""
+    named = checkpoint / f"{name}.pt"
+    if named.is_file():
+        return named
+    if legacy_order and name in legacy_order:
+        numbered = checkpoint / f"custom_checkpoint_{legacy_order.index(name)}.pkl"
+        if numbered.is_file():
+            return numbered
+    return None
+
+
+def read_state(checkpoint: Path, name: str, legacy_order: list[str] | None = None) -> dict[str, Any] | None:
+    """The state dict of the piece `name` of a checkpoint (`train_state`, `ema`, `stat_tracker`, ...), or None."""
+    path = state_file(checkpoint, name, legacy_order)
+    return torch.load(path, map_location="cpu", weights_only=True) if path is not None else None
+
+
+# A run written before the pieces were named registered the counters first and the EMA (when kept) second.
+_LEGACY_EMA_ORDER = ["train_state", "ema"]
+
+
+def has_ema(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds EMA weights (`read_ema`)."""
+    return state_file(checkpoint, "ema", _LEGACY_EMA_ORDER) is not None
+
+
+def read_ema(checkpoint: Path) -> dict[str, Any] | None:
+    """The EMA of a checkpoint (diffusers' `EMAModel` state: `shadow_params` in the order of the trained parameters),
+    or None."""
+    return read_state(checkpoint, "ema", _LEGACY_EMA_ORDER)
+
+
+class Checkpointer:
+    """Saves and restores `checkpoints/step_<N>/` in the run directory for one session.
+
+    `state` names the objects (with `state_dict` / `load_state_dict`) saved beside accelerate's state, in the order
+    that runs written before the pieces were named registered them. With LoRA only the adapters are written (in
+    diffusers' LoRA format), not the frozen base weights.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        run_dir: Path,
+        config: CheckpointConfig,
+        state: dict[str, Stateful],
+        lora_modules: dict[str, torch.nn.Module] | None = None,
+    ):
+        self.accelerator, self.run_dir, self.config, self.state = accelerator, run_dir, config, state
+        self.directory = run_dir / "checkpoints"
+        self.lora_modules = lora_modules
+        if lora_modules is not None:
+            accelerator.register_save_state_pre_hook(self._save_adapters)
+            accelerator.register_load_state_pre_hook(self._load_adapters)
+
+    def _save_adapters(self, models, weights, output_dir):
+        if self.accelerator.is_main_process:
+            modules = {name: self.accelerator.unwrap_model(m) for name, m in self.lora_modules.items()}
+            save_lora(Path(output_dir), **modules)
+        weights.clear()  # the frozen base weights are not checkpointed
+        models.clear()
+
+    def _load_adapters(self, models, input_dir):
+        modules = {name: self.accelerator.unwrap_model(m) for name, m in self.lora_modules.items()}
+        load_lora(Path(input_dir), **modules)
+        models.clear()
+
+    def due(self, step: int, last: int) -> bool:
+        return step % self.config.every == 0 or step == last
+
+    def save(self, step: int) -> Path:
+        path = self.directory / f"step_{step:06d}"
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            for name, item in self.state.items():
+                torch.save(item.state_dict(), path / f"{name}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (path / "done").touch()  # a checkpoint cut off by a kill has no marker and is never resumed from
+            if self.config.keep is not None:
+                finished = [p for _, p in complete_checkpoints(self.run_dir)]
+                for old in finished[: -self.config.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def restore(self) -> int | None:
+        """Load the latest complete checkpoint, if any; returns its step. The metric records are cut back to it,
+        keeping the original file as `metrics.before-resume.jsonl`."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        numbered = sorted(path.glob("custom_checkpoint_*.pkl"))
+        if numbered:  # written before the pieces were named: accelerate would count them against no registered object
+            with tempfile.TemporaryDirectory() as view:
+                for file in path.iterdir():
+                    if file not in numbered:
+                        (Path(view) / file.name).symlink_to(file.resolve())
+                self.accelerator.load_state(view)
+        else:
+            self.accelerator.load_state(str(path))
+        for name, item in self.state.items():
+            saved = read_state(path, name, legacy_order=list(self.state))
+            if saved is None:
+                raise ConfigError(f"{path} holds no {name}: the run was written with other options (e.g. no EMA); "
+                                  f"resume with its own options or start a new run directory")
+            item.load_state_dict(saved)
+        step = int(path.name.removeprefix("step_"))
+        if self.accelerator.is_main_process:
+            trim_metrics(self.run_dir, step)
+        logger.info("resumed from %s", path)
+        return step

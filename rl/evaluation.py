@@ -1,0 +1,156 @@
+"""Held-out evaluation: ODE samples of the held-out prompts at fixed seeds, scored by the reward; used by every
+algorithm during training and by `experiments/evaluate.py` on saved checkpoints, so both give the same numbers.
+
+The supervised algorithms, which have no reward, sample a validation grid instead (`validate`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from pipelines import StableDiffusion3LogProbPipeline
+from rewards import Reward
+from rl import seeds
+from rl.prompts import Prompt
+from rl.rollouts import score
+from rl.tracking import image_grid, log_image, metric_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: ODE samples at fixed seeds (`algo.eval`)."""
+
+    every: int = 5  # steps (epochs for the epoch-based algorithms); 0 disables (the first and last are always evaluated otherwise)
+    max_prompts: int = 16
+    images_per_prompt: int = 1
+    num_inference_steps: int = 40
+    guidance_scale: float = 4.5
+    resolution: int | None = None
+    batch_size: int = 8
+
+    def due(self, step: int, last: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or step == last)
+
+
+@dataclass
+class ValidationConfig:
+    """Images sampled at fixed seeds for held-out prompts during supervised training (`algo.validation`)."""
+
+    every: int = 100  # steps; 0 disables
+    max_prompts: int = 4
+    num_inference_steps: int = 28
+    guidance_scale: float = 4.5
+    resolution: int | None = None
+
+
+@torch.no_grad()
+def sample_images(
+    pipe: StableDiffusion3LogProbPipeline,
+    prompts: list[Prompt],
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int | None,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """ODE samples for `prompts`, image `i` from seed `seed + i` (the same at every evaluation), as NCHW in [0, 1]."""
+    device = pipe.transformer.device
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [seeds.generator(seed + start + i, device) for i in range(len(chunk))]
+        images.append(
+            pipe(
+                [p.text for p in chunk],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type="pt",
+            ).images.float().cpu()
+        )
+    return torch.cat(images)
+
+
+def save_grid(
+    accelerator: Accelerator, run_dir: Path, images: torch.Tensor, step: int, prompts: list[str], images_per_prompt: int = 1
+) -> None:
+    """Write `samples/step_<N>.png` (one row per prompt, captioned with it) and send it to the image trackers."""
+    if not accelerator.is_main_process:
+        return
+    grid = image_grid(images, nrow=images_per_prompt, row_labels=prompts)
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    grid.save(run_dir / "samples" / f"step_{step:06d}.png")
+    log_image(accelerator, "validation", grid, step)
+
+
+def held_out_prompts(prompts: list[Prompt], config: EvalConfig) -> list[Prompt]:
+    """The prompts of the held-out images, each repeated `images_per_prompt` times."""
+    return [p for p in prompts[: config.max_prompts] for _ in range(config.images_per_prompt)]
+
+
+def evaluate(
+    pipe: StableDiffusion3LogProbPipeline, reward: Reward, prompts: list[Prompt], config: EvalConfig, seed: int
+) -> tuple[dict[str, float], torch.Tensor]:
+    """ODE samples of the held-out prompts at fixed seeds; the mean and std of the reward and each of its parts."""
+    chosen = held_out_prompts(prompts, config)
+    images = sample_images(pipe, chosen, seeds.held_out(seed), config.num_inference_steps, config.guidance_scale,
+                           config.resolution, config.batch_size)
+    scores, info = score(reward, images.to(pipe.transformer.device), [p.text for p in chosen],
+                         [p.metadata for p in chosen])
+    return eval_metrics(scores, info), images
+
+
+def eval_metrics(scores: torch.Tensor, info: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`eval/reward_mean` and `_std` of a reward's scores, and `eval/<name>_mean` and `_std` of each per-image value it
+    reports (the std is 0 for one image)."""
+    def spread(values: torch.Tensor) -> float:
+        return values.std().item() if len(values) > 1 else 0.0
+
+    metrics = {"eval/reward_mean": scores.mean().item(), "eval/reward_std": spread(scores)}
+    for name, values in info.items():
+        metrics[f"eval/{name}_mean"] = values.mean().item()
+        metrics[f"eval/{name}_std"] = spread(values)
+    return metrics
+
+
+def held_out(session, config: EvalConfig, step: int, force: bool = False) -> None:
+    """Evaluate after `step` steps of a `rl.session.Session` when due (every `config.every`, and the last) or
+    `force`d, with the EMA weights when kept: log `eval/*`, print a line, save the grid."""
+    ctx, accelerator = session.ctx, session.accelerator
+    if not (config.due(step, session.total_steps) or force) or not ctx.eval_prompts:
+        return
+    if accelerator.is_main_process:
+        with session.ema_weights():
+            metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed)
+        metrics["eval/epoch"] = step
+        accelerator.log(metrics, step=step)
+        logger.info("%s %d, held out: %s", session.unit, step, "  ".join(
+            f"{metric_name(name[5:-5])} {value:.4f}" for name, value in metrics.items() if name.endswith("_mean")))
+        prompts = [p.text for p in ctx.eval_prompts[: config.max_prompts]]
+        save_grid(accelerator, ctx.run_dir, images, step, prompts, config.images_per_prompt)
+    accelerator.wait_for_everyone()
+
+
+def validate(session, validation: ValidationConfig, step: int) -> None:
+    """When due, sample the first held-out prompts at fixed seeds (with the EMA weights when kept) and save the
+    grid; nothing is scored."""
+    ctx, accelerator = session.ctx, session.accelerator
+    due = validation.every and (step % validation.every == 0 or step == session.total_steps)
+    if not due:
+        return
+    if accelerator.is_main_process and ctx.eval_prompts:
+        prompts = ctx.eval_prompts[: validation.max_prompts]
+        with session.ema_weights():
+            images = sample_images(session.pipe, prompts, seeds.validation(ctx.seed), validation.num_inference_steps,
+                                   validation.guidance_scale, validation.resolution)
+        save_grid(accelerator, ctx.run_dir, images, step, [p.text for p in prompts])
+    accelerator.wait_for_everyone()

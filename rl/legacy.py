@@ -1,0 +1,109 @@
+"""Run directories written by earlier versions of this code: their `config.yaml` in today's spelling.
+
+Until the shared training session was redesigned, configs named classes in modules that are gone (`rl.policy`,
+`rl.trainer`, `rl.sft`'s shared blocks, the digits loader in `experiments/`), built algorithms as functions
+(`rl.grpo.run`, `_partial_: true`) and spelled checkpoint options per algorithm (`algo.checkpoint_every`,
+`algo.train.keep_checkpoints`, ...). `upgrade_config` rewrites such a config;
+`experiments.evaluate` applies it when it reads a run, and
+
+    python -m rl.legacy RUN_DIR [RUN_DIR ...]
+
+rewrites `config.yaml` in place (keeping the original as `config.before-upgrade.yaml`). Checkpoints need no
+conversion: `rl.checkpoints` reads their numbered pieces. To resume an old run, start it again with its options in
+today's spelling (`algo.checkpoint.every` for `algo.checkpoint_every`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.errors import UserError, exit_on_user_error
+
+RENAMED_TARGETS = {
+    "rl.policy.SamplingConfig": "rl.rollouts.SamplingConfig",
+    "rl.policy.PPOConfig": "rl.ppo.PPOConfig",
+    "rl.policy.EvalConfig": "rl.evaluation.EvalConfig",
+    "rl.trainer.OptimConfig": "rl.session.OptimConfig",
+    "rl.sft.EmaConfig": "rl.session.EmaConfig",
+    "rl.sft.LossConfig": "rl.supervised.LossConfig",
+    "rl.sft.TrainConfig": "rl.supervised.TrainConfig",
+    "rl.sft.ValidationConfig": "rl.evaluation.ValidationConfig",
+    "experiments.digits_world.load_digits_pipeline": "pipelines.digits.load_digits_pipeline",
+}
+# An algorithm was a function built with `_partial_: true`; it is now a config class whose instance runs it.
+RENAMED_ALGORITHMS = {
+    "rl.sample.run": "rl.sample.Sample", "rl.sft.run": "rl.sft.SFT", "rl.dreambooth.run": "rl.dreambooth.DreamBooth",
+    "rl.grpo.run": "rl.grpo.GRPO", "rl.ddpo.run": "rl.ddpo.DDPO", "rl.dpo.run_offline": "rl.dpo.OfflineDPO",
+    "rl.dpo.run_online": "rl.dpo.OnlineDPO", "rl.refl.run": "rl.refl.ReFL",
+}
+# old key -> CheckpointConfig field; epoch algorithms kept them in `algo`, step algorithms in `algo.train`
+CHECKPOINT_KEYS = {"checkpoint_every": "every", "keep_checkpoints": "keep", "resume": "resume",
+                   "exit_after_epochs": "exit_after", "exit_after_steps": "exit_after"}
+
+
+def upgrade_config(config: DictConfig) -> tuple[DictConfig, list[str]]:
+    """`config` in today's spelling, and a line for each change (none for a config that is already current)."""
+    data = OmegaConf.to_container(config, resolve=False)
+    changes: list[str] = []
+
+    def retarget(node, path: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if target in RENAMED_TARGETS:
+                node["_target_"] = RENAMED_TARGETS[target]
+                changes.append(f"{path}._target_: {target} -> {node['_target_']}")
+            for key, value in node.items():
+                retarget(value, f"{path}.{key}" if path else key)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                retarget(value, f"{path}[{i}]")
+
+    retarget(data, "")
+    algo = data.get("algo")
+    if isinstance(algo, dict) and algo.get("_target_") in RENAMED_ALGORITHMS:
+        changes.append(f"algo._target_: {algo['_target_']} -> {RENAMED_ALGORITHMS[algo['_target_']]}")
+        algo["_target_"] = RENAMED_ALGORITHMS[algo["_target_"]]
+        algo.pop("_partial_", None)
+    if isinstance(algo, dict) and "checkpoint" not in algo:
+        train = algo.get("train") if isinstance(algo.get("train"), dict) else {}
+        source, prefix = (train, "algo.train") if "checkpoint_every" in train else (algo, "algo")
+        if "checkpoint_every" in source:
+            checkpoint = {"_target_": "rl.checkpoints.CheckpointConfig"}
+            for old, new in CHECKPOINT_KEYS.items():
+                if old in source:
+                    checkpoint[new] = source.pop(old)
+                    changes.append(f"{prefix}.{old} -> algo.checkpoint.{new}")
+            algo["checkpoint"] = checkpoint
+    return OmegaConf.create(data), changes
+
+
+def upgrade_run(run_dir: Path) -> list[str]:
+    """Rewrite `<run_dir>/config.yaml` in today's spelling (the original kept as `config.before-upgrade.yaml`)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory: it holds no config.yaml")
+    config, changes = upgrade_config(OmegaConf.load(path))
+    if changes:
+        shutil.copy(path, run_dir / "config.before-upgrade.yaml")
+        OmegaConf.save(config, path)
+    return changes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rl.legacy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories written by rl.run")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        for run_dir in args.run_dirs:
+            changes = upgrade_run(run_dir)
+            print(f"{run_dir}: " + (f"{len(changes)} changes" if changes else "already current"))
+            for change in changes:
+                print(f"  {change}")
+
+
+if __name__ == "__main__":
+    main()

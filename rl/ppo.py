@@ -1,0 +1,135 @@
+"""The PPO-clip update over stored transitions (GRPO, DDPO; `docs/algorithms.md` sections 2-3).
+
+The update re-scores each stored transition under the current policy, compares it with the sampling policy's
+log-probability (`rl.losses.ppo_clip_loss`) and adds whatever the algorithm passes as `extra_loss` (GRPO's KL to the
+reference lives in `rl/grpo.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import PartialState
+
+from pipelines import transition_log_probs
+from pipelines.errors import ConfigError
+from rl import seeds
+from rl.losses import ppo_clip_loss
+from rl.rollouts import Rollouts, SamplingConfig
+from rl.session import collect
+
+# forward(index, column) -> (log_prob, mean, std_dev_t) of the chosen samples' chosen stochastic steps
+Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# extra_loss(forward, index, column, mean, std_dev_t) -> (a term added to the loss, its diagnostics)
+ExtraLoss = Callable[[Forward, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class PPOConfig:
+    """The PPO-clip update over stored transitions (`algo.ppo`)."""
+
+    clip_range: float = 1e-4  # tiny because log-probs are per-pixel means (Flow-GRPO, DDPO)
+    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
+    timestep_fraction: float = 0.99  # fraction of the (stochastic) steps trained per sample
+    inner_epochs: int = 1  # passes over an epoch's samples
+    batch_size: int = 8  # samples per training forward, per process
+    optimizer_steps: int = 2  # optimiser steps per inner epoch (gradients accumulate in between)
+    recompute_old_log_probs: bool = True  # old log-probs in the training layout: the first ratio is exactly 1
+
+
+@dataclass(frozen=True)
+class PPOLayout:
+    """How an epoch's samples are trained: samples per process, micro-batches per optimiser step, optimiser steps in
+    all (for the LR schedule)."""
+
+    samples_per_process: int
+    accumulation: int
+    updates: int
+
+
+def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayout:
+    """The layout of a PPO method, with the batch sizes checked against each other before anything loads."""
+    local = sampling.samples_per_process(PartialState().num_processes)
+    if local % ppo.batch_size:
+        raise ConfigError(f"{local} images per process are not a multiple of ppo.batch_size={ppo.batch_size}")
+    num_sde = min(sampling.sde_window or sampling.num_inference_steps, sampling.num_inference_steps)
+    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
+    forwards = (local // ppo.batch_size) * num_train_steps
+    if forwards % ppo.optimizer_steps:
+        raise ConfigError(f"{forwards} training forwards per epoch do not split into {ppo.optimizer_steps} optimiser steps")
+    return PPOLayout(local, forwards // ppo.optimizer_steps, epochs * ppo.inner_epochs * ppo.optimizer_steps)
+
+
+def ppo_update(
+    session,
+    rollouts: Rollouts,
+    advantages: torch.Tensor,
+    sampling: SamplingConfig,
+    ppo: PPOConfig,
+    epoch: int,
+    extra_loss: ExtraLoss | None = None,
+) -> dict[str, float]:
+    """PPO-clip over this process's stored transitions (`session`: a `rl.session.Session`); returns the mean
+    diagnostics over all processes.
+
+    Samples are shuffled, and each sample trains on its own random subset of `timestep_fraction` of its stochastic
+    steps, in random order, with a new layout for each inner epoch. The old log-probabilities are the sampling policy's
+    in every inner epoch (re-scored in each layout before the first update, or the stored ones).
+    """
+    accelerator, transformer = session.accelerator, session.transformer
+    count, num_sde = len(rollouts), len(rollouts.sde_steps)
+    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
+    stats: dict[str, list[torch.Tensor]] = {}
+
+    def forward(index: torch.Tensor, column: torch.Tensor):
+        steps = torch.tensor(rollouts.sde_steps, device=column.device)[column]
+        negatives = rollouts.negative_prompt_embeds
+        return transition_log_probs(
+            transformer,
+            rollouts.scheduler,
+            rollouts.latents[index, steps],
+            rollouts.latents[index, steps + 1],
+            rollouts.timesteps[steps],
+            rollouts.prompt_embeds[index],
+            rollouts.pooled_prompt_embeds[index],
+            sampling.guidance_scale,
+            sampling.noise_level,
+            negatives[index] if negatives is not None else None,
+            rollouts.negative_pooled_prompt_embeds[index] if negatives is not None else None,
+            sde_type=sampling.sde_type,
+        )
+
+    device = rollouts.latents.device
+    layouts = []  # per inner epoch: a list of (sample indices, per-sample step columns)
+    for inner in range(ppo.inner_epochs):
+        generator = seeds.update_order(session.ctx.seed, epoch, inner, accelerator.process_index)
+        order = torch.randperm(count, generator=generator)
+        columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps] for _ in range(count)])
+        layouts.append([
+            (order[s : s + ppo.batch_size].to(device), columns[order[s : s + ppo.batch_size], j].to(device))
+            for s in range(0, count, ppo.batch_size)
+            for j in range(num_train_steps)
+        ])
+    if ppo.recompute_old_log_probs:
+        # The behaviour policy's log-probs, re-scored in each training layout before any update.
+        with torch.no_grad():
+            old_log_probs = [[forward(index, column)[0] for index, column in layout] for layout in layouts]
+    else:
+        old_log_probs = [[rollouts.log_probs[index, column] for index, column in layout] for layout in layouts]
+
+    for layout, olds in zip(layouts, old_log_probs):
+        for (index, column), old in zip(layout, olds):
+            with accelerator.accumulate(transformer):
+                log_prob, mean, std_dev_t = forward(index, column)
+                loss, step_stats = ppo_clip_loss(log_prob, old, advantages[index], ppo.clip_range)
+                if extra_loss is not None:
+                    extra, extra_stats = extra_loss(forward, index, column, mean, std_dev_t)
+                    loss = loss + extra
+                    step_stats.update(extra_stats)
+                step_stats["loss"] = loss.detach()
+                session.backward_and_step(loss, step_stats)
+            collect(stats, step_stats)
+    return {name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in stats.items()}

@@ -1,0 +1,223 @@
+"""Rollouts for the online methods (GRPO, DDPO, online DPO): which prompts an epoch samples, SDE sampling with
+log-probabilities (`docs/algorithms.md` section 1), and scoring.
+
+An epoch samples `prompts_per_epoch` prompts, each `images_per_prompt` times (a group), spread over the processes;
+every image has a global index from which its seeds are derived (`rl/seeds.py`), so what an image is does not depend
+on the batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate import PartialState
+
+from pipelines import StableDiffusion3LogProbPipeline
+from pipelines.errors import ConfigError
+from rewards import Reward
+from rl import seeds
+from rl.prompts import Prompt
+
+
+@dataclass
+class SamplingConfig:
+    """How an epoch's images are sampled (`algo.sampling`)."""
+
+    prompts_per_epoch: int = 8  # distinct prompts per epoch, over all processes
+    images_per_prompt: int = 8  # GRPO's group size G; DDPO's samples per prompt
+    batch_size: int = 8  # images per sampling forward pass, per process
+    num_inference_steps: int = 10
+    guidance_scale: float = 4.5
+    noise_level: float = 0.7  # the SDE's noise level a
+    sde_type: str = "sde"  # sde (Flow-GRPO) or cps
+    resolution: int | None = None  # None: the model's native size
+    same_initial_noise: bool = False  # one initial noise per group (Flow-GRPO's same_latent)
+    sde_window: int | None = None  # Flow-GRPO-Fast: only this many consecutive steps are stochastic and trained
+    sde_window_range: float = 0.5  # ... placed at random within this first fraction of the trajectory
+
+    def samples_per_process(self, num_processes: int) -> int:
+        """The images each process samples per epoch; checked against the batch size before anything loads."""
+        total = self.prompts_per_epoch * self.images_per_prompt
+        if total % num_processes:
+            raise ConfigError(f"{total} images per epoch do not split over {num_processes} processes")
+        local = total // num_processes
+        if local % self.batch_size:
+            raise ConfigError(f"{local} images per process are not a multiple of sampling.batch_size={self.batch_size}")
+        return local
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One image to sample in an epoch: its prompt, its group (one per chosen prompt), its global index, its seeds."""
+
+    prompt_id: int  # index in the training prompt set
+    group: int
+    index: int  # global index of the image in the epoch
+    noise_seed: int  # initial noise
+    sde_seed: int  # the SDE's per-step noise
+
+
+@dataclass
+class Rollouts:
+    """One process's sampled trajectories with what training needs."""
+
+    latents: torch.Tensor  # (N, T+1, C, H, W) float32
+    log_probs: torch.Tensor  # (N, K): one per stochastic step
+    sde_steps: list[int]  # which of the T steps are stochastic (K of them)
+    timesteps: torch.Tensor  # (T,)
+    scheduler: object  # a copy of the scheduler holding the sampling schedule, for re-scoring the transitions
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
+    prompts: list[str]
+    prompt_ids: torch.Tensor  # (N,) index of the prompt in the training set
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def epoch_jobs(num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig, num_processes: int,
+               rank: int) -> list[SampleJob]:
+    """This process's share of the epoch: each chosen prompt repeated `images_per_prompt` times over all processes.
+
+    The prompts are drawn from an epoch-seeded permutation (cycling if the set is small); every image has a global
+    index, and its initial-noise seed is that index's (or its group's, with `same_initial_noise`).
+    """
+    generator = seeds.prompt_order(seed, epoch)
+    rounds = math.ceil(sampling.prompts_per_epoch / num_prompts)
+    order = torch.cat([torch.randperm(num_prompts, generator=generator) for _ in range(rounds)])
+    chosen = order[: sampling.prompts_per_epoch].tolist()
+    places = [(prompt_id, group, group * sampling.images_per_prompt + k)
+              for group, prompt_id in enumerate(chosen) for k in range(sampling.images_per_prompt)]
+    local = len(places) // num_processes
+    return [
+        SampleJob(prompt_id, group, index,
+                  noise_seed=seeds.initial_noise(seed, epoch, group if sampling.same_initial_noise else index),
+                  sde_seed=seeds.sde_noise(seed, epoch, index))
+        for prompt_id, group, index in places[rank * local : (rank + 1) * local]
+    ]
+
+
+def sde_window(sampling: SamplingConfig, seed: int, epoch: int) -> list[int] | None:
+    """Flow-GRPO-Fast: a window of consecutive stochastic steps at a random place in the trajectory's first part."""
+    if sampling.sde_window is None:
+        return None
+    last_start = max(0, int(sampling.num_inference_steps * sampling.sde_window_range) - sampling.sde_window)
+    start = int(torch.randint(0, last_start + 1, (1,), generator=seeds.sde_window_start(seed, epoch)))
+    return list(range(start, min(start + sampling.sde_window, sampling.num_inference_steps)))
+
+
+@torch.no_grad()
+def sample_rollouts(
+    pipe: StableDiffusion3LogProbPipeline,
+    prompts: list[Prompt],
+    jobs: list[SampleJob],
+    sampling: SamplingConfig,
+    sde_steps: list[int] | None,
+) -> tuple[Rollouts, torch.Tensor]:
+    """SDE-sample the jobs in batches; returns the rollouts and the decoded images (NCHW in [0, 1])."""
+    device = pipe.transformer.device
+    channels = pipe.transformer.config.in_channels
+    size = (sampling.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    parts, images = [], []
+    for start in range(0, len(jobs), sampling.batch_size):
+        batch = jobs[start : start + sampling.batch_size]
+        initial = torch.stack([
+            torch.randn(channels, size, size, generator=seeds.generator(job.noise_seed)) for job in batch
+        ]).to(device)
+        out = pipe(
+            [prompts[job.prompt_id].text for job in batch],
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
+            height=sampling.resolution,
+            width=sampling.resolution,
+            latents=initial,
+            noise_level=sampling.noise_level,
+            sde_type=sampling.sde_type,
+            sde_steps=sde_steps,
+            generator=[seeds.generator(job.sde_seed, device) for job in batch],
+            output_type="pt",
+        )
+        parts.append(out)
+        images.append(out.images.float())
+
+    def cat(name: str) -> torch.Tensor | None:
+        return torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None
+
+    rollouts = Rollouts(
+        latents=cat("latents"),
+        log_probs=cat("log_probs"),
+        sde_steps=parts[0].sde_steps,
+        timesteps=parts[0].timesteps,
+        scheduler=copy.deepcopy(pipe.scheduler),  # evaluation later resets the pipeline's own schedule
+        prompt_embeds=cat("prompt_embeds"),
+        pooled_prompt_embeds=cat("pooled_prompt_embeds"),
+        negative_prompt_embeds=cat("negative_prompt_embeds"),
+        negative_pooled_prompt_embeds=cat("negative_pooled_prompt_embeds"),
+        prompts=[prompts[job.prompt_id].text for job in jobs],
+        prompt_ids=torch.tensor([job.prompt_id for job in jobs], device=device),
+    )
+    return rollouts, torch.cat(images)
+
+
+def score(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
+    """Rewards without gradients; per-sample tensors of the reward's info are kept for logging."""
+    with torch.no_grad():
+        scores, info = reward(images, prompts, metadata)
+    per_sample = {k: v.float() for k, v in info.items() if isinstance(v, torch.Tensor) and v.shape == scores.shape}
+    return scores.float(), per_sample
+
+
+@dataclass
+class EpochSamples:
+    """An epoch's rollouts on this process, scored, with every process's rewards gathered (in process order)."""
+
+    jobs: list[SampleJob]
+    rollouts: Rollouts
+    rewards: torch.Tensor  # (N,) this process's
+    info: dict[str, torch.Tensor]  # per-image values the reward reported, this process's
+    all_rewards: torch.Tensor  # every process's, in process order
+    all_groups: torch.Tensor  # the group of each of `all_rewards`
+    all_prompt_ids: torch.Tensor  # the prompt of each of `all_rewards`
+
+
+def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[int] | None) -> EpochSamples:
+    """Sample this process's share of the epoch, score it, and gather every process's rewards (`rl.session.Session`
+    gives the model, reward and accelerator)."""
+    ctx, accelerator = session.ctx, session.accelerator
+    jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, accelerator.num_processes,
+                      accelerator.process_index)
+    rollouts, images = sample_rollouts(session.pipe, ctx.train_prompts, jobs, sampling, sde_steps)
+    metadata = [ctx.train_prompts[job.prompt_id].metadata for job in jobs]
+    rewards, info = score(session.reward, images, rollouts.prompts, metadata)
+    groups = torch.tensor([job.group for job in jobs], device=rewards.device)
+    return EpochSamples(
+        jobs=jobs, rollouts=rollouts, rewards=rewards, info=info,
+        all_rewards=accelerator.gather(rewards.contiguous()),
+        all_groups=accelerator.gather(groups.contiguous()),
+        all_prompt_ids=accelerator.gather(rollouts.prompt_ids.contiguous()),
+    )
+
+
+def local_slice(values: torch.Tensor, samples_per_process: int) -> torch.Tensor:
+    """This process's part of values gathered from every process in process order."""
+    rank = PartialState().process_index
+    return values[rank * samples_per_process : (rank + 1) * samples_per_process]
+
+
+def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session, epoch: int,
+                  samples_per_process: int) -> dict[str, float]:
+    """The training metrics of an epoch: reward statistics over all processes, the update's diagnostics, counters."""
+    rewards = samples.all_rewards
+    metrics = {"train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item()}
+    for name, values in samples.info.items():
+        metrics[f"train/{name}_mean"] = session.accelerator.gather(values.contiguous()).mean().item()
+    metrics.update({f"train/{name}": value for name, value in stats.items()})
+    metrics["train/lr"] = session.lr_scheduler.get_last_lr()[0]
+    metrics["train/epoch"] = epoch
+    metrics["train/samples"] = epoch * samples_per_process * session.accelerator.num_processes
+    return metrics

@@ -1,0 +1,376 @@
+"""The training session every algorithm runs in, supervised ones included.
+
+`open_session` does, once and in the same order for every algorithm: the accelerator (logging to `metrics.jsonl` and
+the trackers), the model (frozen parts in the mixed-precision dtype; LoRA adapters, or the whole transformer,
+trainable), the optimiser and its LR schedule, the EMA of the trained weights, the checkpoints (named pieces, see
+`rl/checkpoints.py`) and the resume. The returned `Session` then gives the algorithm's loop what it shares with every
+other:
+
+    s = open_session(ctx, lora=lora, optim=optim, ema=ema, checkpoint=checkpoint, total_steps=epochs, ...)
+    for epoch in s.steps("grpo"):                  # from the resumed step to the last, with a progress bar
+        ...                                        # the algorithm's own work; s.backward_and_step(loss, stats)
+        if s.end_epoch(metrics, evaluate):          # EMA, log, evaluate when due, checkpoint; True: stop here
+            return
+    s.finish()                                     # final/ in diffusers' format, curves.png
+
+`with s.ema_weights():` runs a block on the EMA weights (when kept); `s.reference_policy()` gives a context in which the
+transformer is the frozen reference. An algorithm's "step" is whatever it counts: epochs for GRPO, DDPO and online
+DPO, optimiser steps for the others; checkpoints, `exit_after` and the progress bar count the same steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusion3Pipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from pipelines import StableDiffusion3LogProbPipeline
+from pipelines.errors import ConfigError
+from rewards import Reward
+from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
+from rl.context import RunContext
+from rl.lora import LoraSpec, add_text_encoder_lora, add_transformer_lora, save_lora
+from rl.tracking import plot_eval_curves
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (`algo.optim`)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_8bit: bool = False  # bitsandbytes' 8-bit AdamW (CUDA only)
+    lr_scheduler: str = "constant"  # any of diffusers.optimization's: constant, linear, cosine, ...
+    warmup_steps: int = 0
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the trained weights (`algo.ema`), used for evaluation and `final/`."""
+
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """The options every training algorithm's session takes (`algo.lora`, `algo.optim`, `algo.ema`,
+    `algo.checkpoint`); each algorithm's config extends it with its own."""
+
+    lora: LoraSpec | None = None  # None: train the whole transformer
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        raise ConfigError("nothing to train: no parameter requires gradients (check algo.lora)")
+    kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=config.eps)
+    if config.use_8bit:
+        if not torch.cuda.is_available():
+            raise ConfigError("algo.optim.use_8bit=true needs a CUDA GPU (bitsandbytes); set it to false")
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, **kwargs)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int, num_processes: int):
+    """diffusers' LR schedule over `total_steps` optimiser steps; accelerate steps a prepared scheduler once per
+    process, so warm-up and length are counted in process-steps."""
+    return get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype=dtype)` when that changes anything (diffusers warns on every dtype cast, even a no-op)."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+
+
+def prepare_models(
+    pipe: StableDiffusion3LogProbPipeline,
+    lora: LoraSpec | None,
+    gradient_checkpointing: bool,
+    weight_dtype: torch.dtype,
+    seed: int,
+) -> list[torch.nn.Module]:
+    """Freeze what is not trained, add adapters (LoRA) or unfreeze the transformer (full fine-tuning).
+
+    Frozen modules are cast to `weight_dtype` (bf16 / fp16 under mixed precision); trained parameters stay float32.
+    The adapters' random initialisation depends on `seed` only. Returns the modules that hold trainable parameters
+    (the transformer first, then the CLIP text encoders when their LoRA trains).
+    """
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False)
+            cast(module, weight_dtype)
+    trained: list[torch.nn.Module] = [pipe.transformer]
+    if lora is not None:
+        cast(pipe.transformer, weight_dtype)
+        with torch.random.fork_rng():  # seeds CPU and CUDA generators, restores them afterwards
+            torch.manual_seed(seed)
+            add_transformer_lora(pipe.transformer, lora)
+            if lora.text_encoders:
+                for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+                    add_text_encoder_lora(encoder, lora)
+                    trained.append(encoder)
+    else:
+        pipe.transformer.requires_grad_(True)
+    for module in trained:
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    if gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    return trained
+
+
+def trainable_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+def save_final(
+    directory, pipe: StableDiffusion3LogProbPipeline, lora: LoraSpec | None, modules: list[torch.nn.Module],
+    accelerator: Accelerator,
+) -> None:
+    """Write `<run dir>/final/`: the LoRA in diffusers' format, or a full `StableDiffusion3Pipeline` folder."""
+    if not accelerator.is_main_process:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    unwrapped = [accelerator.unwrap_model(m) for m in modules]
+    if lora is not None:
+        encoders = unwrapped[1:] if lora.text_encoders else [None, None]
+        save_lora(directory, unwrapped[0], *encoders)
+    else:
+        components = {**pipe.components, "transformer": unwrapped[0]}
+        StableDiffusion3Pipeline(**components).save_pretrained(directory)
+
+
+def collect(stats: dict[str, list[torch.Tensor]], step_stats: dict[str, torch.Tensor]) -> None:
+    """Append a micro-batch's diagnostics to the step's lists (as float scalars, without gradients)."""
+    for name, value in step_stats.items():
+        stats.setdefault(name, []).append(value.detach().float().reshape(()))
+
+
+@dataclass
+class Session:
+    """What a training loop holds; built by `open_session`."""
+
+    ctx: RunContext
+    accelerator: Accelerator
+    pipe: StableDiffusion3LogProbPipeline
+    transformer: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    modules: list[torch.nn.Module]  # the modules holding trained parameters, the transformer first
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    reward: Reward | None
+    state: TrainState
+    checkpointer: Checkpointer
+    ema: EMAModel | None
+    lora: LoraSpec | None
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    total_steps: int  # the algorithm's steps in all (epochs, or optimiser steps)
+    unit: str  # what a step is, in log lines: "epoch" or "step"
+    start: int = 0  # the step this invocation started (or resumed) at
+    started: float = field(default_factory=time.time)
+    progress: tqdm | None = None
+
+    # ---------------------------------------------------------------------------------------------- the loop
+
+    def steps(self, desc: str) -> Iterator[int]:
+        """The steps still to run, from the resumed one, with a progress bar; the loop body ends with `end_epoch` or
+        `end_step`, which advance `state.step`."""
+        self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc=desc,
+                             disable=not self.accelerator.is_local_main_process)
+        self.started = time.time()
+        while self.state.step < self.total_steps:
+            yield self.state.step
+        self.progress.close()
+
+    def backward_and_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """Backward, and on a synchronising micro-batch clip the gradients (their norm goes into `stats`); then the
+        optimiser and LR steps (accelerate makes them no-ops between accumulation boundaries). Call it inside
+        `accelerator.accumulate(s.transformer)`."""
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            if len(self.modules) > 1 and self.accelerator.num_processes > 1:
+                for module in self.modules[1:]:  # text encoders are not DDP-wrapped: average their gradients here
+                    for p in module.parameters():
+                        if p.grad is not None:
+                            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            stats["grad_norm"] = torch.as_tensor(
+                self.accelerator.clip_grad_norm_(self.parameters, self.optim.max_grad_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_epoch(self, metrics: dict[str, float], evaluate: Callable[[int], None]) -> bool:
+        """After an epoch's update: log `metrics`, then `_advance`. True when this invocation should stop now."""
+        return self._advance(metrics, evaluate)
+
+    def end_step(self, stats: dict[str, list[torch.Tensor]], samples_per_step: int, log_every: int,
+                 evaluate: Callable[[int], None]) -> bool:
+        """After an optimiser step of a step-based loop: log the means of `stats` over its micro-batches and processes
+        (every `log_every` steps and the last), then `_advance`. True when this invocation should stop now."""
+        step = self.state.step + 1
+        metrics = None
+        if step % log_every == 0 or step == self.total_steps:
+            metrics = {f"train/{k}": self.accelerator.reduce(torch.stack(v).mean(), "mean").item()
+                       for k, v in stats.items()}
+            metrics["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+            metrics["train/samples"] = step * samples_per_step
+            metrics["train/steps_per_second"] = (step - self.start) / (time.time() - self.started)
+            if self.progress is not None:
+                self.progress.set_postfix({k.split("/")[1]: f"{v:.4f}" for k, v in metrics.items()
+                                           if k in ("train/loss", "train/reward_mean", "train/implicit_acc")})
+        return self._advance(metrics, evaluate)
+
+    def _advance(self, metrics: dict[str, float] | None, evaluate: Callable[[int], None]) -> bool:
+        """Count the step; EMA step; log; held-out evaluation (`evaluate(step)` decides whether it is due);
+        checkpoint when due. True when `checkpoint.exit_after` steps have run in this invocation: a checkpoint of
+        this step is then written (a planned stop never loses work) and the run resumes from it when started again."""
+        self.state.step += 1
+        step = self.state.step
+        if self.ema is not None:
+            self.ema.step(self.parameters)
+        if self.progress is not None:
+            self.progress.update(1)
+        if metrics is not None:
+            self.accelerator.log(metrics, step=step)
+        evaluate(step)
+        if self.checkpointer.due(step, self.total_steps):
+            self.checkpointer.save(step)
+        if self.checkpoint.exit_after is not None and step - self.start >= self.checkpoint.exit_after:
+            if not self.checkpointer.due(step, self.total_steps):
+                self.checkpointer.save(step)
+            logger.info("stopped after %d %ss as asked (checkpoint.exit_after); start again to resume",
+                        step - self.start, self.unit)
+            if self.progress is not None:
+                self.progress.close()
+            self.accelerator.end_training()
+            return True
+        return False
+
+    def finish(self) -> None:
+        """Save the adapters (or weights), the EMA weights when kept, in diffusers' format into `final/`; plot the
+        held-out curves (`curves.png`); close the trackers."""
+        if self.ema is not None:
+            self.ema.copy_to(self.parameters)
+        run_dir = self.ctx.run_dir
+        save_final(run_dir / "final", self.pipe, self.lora, self.modules, self.accelerator)
+        if self.accelerator.is_main_process and plot_eval_curves(run_dir) is not None:
+            logger.info("held-out curves: %s; image grids: %s", run_dir / "curves.png", run_dir / "samples")
+        self.accelerator.end_training()
+
+    # -------------------------------------------------------------------------------------------- the weights
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the block the trained parameters hold their EMA (when one is kept); restored afterwards."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.parameters)
+
+    def reference_policy(self) -> Callable[[], contextmanager]:
+        """A context in which the transformer computes the reference policy: the base model (adapter disabled) for
+        LoRA, a frozen copy of the initial weights (made now) for full fine-tuning."""
+        unwrapped = self.accelerator.unwrap_model(self.transformer)
+        if self.lora is not None:
+
+            @contextmanager
+            def adapter_disabled():
+                unwrapped.disable_adapters()
+                try:
+                    yield
+                finally:
+                    unwrapped.enable_adapters()
+
+            return adapter_disabled
+        frozen = copy.deepcopy(unwrapped).requires_grad_(False).eval()
+        original_forward = unwrapped.forward
+
+        @contextmanager
+        def frozen_weights():
+            unwrapped.forward = frozen.forward
+            try:
+                yield
+            finally:
+                unwrapped.forward = original_forward
+
+        return frozen_weights
+
+
+def open_session(
+    ctx: RunContext,
+    config: TrainingConfig,
+    *,
+    total_steps: int,
+    updates: int | None = None,
+    accumulation: int = 1,
+    unit: str = "step",
+    gradient_checkpointing: bool = False,
+    state: dict[str, Stateful] | None = None,
+    load_pipeline: Callable[..., StableDiffusion3LogProbPipeline] | None = None,
+) -> Session:
+    """Load the model with `config.lora` (or trainable), the optimiser for `updates` optimiser steps (default
+    `total_steps`) with `accumulation` micro-batches each, the EMA, the reward, the checkpoints with the named `state`
+    objects beside the counters; resume from the latest checkpoint when `config.checkpoint.resume`."""
+    lora, optim, ema, checkpoint = config.lora, config.optim, config.ema, config.checkpoint
+    accelerator = ctx.accelerator(gradient_accumulation_steps=accumulation)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = (load_pipeline or ctx.load_pipeline)(device=accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    modules = prepare_models(pipe, lora, gradient_checkpointing, weight_dtype, ctx.seed)
+    parameters = trainable_parameters(modules)
+    optimizer = build_optimizer(parameters, optim)
+    lr_scheduler = build_lr_scheduler(optimizer, optim, updates or total_steps, accelerator.num_processes)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(modules[0], optimizer, lr_scheduler)
+    counters = TrainState()
+    ema_model = EMAModel(parameters, decay=ema.decay) if ema.enabled else None
+    named: dict[str, Stateful] = {"train_state": counters}
+    if ema_model is not None:
+        named["ema"] = ema_model
+    named.update(state or {})
+    lora_modules = None
+    if lora is not None:
+        lora_modules = {"transformer": transformer}
+        if lora.text_encoders:
+            lora_modules.update(text_encoder=modules[1], text_encoder_2=modules[2])
+    checkpointer = Checkpointer(accelerator, ctx.run_dir, checkpoint, named, lora_modules)
+    if checkpoint.resume:
+        checkpointer.restore()
+    reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
+    return Session(
+        ctx=ctx, accelerator=accelerator, pipe=pipe, transformer=transformer, modules=modules, parameters=parameters,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, state=counters, checkpointer=checkpointer,
+        ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, unit=unit,
+        start=counters.step,
+    )
