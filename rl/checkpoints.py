@@ -39,7 +39,7 @@ class CheckpointConfig:
     `every` counts the algorithm's steps: epochs for GRPO, DDPO and online DPO, optimiser steps for the others."""
 
     every: int = 10  # steps between checkpoints (the last step is always saved)
-    keep: int | None = 3  # newest complete checkpoints kept; None keeps all (for a full curve from experiments.evaluate)
+    keep: int | None = 3  # newest complete checkpoints kept; None keeps all (a full curve for experiments.evaluate)
     resume: bool = True  # continue from the run directory's latest complete checkpoint
     exit_after: int | None = None  # stop this invocation after N steps, as a kill would (start again to resume)
 

@@ -106,6 +106,7 @@ def dpo_step(
     batch: NoisedPairs,
     prompt_embeds: torch.Tensor,
     pooled: torch.Tensor,
+    *,
     loss: LossConfig,
     beta: float,
     keep: torch.Tensor | None = None,
@@ -176,7 +177,8 @@ def run_offline(ctx: RunContext, config: OfflineDPO) -> None:
                 loser = encoder.latents(batch["loser"].to(accelerator.device), batch["keys"], generator)
                 prompt_embeds, pooled = encoder.text(batch["captions"], batch["keys"])
                 noised = noised_pair(winner, loser, scheduler, loss, generator)
-                total, step_stats = dpo_step(s.transformer, reference, noised, prompt_embeds, pooled, loss, config.beta)
+                total, step_stats = dpo_step(s.transformer, reference, noised, prompt_embeds, pooled, loss=loss,
+                                             beta=config.beta)
                 s.backward_and_step(total, step_stats)
             collect(stats, {**step_stats, "loss": total})
         if s.end_step(stats, samples_per_step, train.log_every, evaluate):
@@ -192,9 +194,8 @@ def evaluate_offline(s: Session, config: OfflineDPO, reference, encoder: Encoder
     if s.accelerator.is_main_process:
         with s.ema_weights():
             transformer = s.accelerator.unwrap_model(s.transformer)
-            metrics = held_out_pair_metrics(transformer, reference, encoder, scheduler, held_out_pairs, config.loss,
-                                            config.beta, s.ctx.seed, config.train.eval_batch_size,
-                                            config.train.eval_repeats)
+            metrics = held_out_pair_metrics(transformer, reference, encoder, scheduler, held_out_pairs,
+                                            config=config, seed=s.ctx.seed)
         s.accelerator.log(metrics, step=step)
     s.accelerator.wait_for_everyone()
     if s.reward is not None:
@@ -202,11 +203,13 @@ def evaluate_offline(s: Session, config: OfflineDPO, reference, encoder: Encoder
 
 
 def held_out_pair_metrics(
-    transformer, reference, encoder: Encoder, scheduler, held_out_pairs: PreferenceDataset, loss: LossConfig,
-    beta: float, seed: int, batch_size: int, repeats: int,
+    transformer, reference, encoder: Encoder, scheduler, held_out_pairs: PreferenceDataset, *, config: OfflineDPO,
+    seed: int,
 ) -> dict[str, float]:
-    """DPO diagnostics over all held-out pairs. Each pair's errors are averaged over `repeats` fixed draws of noise,
-    sigma and VAE sample (a steadier estimate of the expectation the implicit reward is defined by), then compared."""
+    """DPO diagnostics over all held-out pairs. Each pair's errors are averaged over `train.eval_repeats` fixed draws
+    of noise, sigma and VAE sample (a steadier estimate of the expectation the implicit reward is defined by), then
+    compared."""
+    loss, batch_size, repeats = config.loss, config.train.eval_batch_size, config.train.eval_repeats
     device = next(transformer.parameters()).device
     errors: list[torch.Tensor] = []  # per batch: (4, B) model_w, model_l, reference_w, reference_l
     for start in range(0, len(held_out_pairs), batch_size):
@@ -225,7 +228,7 @@ def held_out_pair_metrics(
             total = total + torch.stack([*model, *ref])
         errors.append(total / repeats)
     model_w, model_l, reference_w, reference_l = torch.cat(errors, dim=1)
-    value, stats = dpo_loss(model_w, model_l, reference_w, reference_l, beta)
+    value, stats = dpo_loss(model_w, model_l, reference_w, reference_l, config.beta)
     return {f"eval/{name}": number.item() for name, number in {"loss": value, **stats}.items()}
 
 
@@ -318,13 +321,13 @@ def online_update(s: Session, config: OnlineDPO, reference, scheduler, rollouts,
         order = order.to(winners.device)
         for start in range(0, len(order), train.batch_size):
             chosen = order[start : start + train.batch_size]
-            generator = seeds.training_step(s.ctx.seed, seeds.online_pair_batch(epoch, inner, train.inner_epochs, start),
-                                            accelerator.process_index, accelerator.device)
+            batch_number = seeds.online_pair_batch(epoch, inner, train.inner_epochs, start)
+            generator = seeds.training_step(s.ctx.seed, batch_number, accelerator.process_index, accelerator.device)
             w, l = winners[chosen], losers[chosen]
             with accelerator.accumulate(s.transformer):
                 batch = noised_pair(final[w], final[l], scheduler, config.loss, generator)
                 total, step_stats = dpo_step(s.transformer, reference, batch, rollouts.prompt_embeds[w],
-                                             rollouts.pooled_prompt_embeds[w], config.loss, config.beta,
+                                             rollouts.pooled_prompt_embeds[w], loss=config.loss, beta=config.beta,
                                              keep=valid[chosen])
                 s.backward_and_step(total, step_stats)
             collect(stats, {**step_stats, "loss": total})

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def generate_class_images(
-    pipe, folder: Path, class_prompt: str, count: int, seed: int, num_inference_steps: int, guidance_scale: float,
+    pipe, folder: Path, class_prompt: str, count: int, *, seed: int, num_inference_steps: int, guidance_scale: float,
     resolution: int, batch_size: int = 4,
 ) -> None:
     """Fill `folder` up to `count` images of `class_prompt` from the base model (image i from seed `seed + i`)."""
@@ -80,8 +80,9 @@ def run(ctx: RunContext, config: DreamBooth) -> None:
         folder = Path(config.class_data_dir).expanduser() if config.class_data_dir else ctx.run_dir / "class_images"
         pipe.set_progress_bar_config(disable=True)
         generate_class_images(
-            pipe, folder, config.class_prompt, config.num_class_images, ctx.seed, config.class_num_inference_steps,
-            config.class_guidance_scale, ctx.data.resolution,
+            pipe, folder, config.class_prompt, config.num_class_images, seed=ctx.seed,
+            num_inference_steps=config.class_num_inference_steps, guidance_scale=config.class_guidance_scale,
+            resolution=ctx.data.resolution,
         )
         class_data = ImageCaptionData(
             path=str(folder),

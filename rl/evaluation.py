@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 class EvalConfig:
     """Held-out evaluation: ODE samples at fixed seeds (`algo.eval`)."""
 
-    every: int = 5  # steps (epochs for the epoch-based algorithms); 0 disables (the first and last are always evaluated otherwise)
+    every: int = 5  # steps (epochs for GRPO, DDPO, online DPO); 0 disables; else the first and last are evaluated too
     max_prompts: int = 16
     images_per_prompt: int = 1
     num_inference_steps: int = 40
@@ -55,6 +55,7 @@ def sample_images(
     pipe: StableDiffusion3LogProbPipeline,
     prompts: list[Prompt],
     seed: int,
+    *,
     num_inference_steps: int,
     guidance_scale: float,
     resolution: int | None,
@@ -81,7 +82,8 @@ def sample_images(
 
 
 def save_grid(
-    accelerator: Accelerator, run_dir: Path, images: torch.Tensor, step: int, prompts: list[str], images_per_prompt: int = 1
+    accelerator: Accelerator, run_dir: Path, images: torch.Tensor, step: int, prompts: list[str],
+    images_per_prompt: int = 1,
 ) -> None:
     """Write `samples/step_<N>.png` (one row per prompt, captioned with it) and send it to the image trackers."""
     if not accelerator.is_main_process:
@@ -102,8 +104,9 @@ def evaluate(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """ODE samples of the held-out prompts at fixed seeds; the mean and std of the reward and each of its parts."""
     chosen = held_out_prompts(prompts, config)
-    images = sample_images(pipe, chosen, seeds.held_out(seed), config.num_inference_steps, config.guidance_scale,
-                           config.resolution, config.batch_size)
+    images = sample_images(pipe, chosen, seeds.held_out(seed), num_inference_steps=config.num_inference_steps,
+                           guidance_scale=config.guidance_scale, resolution=config.resolution,
+                           batch_size=config.batch_size)
     scores, info = score(reward, images.to(pipe.transformer.device), [p.text for p in chosen],
                          [p.metadata for p in chosen])
     return eval_metrics(scores, info), images
@@ -150,7 +153,8 @@ def validate(session, validation: ValidationConfig, step: int) -> None:
     if accelerator.is_main_process and ctx.eval_prompts:
         prompts = ctx.eval_prompts[: validation.max_prompts]
         with session.ema_weights():
-            images = sample_images(session.pipe, prompts, seeds.validation(ctx.seed), validation.num_inference_steps,
-                                   validation.guidance_scale, validation.resolution)
+            images = sample_images(session.pipe, prompts, seeds.validation(ctx.seed),
+                                   num_inference_steps=validation.num_inference_steps,
+                                   guidance_scale=validation.guidance_scale, resolution=validation.resolution)
         save_grid(accelerator, ctx.run_dir, images, step, [p.text for p in prompts])
     accelerator.wait_for_everyone()

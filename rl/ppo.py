@@ -59,7 +59,8 @@ def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayo
     num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
     forwards = (local // ppo.batch_size) * num_train_steps
     if forwards % ppo.optimizer_steps:
-        raise ConfigError(f"{forwards} training forwards per epoch do not split into {ppo.optimizer_steps} optimiser steps")
+        raise ConfigError(
+            f"{forwards} training forwards per epoch do not split into {ppo.optimizer_steps} optimiser steps")
     return PPOLayout(local, forwards // ppo.optimizer_steps, epochs * ppo.inner_epochs * ppo.optimizer_steps)
 
 

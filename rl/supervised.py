@@ -82,7 +82,8 @@ def supervised_loss(
         pooled_projections=pooled_prompt_embeds,
         return_dict=False,
     )[0]
-    return flow_matching_loss(prediction, latents, noise, noisy, sigmas, loss.weighting_scheme, loss.precondition_outputs)
+    return flow_matching_loss(prediction, latents, noise, noisy, sigmas, loss.weighting_scheme,
+                              loss.precondition_outputs)
 
 
 class Encoder:
@@ -166,7 +167,8 @@ def train_supervised(
     step; log, validate and checkpoint through the session; then `<run dir>/final/`."""
     lora, loss, train, validation = config.lora, config.loss, config.train, config.validation
     if train.cache_latents and not (dataset.deterministic and (prior is None or prior.dataset.deterministic)):
-        raise ConfigError("cache_latents needs data.center_crop=true and data.random_flip=false (augmentations change pixels)")
+        raise ConfigError(
+            "cache_latents needs data.center_crop=true and data.random_flip=false (augmentations change pixels)")
     if train.cache_text_embeddings and lora is not None and lora.text_encoders:
         raise ConfigError("cache_text_embeddings cannot be used while the text encoders are trained")
 

@@ -165,7 +165,8 @@ def test_dreambooth_with_prior_preservation_and_text_encoder_lora(tmp_path):
     assert (run_dir / "samples" / "step_000004.png").exists()
     # Class images already on disk are reused, not generated again.
     mtimes = [p.stat().st_mtime_ns for p in sorted((run_dir / "class_images").glob("*.png"))]
-    dreambooth.generate_class_images(load_pipeline(), run_dir / "class_images", "a photo of a cat", 4, 0, 3, 4.5, 32)
+    dreambooth.generate_class_images(load_pipeline(), run_dir / "class_images", "a photo of a cat", 4, seed=0,
+                                     num_inference_steps=3, guidance_scale=4.5, resolution=32)
     assert mtimes == [p.stat().st_mtime_ns for p in sorted((run_dir / "class_images").glob("*.png"))]
 
 
