@@ -32,7 +32,10 @@ from pathlib import Path
 
 import yaml
 
+from omegaconf import OmegaConf
+
 from pipelines.errors import UserError, exit_on_user_error
+from rl.legacy import upgrade_config
 from rl.tracking import flatten_config, metric_curve, read_metrics
 
 # Keys that differ between seeds of one configuration without changing it.
@@ -69,8 +72,9 @@ class Group:
 def read_run(path: Path, evaluation_dir: Path | None = None) -> Run:
     """A run directory's config, metrics and (from `evaluation_dir`, default `<run>/evaluation`) evaluation table."""
     config = None
-    if (path / "config.yaml").is_file():
-        config = flatten_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    if (path / "config.yaml").is_file():  # in today's spelling, so that runs of earlier versions group with today's
+        upgraded, _ = upgrade_config(OmegaConf.create(yaml.safe_load((path / "config.yaml").read_text()) or {}))
+        config = flatten_config(OmegaConf.to_container(upgraded))
     records = read_metrics(path)
     table = (evaluation_dir or path / "evaluation") / "table.json"
     evaluation = json.loads(table.read_text()) if table.is_file() else None

@@ -14,9 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-
 
 class UserError(ValueError):
     """Bad input from the user; the message (one line) names the option or file and says what to do."""
@@ -39,6 +36,9 @@ def exit_on_user_error() -> Iterator[None]:
 def build(config: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, except that a user error raised by any (nested) target reaches the caller as itself
     rather than wrapped in Hydra's `InstantiationException`, so that it can be reported in one line."""
+    from hydra.errors import InstantiationException  # here, so that `import pipelines` does not load Hydra
+    from hydra.utils import instantiate
+
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as error:

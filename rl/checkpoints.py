@@ -114,6 +114,11 @@ def read_ema(checkpoint: Path) -> dict[str, Any] | None:
     return read_state(checkpoint, "ema", _LEGACY_EMA_ORDER)
 
 
+def describe_pieces(pieces: set[str] | int) -> str:
+    """`{"ema", "train_state"}` -> "ema, train_state"; a count of numbered pieces -> "3 numbered pieces"."""
+    return f"{pieces} numbered pieces" if isinstance(pieces, int) else ", ".join(sorted(pieces))
+
+
 class Checkpointer:
     """Saves and restores `checkpoints/step_<N>/` in the run directory for one session.
 
@@ -175,6 +180,14 @@ class Checkpointer:
         if path is None:
             return None
         numbered = sorted(path.glob("custom_checkpoint_*.pkl"))
+        if numbered:  # written before the pieces were named: they are told apart by their count and order only
+            saved, kept = len(numbered), len(self.state)
+        else:
+            saved, kept = {p.stem for p in path.glob("*.pt")}, set(self.state)
+        if saved != kept:  # e.g. a run with EMA resumed without it: its pieces would be dropped or misread
+            raise ConfigError(f"{path} holds {describe_pieces(saved)} and this run keeps {describe_pieces(kept)}: "
+                              f"it was written with other options (e.g. algo.ema.enabled); resume with its own options "
+                              f"or start a new run directory")
         if numbered:  # written before the pieces were named: accelerate would count them against no registered object
             with tempfile.TemporaryDirectory() as view:
                 for file in path.iterdir():
@@ -184,11 +197,7 @@ class Checkpointer:
         else:
             self.accelerator.load_state(str(path))
         for name, item in self.state.items():
-            saved = read_state(path, name, legacy_order=list(self.state))
-            if saved is None:
-                raise ConfigError(f"{path} holds no {name}: the run was written with other options (e.g. no EMA); "
-                                  f"resume with its own options or start a new run directory")
-            item.load_state_dict(saved)
+            item.load_state_dict(read_state(path, name, legacy_order=list(self.state)))
         step = int(path.name.removeprefix("step_"))
         if self.accelerator.is_main_process:
             trim_metrics(self.run_dir, step)

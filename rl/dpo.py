@@ -149,7 +149,7 @@ def run_offline(ctx: RunContext, config: OfflineDPO) -> None:
 
     # 1. Load and prepare; the reference policy; resume.
     s = open_session(ctx, config, total_steps=train.max_steps, accumulation=train.gradient_accumulation_steps,
-                     gradient_checkpointing=train.gradient_checkpointing)
+                     gradient_checkpointing=train.gradient_checkpointing, reference=True)
     accelerator, state = s.accelerator, s.state
     reference = s.reference_policy()
     encoder = Encoder(s.pipe, train.max_sequence_length)
@@ -255,9 +255,13 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
     """Online DPO for `epochs` epochs: sample groups, pair each group's best and worst image, train on the pairs."""
     sampling, train, eval = config.sampling, config.train, config.eval
     ctx.require_reward("dpo_online")
+    if sampling.sde_window is not None:
+        raise ConfigError("online DPO trains on final images and samples every step alike; "
+                          "algo.sampling.sde_window must be null")
     local, accumulation = online_layout(sampling, train)
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch",
-                     updates=config.epochs * train.inner_epochs * train.optimizer_steps, accumulation=accumulation)
+                     updates=config.epochs * train.inner_epochs * train.optimizer_steps, accumulation=accumulation,
+                     reference=True)
     reference = s.reference_policy()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
     if s.state.step == 0:

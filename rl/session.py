@@ -6,7 +6,7 @@ trainable), the optimiser and its LR schedule, the EMA of the trained weights, t
 `rl/checkpoints.py`) and the resume. The returned `Session` then gives the algorithm's loop what it shares with every
 other:
 
-    s = open_session(ctx, lora=lora, optim=optim, ema=ema, checkpoint=checkpoint, total_steps=epochs, ...)
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", ...)
     for epoch in s.steps("grpo"):                  # from the resumed step to the last, with a progress bar
         ...                                        # the algorithm's own work; s.backward_and_step(loss, stats)
         if s.end_epoch(metrics, evaluate):          # EMA, log, evaluate when due, checkpoint; True: stop here
@@ -196,6 +196,7 @@ class Session:
     start: int = 0  # the step this invocation started (or resumed) at
     started: float = field(default_factory=time.time)
     progress: tqdm | None = None
+    frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
 
     # ---------------------------------------------------------------------------------------------- the loop
 
@@ -301,7 +302,7 @@ class Session:
 
     def reference_policy(self) -> Callable[[], contextmanager]:
         """A context in which the transformer computes the reference policy: the base model (adapter disabled) for
-        LoRA, a frozen copy of the initial weights (made now) for full fine-tuning."""
+        LoRA, the frozen copy of the initial weights (`open_session(..., reference=True)`) for full fine-tuning."""
         unwrapped = self.accelerator.unwrap_model(self.transformer)
         if self.lora is not None:
 
@@ -314,7 +315,9 @@ class Session:
                     unwrapped.enable_adapters()
 
             return adapter_disabled
-        frozen = copy.deepcopy(unwrapped).requires_grad_(False).eval()
+        if self.frozen_reference is None:
+            raise ValueError("full fine-tuning keeps a reference only when the session is opened with reference=True")
+        frozen = self.frozen_reference
         original_forward = unwrapped.forward
 
         @contextmanager
@@ -338,11 +341,14 @@ def open_session(
     unit: str = "step",
     gradient_checkpointing: bool = False,
     state: dict[str, Stateful] | None = None,
+    reference: bool = False,
     load_pipeline: Callable[..., StableDiffusion3LogProbPipeline] | None = None,
 ) -> Session:
     """Load the model with `config.lora` (or trainable), the optimiser for `updates` optimiser steps (default
     `total_steps`) with `accumulation` micro-batches each, the EMA, the reward, the checkpoints with the named `state`
-    objects beside the counters; resume from the latest checkpoint when `config.checkpoint.resume`."""
+    objects beside the counters; resume from the latest checkpoint when `config.checkpoint.resume`. With `reference`,
+    the session keeps the reference policy for `Session.reference_policy` (for full fine-tuning, a frozen copy of the
+    weights before any resume)."""
     lora, optim, ema, checkpoint = config.lora, config.optim, config.ema, config.checkpoint
     accelerator = ctx.accelerator(gradient_accumulation_steps=accumulation)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -365,12 +371,16 @@ def open_session(
         if lora.text_encoders:
             lora_modules.update(text_encoder=modules[1], text_encoder_2=modules[2])
     checkpointer = Checkpointer(accelerator, ctx.run_dir, checkpoint, named, lora_modules)
+    # Full fine-tuning's reference policy is the initial weights: copied before a resume replaces them.
+    frozen = copy.deepcopy(modules[0]).requires_grad_(False).eval() if reference and lora is None else None
     if checkpoint.resume:
         checkpointer.restore()
+        if ema_model is not None:
+            ema_model.to(accelerator.device)  # restored on the CPU; the trained weights are on the device
     reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
     return Session(
         ctx=ctx, accelerator=accelerator, pipe=pipe, transformer=transformer, modules=modules, parameters=parameters,
         optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, state=counters, checkpointer=checkpointer,
         ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, unit=unit,
-        start=counters.step,
+        start=counters.step, frozen_reference=frozen,
     )

@@ -127,6 +127,19 @@ def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
+def test_full_fine_tuning_resumes_with_the_initial_weights_as_reference(tmp_path):
+    """GRPO's KL compares with the weights the run started from, also after a resume (not the resumed weights)."""
+    configs = {**small_configs(), "lora": None, "optim": OptimConfig(lr=1e-3)}
+    every_2, stop_after_2 = CheckpointConfig(every=2), CheckpointConfig(every=2, exit_after=2)
+    grpo.GRPO(epochs=4, beta=0.5, checkpoint=every_2, **configs)(context(tmp_path / "whole"))
+    grpo.GRPO(epochs=4, beta=0.5, checkpoint=stop_after_2, **configs)(context(tmp_path / "split"))
+    grpo.GRPO(epochs=4, beta=0.5, checkpoint=every_2, **configs)(context(tmp_path / "split"))
+    whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
+    kl = [r["train/kl"] for r in whole if "train/kl" in r]
+    assert kl[-1] > 0
+    assert kl == pytest.approx([r["train/kl"] for r in split if "train/kl" in r], rel=1e-5, abs=1e-12)
+
+
 def test_layout_and_reward_are_checked_before_loading(tmp_path):
     ctx = context(tmp_path)
     with pytest.raises(ConfigError, match="not a multiple of sampling.batch_size"):
