@@ -25,6 +25,17 @@ from diffusers.utils import BaseOutput
 from pipelines.sde import SdeType, sde_step_with_logprob
 
 
+def stochastic_steps(sigmas: torch.Tensor, noise_level: float, sde_type: str, sde_steps: Sequence[int] | None
+                     ) -> list[int]:
+    """The steps that sample from a density and get a log-probability: those of `sde_steps` (all when None), none
+    for the ODE (`noise_level == 0`), and never a deterministic transition: under CPS a step ending at sigma 0 has
+    no noise (its standard deviation is `s' sin(a pi / 2) = 0`), so it can be neither scored nor trained."""
+    if noise_level <= 0:
+        return []
+    steps = range(len(sigmas) - 1) if sde_steps is None else sde_steps
+    return [i for i in steps if not (sde_type == "cps" and float(sigmas[i + 1]) == 0.0)]
+
+
 @dataclass
 class StableDiffusion3LogProbPipelineOutput(BaseOutput):
     """What one call of the pipeline returns.
@@ -198,7 +209,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                 Euler ODE step, like the stock pipeline, and returns no log-probabilities.
             sde_type: "sde" (Flow-GRPO) or "cps" (coefficients-preserving sampling); see `sde_step_with_logprob`.
             sde_steps: step indices that use the SDE (Flow-GRPO-Fast's window); the others take the ODE step. None:
-                every step.
+                every step. A step whose transition is deterministic (CPS's last, which ends at sigma 0) is never
+                stochastic: it takes the ODE step, which is the same step, and has no log-probability.
             max_sequence_length: T5 tokens; None: the pipeline's `max_sequence_length`.
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
@@ -316,7 +328,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         latents = latents.float()
         trajectory = [latents]
         log_probs = []
-        stochastic = [i for i in range(len(timesteps)) if noise_level > 0 and (sde_steps is None or i in sde_steps)]
+        stochastic = stochastic_steps(self.scheduler.sigmas, noise_level, sde_type, sde_steps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:

@@ -13,6 +13,7 @@ are read too: `read_state` and `Checkpointer.restore` map the numbers to names i
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -158,14 +159,25 @@ class Checkpointer:
         return step % self.config.every == 0 or step == last
 
     def save(self, step: int) -> Path:
+        """Write the checkpoint of `step` into a hidden partial folder and rename it to `step_<N>` when complete (with
+        its `done` marker), so that a kill or a full disk mid-save leaves no `step_<N>` folder, only a partial one
+        that the next save removes; then drop all but the newest `keep` checkpoints."""
         path = self.directory / f"step_{step:06d}"
-        self.accelerator.save_state(str(path))
+        partial = self.directory / f".step_{step:06d}.partial"
+        if self.accelerator.is_main_process:
+            for stale in self.directory.glob(".step_*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
         if self.accelerator.is_main_process:
             for name, item in self.state.items():
-                torch.save(item.state_dict(), path / f"{name}.pt")
+                torch.save(item.state_dict(), partial / f"{name}.pt")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            (path / "done").touch()  # a checkpoint cut off by a kill has no marker and is never resumed from
+            (partial / "done").touch()  # older readers take a folder with this marker as complete
+            if path.exists():
+                shutil.rmtree(path)  # the same step saved again (a resumed run stopping where it started)
+            os.replace(partial, path)
             if self.config.keep is not None:
                 finished = [p for _, p in complete_checkpoints(self.run_dir)]
                 for old in finished[: -self.config.keep]:
@@ -174,10 +186,12 @@ class Checkpointer:
         return path
 
     def restore(self) -> int | None:
-        """Load the latest complete checkpoint, if any; returns its step. The metric records are cut back to it,
-        keeping the original file as `metrics.before-resume.jsonl`."""
+        """Load the latest complete checkpoint, if any; returns its step. The metric records are cut back to it (to
+        none without a checkpoint), keeping the original file as `metrics.before-resume.jsonl`."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
+            if self.accelerator.is_main_process:
+                trim_metrics(self.run_dir, None)  # killed before its first checkpoint: its metrics start afresh
             return None
         numbered = sorted(path.glob("custom_checkpoint_*.pkl"))
         if numbered:  # written before the pieces were named: they are told apart by their count and order only

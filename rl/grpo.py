@@ -21,13 +21,13 @@ from rl.rollouts import SamplingConfig, epoch_metrics, local_slice, sample_epoch
 from rl.session import TrainingConfig, open_session
 
 
-def kl_penalty(beta: float, reference: Callable) -> ExtraLoss:
+def kl_penalty(beta: float, reference: Callable, sde_type: str) -> ExtraLoss:
     """GRPO's `beta * KL(policy || reference)` on the trained transitions, added to the PPO loss."""
 
     def term(forward, index, column, mean, std_dev_t):
         with torch.no_grad(), reference():
             _, reference_mean, _ = forward(index, column)
-        kl = kl_to_reference(mean, reference_mean, std_dev_t).mean()
+        kl = kl_to_reference(mean, reference_mean, std_dev_t, sde_type).mean()
         return beta * kl, {"kl": kl.detach()}
 
     return term
@@ -40,6 +40,7 @@ class GRPO(TrainingConfig):
     epochs: int = 100
     beta: float = 0.04  # the weight of the KL to the reference
     advantage_std: str = "global"  # normalise advantages by the std of all rewards ("global") or of each group
+    advantage_ddof: int = 0  # the std divides by n - ddof: 0 as Flow-GRPO, 1 the unbiased std
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -55,7 +56,7 @@ def run(ctx: RunContext, config: GRPO) -> None:
     layout = ppo_layout(sampling, ppo, config.epochs)
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
                      accumulation=layout.accumulation, reference=config.beta > 0)
-    kl = kl_penalty(config.beta, s.reference_policy()) if config.beta > 0 else None
+    kl = kl_penalty(config.beta, s.reference_policy(), sampling.sde_type) if config.beta > 0 else None
     if s.state.step == 0:
         held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
     for epoch in s.steps("grpo"):
@@ -64,7 +65,7 @@ def run(ctx: RunContext, config: GRPO) -> None:
 
         # 2. Advantages within complete groups, over every process's rewards.
         advantages = group_advantages(samples.all_rewards, samples.all_groups, config.advantage_std,
-                                      clip=ppo.adv_clip)
+                                      clip=ppo.adv_clip, ddof=config.advantage_ddof)
         advantages = local_slice(advantages, layout.samples_per_process)
 
         # 3. Train: PPO-clip with the KL to the reference policy.

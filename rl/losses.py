@@ -94,10 +94,12 @@ def ppo_clip_loss(
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, std: str = "global", eps: float = 1e-4, clip: float = 5.0
+    rewards: torch.Tensor, group_ids: torch.Tensor, std: str = "global", eps: float = 1e-4, clip: float = 5.0,
+    ddof: int = 0,
 ) -> torch.Tensor:
     """GRPO's advantages: each reward minus its group's mean, over the std of the group ("group") or of all rewards
-    ("global", the SD3 presets of Flow-GRPO), clipped to [-clip, clip]."""
+    ("global", the SD3 presets of Flow-GRPO), clipped to [-clip, clip]. The std divides by `n - ddof`: 0 is
+    Flow-GRPO's (numpy's `np.std`); 1, the unbiased std, shrinks advantages by `sqrt((n - 1) / n)`."""
     if std not in ("global", "group"):
         raise ConfigError(f"advantage std must be 'global' or 'group', got {std!r}")
     rewards = rewards.float()
@@ -105,18 +107,28 @@ def group_advantages(
     count = torch.zeros(int(inverse.max()) + 1, device=rewards.device).index_add_(0, inverse, torch.ones_like(rewards))
     mean = torch.zeros_like(count).index_add_(0, inverse, rewards) / count
     centred = rewards - mean[inverse]
+    if ddof not in (0, 1):
+        raise ConfigError(f"advantage ddof must be 0 (Flow-GRPO) or 1 (the unbiased std), got {ddof!r}")
     if std == "global":
-        scale = rewards.std() if rewards.numel() > 1 else torch.zeros((), device=rewards.device)
+        scale = rewards.std(correction=ddof) if rewards.numel() > 1 else torch.zeros((), device=rewards.device)
     else:
-        variance = torch.zeros_like(count).index_add_(0, inverse, centred**2) / (count - 1).clamp(min=1)
+        variance = torch.zeros_like(count).index_add_(0, inverse, centred**2) / (count - ddof).clamp(min=1)
         scale = variance.sqrt()[inverse]
     return (centred / (scale + eps)).clamp(-clip, clip)
 
 
-def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
-    """Flow-GRPO's KL term per sample: `mean((mean_theta - mean_ref)^2) / (2 std^2)` over all non-batch dims, with
-    `std` the step's `std_dev_t` (as `sde_step_with_logprob` returns it)."""
+def kl_to_reference(
+    mean: torch.Tensor, reference_mean: torch.Tensor, std_dev_t: torch.Tensor, sde_type: str = "sde"
+) -> torch.Tensor:
+    """The KL term per sample between the policy's and the reference's transition means, over all non-batch dims.
+
+    "sde": Flow-GRPO's `mean((mean_theta - mean_ref)^2) / (2 std^2)`, with `std` the step's `std_dev_t` (as
+    `sde_step_with_logprob` returns it). "cps": `mean((mean_theta - mean_ref)^2)` without the division, as the CPS
+    authors' code has it (CPS's log-probability drops the same `1 / (2 std^2)`; and its std is 0 on a step ending at
+    sigma 0, where the division gave NaN)."""
     squared = ((mean - reference_mean) ** 2).reshape(mean.shape[0], -1).mean(dim=1)
+    if sde_type == "cps":
+        return squared
     return squared / (2 * std_dev_t.reshape(-1) ** 2)
 
 

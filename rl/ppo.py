@@ -17,7 +17,7 @@ from pipelines import transition_log_probs
 from pipelines.errors import ConfigError
 from rl import seeds
 from rl.losses import ppo_clip_loss
-from rl.rollouts import Rollouts, SamplingConfig
+from rl.rollouts import Rollouts, SamplingConfig, stochastic_step_count
 from rl.session import collect
 
 # forward(index, column) -> (log_prob, mean, std_dev_t) of the chosen samples' chosen stochastic steps
@@ -34,10 +34,16 @@ class PPOConfig:
     clip_range: float = 1e-4  # tiny because log-probs are per-pixel means (Flow-GRPO, DDPO)
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
     timestep_fraction: float = 0.99  # fraction of the (stochastic) steps trained per sample
+    timestep_order: str = "random"  # random: a random subset per sample, in random order (DDPO); first: the first
+    #                                  steps of the trajectory, in order, never the last ones (Flow-GRPO)
     inner_epochs: int = 1  # passes over an epoch's samples
     batch_size: int = 8  # samples per training forward, per process
     optimizer_steps: int = 2  # optimiser steps per inner epoch (gradients accumulate in between)
     recompute_old_log_probs: bool = True  # old log-probs in the training layout: the first ratio is exactly 1
+
+    def __post_init__(self):
+        if self.timestep_order not in ("random", "first"):
+            raise ConfigError(f"ppo.timestep_order must be random or first, got {self.timestep_order!r}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayo
     local = sampling.samples_per_process(PartialState().num_processes)
     if local % ppo.batch_size:
         raise ConfigError(f"{local} images per process are not a multiple of ppo.batch_size={ppo.batch_size}")
-    num_sde = min(sampling.sde_window or sampling.num_inference_steps, sampling.num_inference_steps)
+    num_sde = stochastic_step_count(sampling)
     num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
     forwards = (local // ppo.batch_size) * num_train_steps
     if forwards % ppo.optimizer_steps:
@@ -76,8 +82,9 @@ def ppo_update(
     """PPO-clip over this process's stored transitions (`session`: a `rl.session.Session`); returns the mean
     diagnostics over all processes.
 
-    Samples are shuffled, and each sample trains on its own random subset of `timestep_fraction` of its stochastic
-    steps, in random order, with a new layout for each inner epoch. The old log-probabilities are the sampling policy's
+    Samples are shuffled, and each sample trains on `timestep_fraction` of its stochastic steps: its own random subset
+    in random order (`timestep_order=random`), or the first ones in order (`first`), with a new layout for each inner
+    epoch. The old log-probabilities are the sampling policy's
     in every inner epoch (re-scored in each layout before the first update, or the stored ones).
     """
     accelerator, transformer = session.accelerator, session.transformer
@@ -108,7 +115,11 @@ def ppo_update(
     for inner in range(ppo.inner_epochs):
         generator = seeds.update_order(session.ctx.seed, epoch, inner, accelerator.process_index)
         order = torch.randperm(count, generator=generator)
-        columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps] for _ in range(count)])
+        if ppo.timestep_order == "first":
+            columns = torch.arange(num_train_steps).expand(count, -1)
+        else:
+            columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps]
+                                   for _ in range(count)])
         layouts.append([
             (order[s : s + ppo.batch_size].to(device), columns[order[s : s + ppo.batch_size], j].to(device))
             for s in range(0, count, ppo.batch_size)

@@ -103,12 +103,24 @@ def epoch_jobs(num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig
 
 
 def sde_window(sampling: SamplingConfig, seed: int, epoch: int) -> list[int] | None:
-    """Flow-GRPO-Fast: a window of consecutive stochastic steps at a random place in the trajectory's first part."""
+    """Flow-GRPO-Fast: a window of consecutive stochastic steps at a random place in the trajectory's first part
+    (under CPS never on the last step, whose transition is deterministic)."""
     if sampling.sde_window is None:
         return None
-    last_start = max(0, int(sampling.num_inference_steps * sampling.sde_window_range) - sampling.sde_window)
+    end = int(sampling.num_inference_steps * sampling.sde_window_range)
+    if sampling.sde_type == "cps":
+        end = min(end, sampling.num_inference_steps - 1)
+    last_start = max(0, end - sampling.sde_window)
     start = int(torch.randint(0, last_start + 1, (1,), generator=seeds.sde_window_start(seed, epoch)))
     return list(range(start, min(start + sampling.sde_window, sampling.num_inference_steps)))
+
+
+def stochastic_step_count(sampling: SamplingConfig) -> int:
+    """How many steps of a trajectory are stochastic (and can be trained): the window's, or every step but, under CPS,
+    the deterministic last one."""
+    if sampling.sde_window is not None:
+        return min(sampling.sde_window, sampling.num_inference_steps)
+    return sampling.num_inference_steps - (1 if sampling.sde_type == "cps" else 0)
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -197,18 +199,32 @@ class Session:
     started: float = field(default_factory=time.time)
     progress: tqdm | None = None
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
+    stop_signal: int | None = None  # SIGINT or SIGTERM, once received
 
     # ---------------------------------------------------------------------------------------------- the loop
 
     def steps(self, desc: str) -> Iterator[int]:
         """The steps still to run, from the resumed one, with a progress bar; the loop body ends with `end_epoch` or
-        `end_step`, which advance `state.step`."""
+        `end_step`, which advance `state.step`. Meanwhile SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) let the
+        current step finish, then write a checkpoint and exit with 130 / 143 (`_advance`); a second signal acts at
+        once."""
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc=desc,
                              disable=not self.accelerator.is_local_main_process)
         self.started = time.time()
-        while self.state.step < self.total_steps:
-            yield self.state.step
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.state.step < self.total_steps:
+                yield self.state.step
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         self.progress.close()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+        logger.warning("%s received: stopping after this %s with a checkpoint (send it again to stop at once)",
+                       signal.Signals(signum).name, self.unit)
 
     def backward_and_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         """Backward, and on a synchronising micro-batch clip the gradients (their norm goes into `stats`); then the
@@ -263,6 +279,16 @@ class Session:
         evaluate(step)
         if self.checkpointer.due(step, self.total_steps):
             self.checkpointer.save(step)
+        if self._stop_requested():
+            if not self.checkpointer.due(step, self.total_steps):
+                self.checkpointer.save(step)
+            name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal on another process"
+            logger.warning("stopped by %s after %s %d; checkpoint %s; start the same command again to resume",
+                           name, self.unit, step, self.checkpointer.directory / f"step_{step:06d}")
+            if self.progress is not None:
+                self.progress.close()
+            self.accelerator.end_training()
+            sys.exit(128 + (self.stop_signal or signal.SIGTERM))
         if self.checkpoint.exit_after is not None and step - self.start >= self.checkpoint.exit_after:
             if not self.checkpointer.due(step, self.total_steps):
                 self.checkpointer.save(step)
@@ -273,6 +299,14 @@ class Session:
             self.accelerator.end_training()
             return True
         return False
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal arrived on any process (all processes stop at the same step)."""
+        stop = self.stop_signal is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(stop), device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, "max").item())
+        return stop
 
     def finish(self) -> None:
         """Save the adapters (or weights), the EMA weights when kept, in diffusers' format into `final/`; plot the

@@ -7,7 +7,9 @@ only. `JsonlTracker` is the accelerate tracker that writes the run directory's `
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import numbers
 import shutil
 from dataclasses import dataclass, field
@@ -21,7 +23,9 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration
 from torchvision.utils import make_grid
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, UserError
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("wandb", "tensorboard")
 
@@ -74,9 +78,16 @@ class JsonlTracker(GeneralTracker):
         pass  # the resolved config is saved as config.yaml next to metrics.jsonl
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        """Append the record as one line, flushed: a NaN or infinite value is written as null and its key listed
+        under `nonfinite`, so that every line is standard JSON."""
         record = {"step": step, **{key: _to_json(value) for key, value in values.items()}}
+        nonfinite = sorted(key for key, value in record.items() if _nonfinite(value))
+        record = {key: None if key in nonfinite else value for key, value in record.items()}
+        if nonfinite:
+            record["nonfinite"] = nonfinite
         with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(json.dumps(record, allow_nan=False) + "\n")
+            file.flush()
 
 
 def _to_json(value):
@@ -85,9 +96,11 @@ def _to_json(value):
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(value):
-        return None
     return value
+
+
+def _nonfinite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value)
 
 
 def make_accelerator(
@@ -119,23 +132,56 @@ def make_accelerator(
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of a run directory's `metrics.jsonl` (none when it has no such file)."""
+    """The records of a run directory's `metrics.jsonl` (none when it has no such file). A torn last line (a kill or
+    a full disk in the middle of a write) is left out with a warning; a torn line elsewhere is a corrupt file."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _metric_lines(path)]
 
 
-def trim_metrics(run_dir: Path, step: int) -> None:
-    """Cut `metrics.jsonl` back to the records of steps up to `step` (a resume from that step's checkpoint logs the
-    later ones again), keeping the original file as `metrics.before-resume.jsonl`."""
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        try:
+            parsed.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path} line {number} is not JSON: the file is corrupt (move it away to start "
+                                f"the run's metrics afresh)") from None
+            logger.warning("%s: its last line is torn (%d characters), left out", path, len(line))
+    return parsed
+
+
+def backup_metrics(run_dir: Path) -> Path | None:
+    """Copy `metrics.jsonl` to the first free `metrics.before-resume[.<n>].jsonl` (no resume overwrites the copy an
+    earlier one kept); returns the copy."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
+        return None
+    backup, n = run_dir / "metrics.before-resume.jsonl", 1
+    while backup.exists():
+        backup, n = run_dir / f"metrics.before-resume.{n}.jsonl", n + 1
+    shutil.copy(path, backup)
+    return backup
+
+
+def trim_metrics(run_dir: Path, step: int | None) -> None:
+    """Cut `metrics.jsonl` back to the records of steps up to `step` (a resume from that step's checkpoint logs the
+    later ones again; None: no checkpoint, so none is kept and the run starts its metrics afresh). The original is
+    kept by `backup_metrics`; the rewrite goes through a temporary file, so a kill never leaves half a file."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
         return
-    shutil.copy(path, run_dir / "metrics.before-resume.jsonl")
-    records = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in records if (json.loads(line).get("step") or 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = _metric_lines(path)
+    kept = [line for line, record in lines if step is not None and (record.get("step") or 0) <= step]
+    if len(kept) == len([line for line in path.read_text().splitlines() if line.strip()]):
+        return  # nothing to cut (and no torn line to drop)
+    backup_metrics(run_dir)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
 
 
 def metric_curve(records: list[dict], key: str = "eval/reward_mean") -> list[tuple[int, float]]:

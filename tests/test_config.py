@@ -114,3 +114,19 @@ def test_help_lists_exactly_the_selectable_groups():
     listed = out.split("== Configuration groups ==")[1].split("==")[0]
     names = {line.split(":")[0] for line in listed.splitlines() if ": " in line}  # "algo: ddpo, dpo, ..."
     assert names == set(GROUPS), out  # the blocks too: each is selectable as <group>@algo.<group>=<option>
+
+
+def test_flow_grpo_presets_carry_the_published_settings():
+    """The SD3.5 presets train Flow-GRPO's first steps in order with numpy's std; the fast preset is flow_grpo's fast
+    config (docs/algorithms.md section 2)."""
+    geneval = compose_with("experiment=grpo_geneval_sd35_medium").algo
+    assert geneval.ppo.timestep_order == "first" and geneval.ppo.timestep_fraction == 0.99
+    assert geneval.advantage_ddof == 0 and geneval.advantage_std == "global" and geneval.beta == 0.04
+    fast = compose_with("experiment=grpo_fast_pickscore_sd35_medium").algo
+    assert (fast.sampling.sde_type, fast.sampling.noise_level, fast.sampling.sde_window) == ("cps", 0.8, 3)
+    assert fast.sampling.guidance_scale == 1.0 and fast.eval.guidance_scale == 1.0  # no CFG anywhere
+    assert (fast.ppo.clip_range, fast.ppo.timestep_fraction, fast.beta) == (1e-5, 1.0, 0.0)
+    from rl.rollouts import sde_window
+
+    sampling = instantiate(fast).sampling
+    assert {sde_window(sampling, seed=0, epoch=epoch)[0] for epoch in range(200)} == {0, 1, 2}  # 3 steps from 0-2

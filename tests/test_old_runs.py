@@ -36,7 +36,7 @@ CASES = {  # the overrides of each fixture's run and of its stop, in today's spe
         "run": ["algo=grpo", "reward=jpeg_compressibility", "algo.epochs=2", "algo.checkpoint.every=1",
                 "algo.optim.lr=5e-2", "algo.sampling.prompts_per_epoch=2", "algo.sampling.images_per_prompt=4",
                 "algo.sampling.batch_size=8", "algo.sampling.num_inference_steps=2", "algo.ppo.batch_size=8",
-                "algo.ppo.optimizer_steps=1", *TINY_EVAL],
+                "algo.ppo.optimizer_steps=1", "algo.advantage_ddof=1", *TINY_EVAL],  # ddof: the earlier code's
         "stop": ["algo.checkpoint.exit_after=1"],
         "ema": True,  # GRPO's default
     },

@@ -78,7 +78,8 @@ def test_transition_log_probs_rescore_the_stored_transitions(tiny_pipe, guidance
         noise_level=0.7, sde_type=sde_type, generator=torch.Generator().manual_seed(3), output_type="latent",
     )
     batch = torch.arange(4)
-    steps = torch.tensor([0, 3, 1, 2])  # each sample re-scored at a different step, as PPO's shuffled batches are
+    columns = torch.tensor([0, len(out.sde_steps) - 1, 1, 2])  # each sample at another step, as PPO's batches are
+    steps = torch.tensor(out.sde_steps)[columns]
     with torch.no_grad():
         log_prob, mean, _ = transition_log_probs(
             tiny_pipe.transformer, tiny_pipe.scheduler,
@@ -89,7 +90,9 @@ def test_transition_log_probs_rescore_the_stored_transitions(tiny_pipe, guidance
             negative_pooled_prompt_embeds=out.negative_pooled_prompt_embeds,
             guidance_scale=guidance_scale, noise_level=0.7, sde_type=sde_type,
         )
-    torch.testing.assert_close(log_prob, out.log_probs[batch, steps], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(log_prob, out.log_probs[batch, columns], atol=1e-4, rtol=1e-4)
+    # CPS's last step ends at sigma 0 and has no noise: it is taken, but neither scored nor offered for training.
+    assert out.sde_steps == ([0, 1, 2, 3] if sde_type == "sde" else [0, 1, 2])
     assert mean.shape == out.latents[:, 0].shape
 
 

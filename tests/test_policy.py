@@ -1,6 +1,7 @@
 """GRPO and DDPO end to end on the tiny model: the run contract, the first PPO ratio, resume, and layout checks."""
 
 import json
+import math
 import subprocess
 import sys
 from functools import partial
@@ -221,3 +222,49 @@ def test_sde_window_samples_and_trains_only_its_steps(tmp_path, monkeypatch, alg
     assert [r.sde_steps for r in seen] == [[0, 1], [0, 1]]  # 0.5 x 4 steps hold exactly one window of 2
     assert all(r.log_probs.shape == (8, 2) for r in seen)
     assert all(r.latents.shape[1] == 5 for r in seen)  # the whole trajectory is kept
+
+
+def test_cps_with_a_kl_term_trains_with_finite_losses(tmp_path, monkeypatch):
+    """CPS's last step is deterministic (its std is 0): it is never scored or trained, and the KL under CPS has no
+    division by the std, so GRPO with CPS and beta > 0 keeps finite losses and weights (it used to turn them NaN)."""
+    seen = []
+    original = rl.ppo.ppo_update
+
+    def spy(session, rollouts, *args, **kwargs):
+        seen.append(rollouts.sde_steps)
+        return original(session, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "ppo_update", spy)
+    configs = small_configs()
+    configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=4,
+                                         sde_type="cps", noise_level=0.8)
+    configs["ppo"] = PPOConfig(batch_size=4, clip_range=1e-2, timestep_fraction=1.0, optimizer_steps=3)
+    grpo.GRPO(epochs=2, beta=0.04, **configs)(context(tmp_path))
+    assert seen == [[0, 1, 2], [0, 1, 2]]  # the last of 4 steps ends at sigma 0
+    logged = [r for r in records(tmp_path) if "train/loss" in r]
+    assert logged and all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]) for r in logged)
+    weights = load_file(tmp_path / "final" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_timestep_order_first_trains_the_first_steps_in_order(tmp_path, monkeypatch):
+    """`timestep_order=first` (Flow-GRPO) trains the first `timestep_fraction` of the steps, in order, never the last."""
+    trained, schedules = [], []
+    original_forward, original_update = rl.ppo.transition_log_probs, rl.ppo.ppo_update
+
+    def forward(transformer, scheduler, latents, next_latents, timesteps, *args, **kwargs):
+        trained.append(timesteps.clone())
+        return original_forward(transformer, scheduler, latents, next_latents, timesteps, *args, **kwargs)
+
+    def update(session, rollouts, *args, **kwargs):
+        schedules.append(rollouts.timesteps)
+        return original_update(session, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(rl.ppo, "transition_log_probs", forward)
+    monkeypatch.setattr(grpo, "ppo_update", update)
+    configs = small_configs()
+    configs["ppo"] = PPOConfig(batch_size=4, timestep_fraction=0.75, timestep_order="first", optimizer_steps=3)
+    grpo.GRPO(epochs=1, beta=0.0, **configs)(context(tmp_path))
+    assert len(trained) == 2 * 2 * 3  # re-scoring, then training: 2 batches of 4 samples, 3 steps each
+    for k, got in enumerate(trained):  # steps 0, 1, 2 for each batch; the last step (3) never
+        assert torch.all(got == schedules[0][k % 3]), (k, got)

@@ -36,14 +36,17 @@ def test_ppo_gradient_at_ratio_one_is_the_policy_gradient():
 def test_group_advantages_by_hand():
     rewards = torch.tensor([1.0, 3.0, 10.0, 14.0])
     groups = torch.tensor([7, 7, 2, 2])
-    # group means 2 and 12; centred [-1, 1, -2, 2]; global std of rewards (unbiased) = std([1, 3, 10, 14])
-    global_std = float(np.std([1, 3, 10, 14], ddof=1))
-    torch.testing.assert_close(
-        group_advantages(rewards, groups, "global", eps=0.0), torch.tensor([-1.0, 1.0, -2.0, 2.0]) / global_std
-    )
-    # per-group (unbiased) std: sqrt(2) and sqrt(8)
+    centred = torch.tensor([-1.0, 1.0, -2.0, 2.0])  # group means 2 and 12
+    # Flow-GRPO's global std is numpy's (ddof 0): mean 7, squares 36 + 16 + 9 + 49 = 110, std = sqrt(110 / 4)
+    torch.testing.assert_close(group_advantages(rewards, groups, "global", eps=0.0), centred / math.sqrt(27.5))
+    # the unbiased std (ddof 1): sqrt(110 / 3)
+    torch.testing.assert_close(group_advantages(rewards, groups, "global", eps=0.0, ddof=1), centred / math.sqrt(110 / 3))
+    # per-group std, ddof 0: sqrt((1 + 1) / 2) = 1 and sqrt((4 + 4) / 2) = 2
+    torch.testing.assert_close(group_advantages(rewards, groups, "group", eps=0.0), torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    # per-group, ddof 1: sqrt(2) and sqrt(8)
     expected = torch.tensor([-1 / math.sqrt(2), 1 / math.sqrt(2), -2 / math.sqrt(8), 2 / math.sqrt(8)])
-    torch.testing.assert_close(group_advantages(rewards, groups, "group", eps=0.0), expected)
+    torch.testing.assert_close(group_advantages(rewards, groups, "group", eps=0.0, ddof=1), expected)
+    assert float(np.std([1, 3, 10, 14])) == pytest.approx(math.sqrt(27.5))  # numpy's default is the ddof-0 std
     clipped = group_advantages(torch.tensor([0.0, 0.0, 0.0, 100.0]), torch.tensor([0, 0, 0, 0]), "group", clip=1.0)
     assert clipped.max().item() == 1.0
 
@@ -60,6 +63,9 @@ def test_kl_to_reference_by_hand():
     std = torch.tensor([0.5, 1.0]).view(2, 1, 1, 1)
     # sample 0: mean sq 1 / (2 * 0.25) = 2; sample 1: 0.25 / 2 = 0.125
     torch.testing.assert_close(kl_to_reference(mean, reference, std), torch.tensor([2.0, 0.125]))
+    # CPS: the squared mean difference alone, also where the step's std is 0 (a deterministic step gave NaN)
+    zero = torch.zeros(2, 1, 1, 1)
+    torch.testing.assert_close(kl_to_reference(mean, reference, zero, "cps"), torch.tensor([1.0, 0.25]))
 
 
 def test_per_prompt_stat_tracker_by_hand():

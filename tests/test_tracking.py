@@ -30,7 +30,7 @@ def test_jsonl_tracker_writes_one_object_per_call(tmp_path):
     tracker.log({"loss": torch.tensor(0.5), "n": 3, "nan": float("nan")}, step=1)
     tracker.log({"loss": 0.25}, step=2)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records == [{"step": 1, "loss": 0.5, "n": 3, "nan": None}, {"step": 2, "loss": 0.25}]
+    assert records == [{"step": 1, "loss": 0.5, "n": 3, "nan": None, "nonfinite": ["nan"]}, {"step": 2, "loss": 0.25}]
 
 
 def test_tensorboard_backend_writes_event_files(tmp_path):

@@ -1,0 +1,155 @@
+"""Runs that survive faults: a signal stops a run with a checkpoint and it resumes exactly; a kill before the first
+checkpoint, a torn metrics line and a checkpoint cut off mid-save all resume to the uninterrupted run's records;
+metrics.jsonl stays standard JSON with non-finite values."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from pipelines import load_pipeline
+from rewards.jpeg import JpegSizeReward
+from rl import grpo
+from rl.checkpoints import CheckpointConfig, latest_checkpoint
+from rl.context import RunContext
+from rl.evaluation import EvalConfig
+from rl.lora import LoraSpec
+from rl.ppo import PPOConfig
+from rl.prompts import load_prompts
+from rl.rollouts import SamplingConfig
+from rl.session import OptimConfig
+from rl.tracking import JsonlTracker, LoggerConfig, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARED = ("train/reward_mean", "train/loss", "eval/reward_mean")
+# A GRPO run of a few seconds an epoch: 2 prompts x 4 images, 2 steps, a held-out evaluation of 2 prompts every epoch.
+RUN = ["algo=grpo", "reward=jpeg_compressibility", "model=tiny", "algo.epochs=4", "algo.checkpoint.every=100",
+       "algo.optim.lr=5e-2", "algo.sampling.prompts_per_epoch=2", "algo.sampling.images_per_prompt=4",
+       "algo.sampling.batch_size=8", "algo.sampling.num_inference_steps=2", "algo.ppo.batch_size=8",
+       "algo.ppo.optimizer_steps=1", "algo.eval.every=1", "algo.eval.max_prompts=2",
+       "algo.eval.num_inference_steps=2", "cpu_threads=1"]
+
+
+def context(run_dir: Path) -> RunContext:
+    return RunContext(run_dir=run_dir, seed=0, load_pipeline=partial(load_pipeline, None),
+                      train_prompts=load_prompts("simple_animals.txt", stop=6),
+                      eval_prompts=load_prompts("simple_animals.txt", start=36, stop=38),
+                      logger=LoggerConfig(), config={}, reward=JpegSizeReward())
+
+
+def small(epochs: int = 3, **checkpoint) -> grpo.GRPO:
+    return grpo.GRPO(
+        epochs=epochs, beta=0.0,
+        sampling=SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=2),
+        ppo=PPOConfig(batch_size=8, optimizer_steps=1, clip_range=1e-2), lora=LoraSpec(rank=4),
+        optim=OptimConfig(lr=5e-2), eval=EvalConfig(every=1, max_prompts=2, num_inference_steps=2),
+        checkpoint=CheckpointConfig(**{"every": 1, **checkpoint}),
+    )
+
+
+def assert_same_records(got: list[dict], want: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in COMPARED:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> list[dict]:
+    """The records of the uninterrupted 3-epoch run the interrupted ones must reproduce."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    small()(context(run_dir))
+    return read_metrics(run_dir)
+
+
+def test_metrics_lines_stay_standard_json_with_non_finite_values(tmp_path):
+    tracker = JsonlTracker(tmp_path / "metrics.jsonl")
+    tracker.log({"train/reward_mean": float("nan"), "train/loss": float("inf"), "train/lr": 0.1}, step=3)
+    line = (tmp_path / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not standard JSON"))
+    assert record == {"step": 3, "train/reward_mean": None, "train/loss": None, "train/lr": 0.1,
+                      "nonfinite": ["train/loss", "train/reward_mean"]}
+    assert math.isfinite(record["train/lr"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(tmp_path, whole):
+    """Records logged before a kill that left no checkpoint are not repeated: the restart starts from step 0 and keeps
+    the earlier records in metrics.before-resume.jsonl."""
+    run_dir = tmp_path / "run"
+    small(exit_after=2)(context(run_dir))  # two epochs, then ...
+    for path in (run_dir / "checkpoints").iterdir():  # ... as if killed before any checkpoint was written
+        path.rename(run_dir / f"lost-{path.name}")
+    small()(context(run_dir))
+    assert_same_records(read_metrics(run_dir), whole)
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]  # each epoch once
+    assert (run_dir / "metrics.before-resume.jsonl").is_file()
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes(tmp_path, whole, caplog):
+    run_dir = tmp_path / "run"
+    small(exit_after=2)(context(run_dir))
+    with (run_dir / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 3, "train/rew')  # a kill in the middle of a write
+    small()(context(run_dir))
+    assert "torn" in caplog.text
+    assert_same_records(read_metrics(run_dir), whole)
+    first, second = (run_dir / "metrics.before-resume.jsonl"), (run_dir / "metrics.before-resume.1.jsonl")
+    assert first.is_file() and not second.exists()  # each resume keeps its own copy; this one resumed once
+
+
+def test_a_checkpoint_cut_off_mid_save_is_never_resumed_from(tmp_path, whole):
+    """A save writes into a hidden partial folder and renames it when complete: a kill mid-save leaves no step_<N>
+    folder, and the run resumes from the checkpoint before; the next save removes the partial folder."""
+    run_dir = tmp_path / "run"
+    small(exit_after=2)(context(run_dir))
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "step_000002").rename(checkpoints / ".step_000002.partial")
+    (checkpoints / ".step_000002.partial" / "done").unlink()  # as a kill during the save leaves it
+    assert latest_checkpoint(run_dir).name == "step_000001"
+    small()(context(run_dir))
+    assert_same_records(read_metrics(run_dir), whole)
+    assert not list(checkpoints.glob(".step_*.partial"))
+
+
+def wait_for_record(path: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and any(r.get("step") == step and "train/loss" in r for r in read_metrics(path.parent)):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before epoch {step}: {process.stdout.read()[-2000:]}")
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"no record of epoch {step} within {timeout} s")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_with_a_checkpoint_and_it_resumes_exactly(tmp_path, signum, code):
+    run = [sys.executable, "-m", "rl.run", *RUN]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    whole_dir, run_dir = tmp_path / "whole", tmp_path / "run"
+    subprocess.run([*run, f"hydra.run.dir={whole_dir}"], cwd=ROOT, check=True, capture_output=True, env=env,
+                   timeout=600)
+    process = subprocess.Popen([*run, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # the log goes to stdout
+    wait_for_record(run_dir / "metrics.jsonl", 1, process)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == code, output[-2000:]
+    assert "Traceback" not in output
+    stopped = [line for line in output.splitlines() if "stopped by " + signal.Signals(signum).name in line]
+    assert len(stopped) == 1 and "start the same command again to resume" in stopped[0], output[-2000:]
+    step = int(stopped[0].split(" after epoch ")[1].split(";")[0])
+    assert 1 <= step < 4 and latest_checkpoint(run_dir).name == f"step_{step:06d}"
+    assert not (run_dir / "final").exists()
+    subprocess.run([*run, f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True, capture_output=True, env=env,
+                   timeout=600)
+    assert_same_records(read_metrics(run_dir), read_metrics(whole_dir))
