@@ -37,7 +37,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, UserError
 from rewards import Reward
 from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
 from rl.context import RunContext
@@ -59,6 +59,14 @@ class OptimConfig:
     use_8bit: bool = False  # bitsandbytes' 8-bit AdamW (CUDA only)
     lr_scheduler: str = "constant"  # any of diffusers.optimization's: constant, linear, cosine, ...
     warmup_steps: int = 0
+    nonfinite_patience: int = 3  # optimiser steps in a row with NaN / inf gradients (skipped) before the run stops
+
+
+class NonFiniteError(UserError):
+    """Training produced non-finite gradients for `optim.nonfinite_patience` optimiser steps in a row."""
+
+
+ZERO_GRADIENT_WARNING = 10  # optimiser steps in a row with a gradient norm of exactly 0 before a warning
 
 
 @dataclass
@@ -200,6 +208,9 @@ class Session:
     progress: tqdm | None = None
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
     stop_signal: int | None = None  # SIGINT or SIGTERM, once received
+    skipped_nonfinite: int = 0  # optimiser steps skipped for non-finite gradients since the last record
+    nonfinite_in_a_row: int = 0
+    zero_gradient_in_a_row: int = 0
 
     # ---------------------------------------------------------------------------------------------- the loop
 
@@ -229,19 +240,43 @@ class Session:
     def backward_and_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         """Backward, and on a synchronising micro-batch clip the gradients (their norm goes into `stats`); then the
         optimiser and LR steps (accelerate makes them no-ops between accumulation boundaries). Call it inside
-        `accelerator.accumulate(s.transformer)`."""
+        `accelerator.accumulate(s.transformer)`.
+
+        The non-finite guard: when the gradients' norm is NaN or infinite (a NaN or infinite reward, advantage or
+        loss on any process; the norm is the same on every process), the optimiser step is skipped, the step counts
+        as skipped (`train/skipped_nonfinite`), and `optim.nonfinite_patience` skipped steps in a row stop the run
+        (`NonFiniteError`). Under fp16 mixed precision accelerate's loss scaler skips such steps itself."""
         self.accelerator.backward(loss)
+        skip = False
         if self.accelerator.sync_gradients:
             if len(self.modules) > 1 and self.accelerator.num_processes > 1:
                 for module in self.modules[1:]:  # text encoders are not DDP-wrapped: average their gradients here
                     for p in module.parameters():
                         if p.grad is not None:
                             p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-            stats["grad_norm"] = torch.as_tensor(
-                self.accelerator.clip_grad_norm_(self.parameters, self.optim.max_grad_norm))
-        self.optimizer.step()
+            grad_norm = torch.as_tensor(self.accelerator.clip_grad_norm_(self.parameters, self.optim.max_grad_norm))
+            stats["grad_norm"] = grad_norm
+            skip = self.accelerator.scaler is None and not bool(torch.isfinite(grad_norm))
+            self._guard(skip, float(grad_norm) == 0.0)
+        if not skip:
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _guard(self, skipped: bool, zero: bool) -> None:
+        """Count skipped (non-finite) and zero-gradient optimiser steps in a row; stop or warn past their limits."""
+        self.skipped_nonfinite += int(skipped)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        if self.nonfinite_in_a_row >= self.optim.nonfinite_patience:
+            raise NonFiniteError(
+                f"{self.unit} {self.state.step + 1}: the gradients were NaN or infinite in {self.nonfinite_in_a_row} "
+                f"optimiser steps in a row (non-finite rewards, advantages or losses), so the run stopped; its "
+                f"weights are those of the last finite step, and the latest checkpoint holds finite weights")
+        self.zero_gradient_in_a_row = self.zero_gradient_in_a_row + 1 if zero else 0
+        if self.zero_gradient_in_a_row == ZERO_GRADIENT_WARNING:
+            logger.warning("%s %d: the gradient norm has been exactly 0 for %d optimiser steps: nothing is learned "
+                           "(a dead run? check the learning rate and the reward)", self.unit, self.state.step + 1,
+                           ZERO_GRADIENT_WARNING)
 
     def end_epoch(self, metrics: dict[str, float], evaluate: Callable[[int], None]) -> bool:
         """After an epoch's update: log `metrics`, then `_advance`. True when this invocation should stop now."""
@@ -275,8 +310,14 @@ class Session:
         if self.progress is not None:
             self.progress.update(1)
         if metrics is not None:
+            if self.skipped_nonfinite:  # since the last record
+                metrics = {**metrics, "train/skipped_nonfinite": self.skipped_nonfinite}
+                self.skipped_nonfinite = 0
             self.accelerator.log(metrics, step=step)
         evaluate(step)
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters):  # no checkpoint holds non-finite weights
+            raise NonFiniteError(f"{self.unit} {step}: the trained weights became NaN or infinite, so the run stopped "
+                                 f"without saving them; the latest checkpoint holds finite weights")
         if self.checkpointer.due(step, self.total_steps):
             self.checkpointer.save(step)
         if self._stop_requested():

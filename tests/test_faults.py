@@ -13,8 +13,11 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pipelines import load_pipeline
+from rewards import Reward
 from rewards.jpeg import JpegSizeReward
 from rl import grpo
 from rl.checkpoints import CheckpointConfig, latest_checkpoint
@@ -24,7 +27,7 @@ from rl.lora import LoraSpec
 from rl.ppo import PPOConfig
 from rl.prompts import load_prompts
 from rl.rollouts import SamplingConfig
-from rl.session import OptimConfig
+from rl.session import NonFiniteError, OptimConfig
 from rl.tracking import JsonlTracker, LoggerConfig, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +156,40 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_it_resumes_exactly(tmp_pat
     subprocess.run([*run, f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True, capture_output=True, env=env,
                    timeout=600)
     assert_same_records(read_metrics(run_dir), read_metrics(whole_dir))
+
+
+class Faulty(Reward):
+    """JPEG compressibility with NaN or inf in place of some scores, from a given call on."""
+
+    def __init__(self, value: float, which: str, from_call: int = 0):
+        super().__init__()
+        self.jpeg, self.value, self.which, self.from_call, self.calls = JpegSizeReward(), value, which, from_call, 0
+
+    def score(self, images, prompts, metadata):
+        scores, info = self.jpeg.score(images, prompts, metadata)
+        self.calls += 1
+        if self.calls > self.from_call:
+            scores = scores.clone()
+            scores[: 1 if self.which == "one" else len(scores)] = self.value
+        return scores, info
+
+
+@pytest.mark.parametrize("value, which", [(math.nan, "one"), (math.nan, "all"), (math.inf, "one")],
+                         ids=["one NaN", "all NaN", "one inf"])
+def test_non_finite_rewards_are_skipped_and_stop_the_run_after_three_in_a_row(tmp_path, value, which):
+    """From the third training epoch on (the held-out evaluation before training is call 1), the reward returns a
+    non-finite score: those updates are skipped and logged, the third in a row stops the run with one line, and no
+    checkpoint holds a non-finite tensor."""
+    ctx = context(tmp_path)
+    ctx.reward = Faulty(value, which, from_call=1 + 2 * 2)  # epochs 1 and 2 are healthy (a sampling and an eval call each)
+    with pytest.raises(NonFiniteError, match=r"epoch 5: the gradients were NaN or infinite in 3 optimiser steps"):
+        small(epochs=8)(ctx)
+    records = read_metrics(tmp_path)  # every line parses as standard JSON
+    json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=pytest.fail)
+    skipped = [r for r in records if r.get("train/skipped_nonfinite")]
+    assert [r["step"] for r in skipped] == [3, 4] and all(r["train/skipped_nonfinite"] == 1 for r in skipped)
+    assert all(r["train/grad_norm"] is None and "train/grad_norm" in r["nonfinite"] for r in skipped)
+    for checkpoint in (tmp_path / "checkpoints").glob("step_*"):
+        for name, tensor in load_file(checkpoint / "pytorch_lora_weights.safetensors").items():
+            assert torch.isfinite(tensor).all(), (checkpoint.name, name)
+    assert latest_checkpoint(tmp_path).name == "step_000004"  # written after the skipped (finite-weight) epochs
