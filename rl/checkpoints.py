@@ -23,10 +23,12 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 
 from pipelines.errors import ConfigError
+from rl.legacy import upgrade_config
 from rl.lora import load_lora, save_lora
-from rl.tracking import trim_metrics
+from rl.tracking import flatten_config, trim_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class CheckpointConfig:
 
     every: int = 10  # steps between checkpoints (the last step is always saved)
     keep: int | None = 3  # newest complete checkpoints kept; None keeps all (a full curve for experiments.evaluate)
-    resume: bool = True  # continue from the run directory's latest complete checkpoint
+    resume: bool | str = True  # continue from the latest complete checkpoint; "force": also with changed options
     exit_after: int | None = None  # stop this invocation after N steps, as a kill would (start again to resume)
 
 
@@ -64,6 +66,37 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+# Options a resumed run may change: how long it runs, how it is evaluated, checkpointed and logged, and the CPU threads.
+RESUMABLE_CHANGES = (
+    "algo.epochs", "algo.train.max_steps", "algo.train.log_every", "algo.train.eval_every",
+    "algo.train.eval_batch_size", "algo.train.eval_repeats", "algo.eval.", "algo.validation.", "algo.checkpoint.",
+    "logger.", "cpu_threads", "prompts.eval.",
+)
+
+
+def changed_options(saved: dict, new: dict) -> list[str]:
+    """`key: old -> new` for each option of the run's saved config (`config.yaml`, flattened) that `new` changes,
+    except `RESUMABLE_CHANGES`; options the saved config lacks (added by a later version) are not changes."""
+    return [f"{key}: {saved[key]!r} -> {new.get(key, '(removed)')!r}" for key in sorted(saved)
+            if not key.startswith(RESUMABLE_CHANGES) and new.get(key, "(removed)") != saved[key]]
+
+
+def check_resume(run_dir: Path, new: dict) -> None:
+    """Before a run resumes from a checkpoint in `run_dir`, stop (one line) if its options differ from those it was
+    started with in anything but `RESUMABLE_CHANGES`, unless `algo.checkpoint.resume=force`. `new` is the resolved
+    config as a plain dict."""
+    resume = new.get("algo", {}).get("checkpoint", {}).get("resume", False)
+    saved_path = run_dir / "config.yaml"
+    if resume in (False, "force") or latest_checkpoint(run_dir) is None or not saved_path.is_file():
+        return
+    saved, _ = upgrade_config(OmegaConf.load(saved_path))
+    changes = changed_options(flatten_config(OmegaConf.to_container(saved, resolve=True)), flatten_config(new))
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ConfigError(f"{run_dir} holds a run started with other options ({shown}); resume it with the same "
+                          f"options, start a new run directory, or set algo.checkpoint.resume=force")
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from pipelines.errors import build, exit_on_user_error  # noqa: E402
 from pipelines.loading import resolve_source  # noqa: E402
+from rl.checkpoints import check_resume  # noqa: E402
 from rl.context import RunContext  # noqa: E402
 
 
@@ -68,12 +69,13 @@ def shared_run_dir(local_run_dir: Path) -> Path:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
-    if PartialState().is_main_process:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     with exit_on_user_error():
+        check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))  # before the run's config.yaml is replaced
         set_cpu_threads(cfg.get("cpu_threads", "auto"))
         ctx = build_context(cfg, run_dir)
         algorithm = build(cfg.algo)
+        if PartialState().is_main_process:  # written once the config has built (a bad one leaves the old in place)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         with logging_redirect_tqdm():  # log lines print above the progress bar instead of inside it
             algorithm(ctx)
 

@@ -20,7 +20,7 @@ from pipelines import load_pipeline
 from rewards import Reward
 from rewards.jpeg import JpegSizeReward
 from rl import grpo
-from rl.checkpoints import CheckpointConfig, latest_checkpoint
+from rl.checkpoints import CheckpointConfig, changed_options, latest_checkpoint
 from rl.context import RunContext
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
@@ -193,3 +193,31 @@ def test_non_finite_rewards_are_skipped_and_stop_the_run_after_three_in_a_row(tm
         for name, tensor in load_file(checkpoint / "pytorch_lora_weights.safetensors").items():
             assert torch.isfinite(tensor).all(), (checkpoint.name, name)
     assert latest_checkpoint(tmp_path).name == "step_000004"  # written after the skipped (finite-weight) epochs
+
+
+def test_changed_options_are_those_a_resume_must_not_change():
+    saved = {"algo.optim.lr": 3e-4, "algo.epochs": 10, "algo.eval.every": 5, "algo.checkpoint.every": 2, "seed": 0,
+             "algo.lora.rank": 8}
+    new = {"algo.optim.lr": 1e-3, "algo.epochs": 20, "algo.eval.every": 1, "algo.checkpoint.every": 1, "seed": 0,
+           "algo.ppo.timestep_order": "first"}  # an option the saved config lacks: added by a later version
+    assert changed_options(saved, new) == ["algo.lora.rank: 8 -> '(removed)'", "algo.optim.lr: 0.0003 -> 0.001"]
+    assert changed_options(saved, {**saved, "algo.epochs": 40}) == []
+
+
+def test_a_resume_with_changed_options_stops_with_one_line_unless_forced(tmp_path):
+    run = [sys.executable, "-m", "rl.run", *RUN, f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([*run, "algo.checkpoint.exit_after=1", "algo.checkpoint.every=1"], cwd=ROOT, check=True,
+                   capture_output=True, env=env, timeout=600)
+    files = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    changed = subprocess.run([*run, "algo.optim.lr=0.1", "algo.epochs=6"], cwd=ROOT, capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    message = changed.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "algo.optim.lr: 0.05 -> 0.1" in message and "algo.epochs" not in message  # more epochs may resume
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files  # nothing written was lost
+    forced = subprocess.run([*run, "algo.optim.lr=0.1", "algo.checkpoint.resume=force"], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r] == [1, 2, 3, 4]

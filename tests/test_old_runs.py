@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from experiments import evaluate
 from pipelines.errors import ConfigError, build
 from rl import legacy
+from rl.checkpoints import check_resume
 from rl.run import build_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,11 @@ def test_an_old_run_directory_evaluates_and_resumes(tmp_path, case):
     rows = evaluate.main([str(run_dir)])
     assert [(r["checkpoint"], r["step"]) for r in rows] == [("base", 0), ("step_000001", 1)]
     assert {r["step"]: r["eval/reward_mean"] for r in rows} == logged
+
+    # Its saved config, read in today's spelling, has the options it is resumed with (`rl.run` checks that first).
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", *CASES[case]["run"]])
+    check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))
 
     # Resumed with other options than it was written with (with or without an EMA), it stops with one line.
     with pytest.raises(ConfigError, match="numbered pieces"):
