@@ -7,6 +7,7 @@ Hydra composes `conf/config.yaml`; this file turns the config into typed objects
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from rl.threads import limit_openmp_spinning, set_cpu_threads
@@ -16,8 +17,11 @@ limit_openmp_spinning()  # before torch loads OpenMP (rl/threads.py)
 import hydra  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.utils import broadcast_object_list  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from pipelines.errors import build, exit_on_user_error  # noqa: E402
@@ -80,5 +84,22 @@ def main(cfg: DictConfig) -> None:
             algorithm(ctx)
 
 
+def check_composes(argv: list[str]) -> None:
+    """Compose the command line's config before Hydra runs it, so that one that does not compose (an unknown algo or
+    reward, a key that does not exist) stops with one line and exit code 2 instead of Hydra's multi-line message and
+    exit code 1. Left to Hydra: its own flags (`--help`, `-m` sweeps, ...) and `hydra.*` overrides."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            compose("config", overrides=[arg for arg in argv if not arg.startswith("hydra.")])
+    except (HydraException, OmegaConfBaseException) as error:
+        message = str(error).split("Config search path")[0]  # Hydra's search path says nothing to the user
+        lines = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+        print(f"error: {' '.join(lines)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_composes(sys.argv[1:])
     main()

@@ -221,3 +221,18 @@ def test_a_resume_with_changed_options_stops_with_one_line_unless_forced(tmp_pat
                             capture_output=True, text=True, env=env, timeout=600)
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("override, says", [
+    ("algo=nope", "Could not find 'algo/nope' Available options in 'algo': ddpo"),
+    ("reward=nope", "Could not find 'reward/nope'"),
+    ("algo.nonexistent=1", "Could not override 'algo.nonexistent'"),
+    ("lora@algo.lora=nope", "Could not find 'lora/nope'"),
+])
+def test_a_config_that_does_not_compose_stops_with_one_line(tmp_path, override, says):
+    result = subprocess.run([sys.executable, "-m", "rl.run", override, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message and says in message, message
+    assert "search path" not in message and not (tmp_path / "run").exists()  # nothing was started
