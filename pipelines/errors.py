@@ -23,6 +23,22 @@ class ConfigError(UserError):
     """A configuration value is invalid or two values contradict each other; the message names the option."""
 
 
+def check_values(section: str, config: Any, *, positive: tuple[str, ...] = (), at_least_zero: tuple[str, ...] = (),
+                 fraction: tuple[str, ...] = (), resolution: tuple[str, ...] = ()) -> None:
+    """Raise `ConfigError` naming `<section>.<field>` for the first field of `config` out of its range: `positive`
+    (> 0), `at_least_zero` (>= 0), `fraction` (in (0, 1]), `resolution` (None, or a positive multiple of 16: SD3's
+    VAE downsamples by 8 and its transformer patches 2 x 2 latents). None is accepted where a field may be None."""
+    rules = [(positive, lambda v: v > 0, "a positive number"), (at_least_zero, lambda v: v >= 0, "0 or more"),
+             (fraction, lambda v: 0 < v <= 1, "in (0, 1]"),
+             (resolution, lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16 (SD3: VAE 8 x patch 2)")]
+    for names, valid, meaning in rules:
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and valid(value)):
+                raise ConfigError(f"{section}.{name} must be {meaning}, got {value!r}")
+
+
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Around an entry point's work: a `UserError` becomes `error: <message>` on stderr and exit code 2."""

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, check_values
 from rl.legacy import upgrade_config
 from rl.lora import load_lora, save_lora
 from rl.tracking import flatten_config, trim_metrics
@@ -45,6 +45,11 @@ class CheckpointConfig:
     keep: int | None = 3  # newest complete checkpoints kept; None keeps all (a full curve for experiments.evaluate)
     resume: bool | str = True  # continue from the latest complete checkpoint; "force": also with changed options
     exit_after: int | None = None  # stop this invocation after N steps, as a kill would (start again to resume)
+
+    def __post_init__(self):
+        check_values("algo.checkpoint", self, positive=("every", "keep", "exit_after"))
+        if self.resume not in (True, False, "force"):
+            raise ConfigError(f"algo.checkpoint.resume must be true, false or force, got {self.resume!r}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipelines.errors import check_values
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.ppo import PPOConfig, ppo_layout, ppo_update
@@ -61,6 +62,9 @@ class DDPO(TrainingConfig):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_values("algo", self, positive=("epochs", "buffer_size", "min_count"))
 
     def __call__(self, ctx: RunContext) -> None:
         run(ctx, self)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, check_values
 from rl import seeds
 from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
@@ -46,6 +46,11 @@ class DPOTrainConfig:
     eval_batch_size: int = 8
     eval_repeats: int = 4  # noise draws per held-out pair (the implicit reward is an expectation over them)
 
+    def __post_init__(self):
+        check_values("algo.train", self, positive=("max_steps", "batch_size", "gradient_accumulation_steps",
+                                                  "max_sequence_length", "log_every", "eval_batch_size",
+                                                  "eval_repeats"), at_least_zero=("eval_every",))
+
 
 @dataclass
 class OnlineTrainConfig:
@@ -54,6 +59,9 @@ class OnlineTrainConfig:
     inner_epochs: int = 1  # passes over an epoch's pairs
     batch_size: int = 4  # pairs per training forward, per process
     optimizer_steps: int = 1  # optimiser steps per pass (gradients accumulate in between)
+
+    def __post_init__(self):
+        check_values("algo.train", self, positive=("inner_epochs", "batch_size", "optimizer_steps"))
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,9 @@ class OfflineDPO(TrainingConfig):
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
+
+    def __post_init__(self):
+        check_values("algo", self, positive=("beta",))
 
     def __call__(self, ctx: RunContext) -> None:
         run_offline(ctx, self)
@@ -246,6 +257,9 @@ class OnlineDPO(TrainingConfig):
     train: OnlineTrainConfig = field(default_factory=OnlineTrainConfig)
     loss: LossConfig = field(default_factory=lambda: LossConfig(weighting_scheme="none"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_values("algo", self, positive=("epochs", "beta"))
 
     def __call__(self, ctx: RunContext) -> None:
         run_online(ctx, self)

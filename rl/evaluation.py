@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from pipelines import StableDiffusion3LogProbPipeline
+from pipelines.errors import check_values
 from rewards import Reward
 from rl import seeds
 from rl.prompts import Prompt
@@ -35,6 +36,11 @@ class EvalConfig:
     resolution: int | None = None
     batch_size: int = 8
 
+    def __post_init__(self):
+        check_values("algo.eval", self, positive=("max_prompts", "images_per_prompt", "num_inference_steps",
+                                                 "batch_size"), at_least_zero=("every", "guidance_scale"),
+                     resolution=("resolution",))
+
     def due(self, step: int, last: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == last)
 
@@ -48,6 +54,10 @@ class ValidationConfig:
     num_inference_steps: int = 28
     guidance_scale: float = 4.5
     resolution: int | None = None
+
+    def __post_init__(self):
+        check_values("algo.validation", self, positive=("max_prompts", "num_inference_steps"), at_least_zero=("every",),
+                     resolution=("resolution",))
 
 
 @torch.no_grad()

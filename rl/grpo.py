@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipelines.errors import ConfigError, check_values
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import group_advantages, kl_to_reference
@@ -44,6 +45,12 @@ class GRPO(TrainingConfig):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_values("algo", self, positive=("epochs",), at_least_zero=("beta",))
+        if self.sampling.images_per_prompt < 2:
+            raise ConfigError("GRPO compares the images of a group: algo.sampling.images_per_prompt must be at least 2 "
+                              "(with 1 every advantage is 0 and nothing is trained)")
 
     def __call__(self, ctx: RunContext) -> None:
         run(ctx, self)

@@ -14,7 +14,7 @@ import torch
 from accelerate import PartialState
 
 from pipelines import transition_log_probs
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, check_values
 from rl import seeds
 from rl.losses import ppo_clip_loss
 from rl.rollouts import Rollouts, SamplingConfig, stochastic_step_count
@@ -42,8 +42,10 @@ class PPOConfig:
     recompute_old_log_probs: bool = True  # old log-probs in the training layout: the first ratio is exactly 1
 
     def __post_init__(self):
+        check_values("algo.ppo", self, positive=("clip_range", "adv_clip", "inner_epochs", "batch_size",
+                                                "optimizer_steps"), fraction=("timestep_fraction",))
         if self.timestep_order not in ("random", "first"):
-            raise ConfigError(f"ppo.timestep_order must be random or first, got {self.timestep_order!r}")
+            raise ConfigError(f"algo.ppo.timestep_order must be random or first, got {self.timestep_order!r}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from pipelines import StableDiffusion3LogProbPipeline, guided_velocity
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, check_values
 from rewards import Reward
 from rl import seeds
 from rl.checkpoints import CheckpointConfig
@@ -79,6 +79,11 @@ class ReFLTrainConfig:
     pretrain_batch_size: int = 1  # image-caption pairs per process and micro-batch
     max_sequence_length: int | None = None  # T5 tokens; None: the model's (`model.max_sequence_length`)
     log_every: int = 1
+
+    def __post_init__(self):
+        check_values("algo.train", self, positive=("max_steps", "batch_size", "gradient_accumulation_steps",
+                                                  "pretrain_batch_size", "max_sequence_length", "log_every"),
+                     at_least_zero=("pretrain_weight",))
 
 
 def sampling_scheduler(pipe: StableDiffusion3LogProbPipeline, num_inference_steps: int, latent_size: int, device):

@@ -16,7 +16,7 @@ import torch
 from accelerate import PartialState
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, check_values
 from rewards import Reward
 from rl import seeds
 from rl.prompts import Prompt
@@ -37,6 +37,13 @@ class SamplingConfig:
     same_initial_noise: bool = False  # one initial noise per group (Flow-GRPO's same_latent)
     sde_window: int | None = None  # Flow-GRPO-Fast: only this many consecutive steps are stochastic and trained
     sde_window_range: float = 0.5  # ... placed at random within this first fraction of the trajectory
+
+    def __post_init__(self):
+        check_values("algo.sampling", self, positive=("prompts_per_epoch", "images_per_prompt", "batch_size",
+                                                     "num_inference_steps", "sde_window"),
+                     at_least_zero=("noise_level",), fraction=("sde_window_range",), resolution=("resolution",))
+        if self.sde_type not in ("sde", "cps"):
+            raise ConfigError(f"algo.sampling.sde_type must be sde or cps, got {self.sde_type!r}")
 
     def samples_per_process(self, num_processes: int) -> int:
         """The images each process samples per epoch; checked against the batch size before anything loads."""

@@ -74,10 +74,10 @@ def shared_run_dir(local_run_dir: Path) -> Path:
 def main(cfg: DictConfig) -> None:
     run_dir = shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
     with exit_on_user_error():
+        algorithm = build(cfg.algo)  # the algorithm's options are checked here, before any model or reward loads
         check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))  # before the run's config.yaml is replaced
         set_cpu_threads(cfg.get("cpu_threads", "auto"))
         ctx = build_context(cfg, run_dir)
-        algorithm = build(cfg.algo)
         if PartialState().is_main_process:  # written once the config has built (a bad one leaves the old in place)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         with logging_redirect_tqdm():  # log lines print above the progress bar instead of inside it

@@ -37,7 +37,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.errors import ConfigError, UserError
+from pipelines.errors import ConfigError, UserError, check_values
 from rewards import Reward
 from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
 from rl.context import RunContext
@@ -60,6 +60,10 @@ class OptimConfig:
     lr_scheduler: str = "constant"  # any of diffusers.optimization's: constant, linear, cosine, ...
     warmup_steps: int = 0
     nonfinite_patience: int = 3  # optimiser steps in a row with NaN / inf gradients (skipped) before the run stops
+
+    def __post_init__(self):
+        check_values("algo.optim", self, positive=("lr", "max_grad_norm", "nonfinite_patience"),
+                     at_least_zero=("weight_decay", "warmup_steps"))
 
 
 class NonFiniteError(UserError):

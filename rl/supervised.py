@@ -11,7 +11,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.utils.data import DataLoader
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, check_values
 from rl import seeds
 from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
@@ -49,6 +49,13 @@ class TrainConfig:
     max_sequence_length: int = 77  # T5 tokens
     log_every: int = 1
     num_workers: int = 0
+
+    def __post_init__(self):
+        check_values("algo.train", self, positive=("max_steps", "batch_size", "gradient_accumulation_steps",
+                                                  "max_sequence_length", "log_every"),
+                     at_least_zero=("caption_dropout", "num_workers"))
+        if self.caption_dropout > 1:
+            raise ConfigError(f"algo.train.caption_dropout is a probability, got {self.caption_dropout}")
 
 
 @dataclass

@@ -5,6 +5,7 @@ metrics.jsonl stays standard JSON with non-finite values."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_non_finite_rewards_are_skipped_and_stop_the_run_after_three_in_a_row(tm
     non-finite score: those updates are skipped and logged, the third in a row stops the run with one line, and no
     checkpoint holds a non-finite tensor."""
     ctx = context(tmp_path)
-    ctx.reward = Faulty(value, which, from_call=1 + 2 * 2)  # epochs 1 and 2 are healthy (a sampling and an eval call each)
+    ctx.reward = Faulty(value, which, from_call=1 + 2 * 2)  # epochs 1 and 2 are healthy: a sampling and an eval call each
     with pytest.raises(NonFiniteError, match=r"epoch 5: the gradients were NaN or infinite in 3 optimiser steps"):
         small(epochs=8)(ctx)
     records = read_metrics(tmp_path)  # every line parses as standard JSON
@@ -236,3 +237,62 @@ def test_a_config_that_does_not_compose_stops_with_one_line(tmp_path, override, 
     message = result.stderr.strip()
     assert message.startswith("error: ") and "\n" not in message and says in message, message
     assert "search path" not in message and not (tmp_path / "run").exists()  # nothing was started
+
+
+BAD_VALUES = [  # (overrides, what the one line names): every count positive, every resolution fits SD3's latents
+    (["algo=grpo", "algo.sampling.batch_size=0"], "algo.sampling.batch_size must be a positive number, got 0"),
+    (["algo=grpo", "algo.sampling.prompts_per_epoch=-2"], "algo.sampling.prompts_per_epoch"),
+    (["algo=ddpo", "algo.sampling.images_per_prompt=0"], "algo.sampling.images_per_prompt"),
+    (["algo=grpo", "algo.sampling.images_per_prompt=1"], "images_per_prompt must be at least 2"),
+    (["algo=grpo", "algo.sampling.resolution=30"], "algo.sampling.resolution must be a positive multiple of 16"),
+    (["algo=grpo", "algo.eval.resolution=30"], "algo.eval.resolution"),
+    (["algo=grpo", "algo.sampling.noise_level=-0.1"], "algo.sampling.noise_level"),
+    (["algo=grpo", "algo.sampling.sde_type=ddim"], "algo.sampling.sde_type"),
+    (["algo=grpo", "algo.ppo.batch_size=0"], "algo.ppo.batch_size"),
+    (["algo=grpo", "algo.ppo.optimizer_steps=0"], "algo.ppo.optimizer_steps"),
+    (["algo=grpo", "algo.ppo.timestep_fraction=1.5"], "algo.ppo.timestep_fraction must be in (0, 1]"),
+    (["algo=grpo", "algo.epochs=-1"], "algo.epochs"),
+    (["algo=grpo", "algo.beta=-0.1"], "algo.beta"),
+    (["algo=grpo", "algo.optim.lr=-1"], "algo.optim.lr must be a positive number, got -1"),
+    (["algo=grpo", "algo.checkpoint.every=0"], "algo.checkpoint.every"),
+    (["algo=grpo", "algo.checkpoint.resume=maybe"], "algo.checkpoint.resume must be true, false or force"),
+    (["algo=grpo", "algo.eval.max_prompts=0"], "algo.eval.max_prompts"),
+    (["algo=ddpo", "algo.min_count=0"], "algo.min_count"),
+    (["algo=refl", "algo.train.batch_size=0"], "algo.train.batch_size"),
+    (["algo=refl", "algo.train.batch_size=-1"], "algo.train.batch_size"),
+    (["algo=refl", "algo.refl.stop_range=[30,50]"], "refl.stop_range"),
+    (["algo=sft", "algo.train.batch_size=0"], "algo.train.batch_size"),
+    (["algo=sft", "algo.train.caption_dropout=2"], "caption_dropout"),
+    (["algo=sft", "algo.validation.resolution=30"], "algo.validation.resolution"),
+    (["algo=dpo", "algo.train.max_steps=0"], "algo.train.max_steps"),
+    (["algo=dpo_online", "algo.train.batch_size=0"], "algo.train.batch_size"),
+    (["algo=dpo_online", "algo.epochs=0"], "algo.epochs"),
+    (["algo=grpo", "algo.ppo.timestep_order=last"], "algo.ppo.timestep_order"),
+]
+
+
+@pytest.mark.parametrize("overrides, says", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_values_stop_when_the_config_builds_before_any_weights_load(overrides, says):
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.errors import ConfigError, build
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        build(cfg.algo)  # Hydra builds the algorithm's config before rl.run loads any model
+
+
+def test_a_bad_value_on_the_command_line_exits_2_with_one_line_and_leaves_the_run_directory(tmp_path):
+    run = [sys.executable, "-m", "rl.run", *RUN, f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([*run, "algo.checkpoint.exit_after=1", "algo.checkpoint.every=1"], cwd=ROOT, check=True,
+                   capture_output=True, env=env, timeout=600)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = subprocess.run([*run, "algo.sampling.batch_size=0"], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: algo.sampling.batch_size must be a positive number, got 0"), result.stderr[-2000:]
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] != ".hydra" and k.name != "run.log"} == {
+        k: v for k, v in before.items() if k.parts[0] != ".hydra" and k.name != "run.log"}
