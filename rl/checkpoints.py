@@ -12,6 +12,7 @@ are read too: `read_state` and `Checkpointer.restore` map the numbers to names i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from pipelines.errors import ConfigError, check_values
+from pipelines.errors import ConfigError, UserError, check_values
 from rl.legacy import upgrade_config
 from rl.lora import load_lora, save_lora
 from rl.tracking import flatten_config, trim_metrics
@@ -138,6 +139,22 @@ def read_state(checkpoint: Path, name: str, legacy_order: list[str] | None = Non
     return torch.load(path, map_location="cpu", weights_only=True) if path is not None else None
 
 
+class DiskFullError(UserError):
+    """The run's disk is full; nothing written so far is lost, and the run resumes from its last complete checkpoint."""
+
+
+def disk_full(error: BaseException, directory: Path, margin: int = 64 * 2**20) -> bool:
+    """Whether `error` came from a full disk: `ENOSPC`, or a failed write (torch's serializer reports it as
+    "unexpected pos" or "file write failed") on a disk with less than `margin` bytes free."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    written = isinstance(error, OSError) or any(text in str(error) for text in ("unexpected pos", "write failed"))
+    try:
+        return written and shutil.disk_usage(directory if directory.exists() else directory.parent).free < margin
+    except OSError:
+        return False
+
+
 # A run written before the pieces were named registered the counters first and the EMA (when kept) second.
 _LEGACY_EMA_ORDER = ["train_state", "ema"]
 
@@ -197,6 +214,18 @@ class Checkpointer:
         return step % self.config.every == 0 or step == last
 
     def save(self, step: int) -> Path:
+        """Write the checkpoint of `step` (see `_save`); a full disk stops the run with one line naming the folder,
+        and the partial checkpoint is never read."""
+        try:
+            return self._save(step)
+        except (OSError, RuntimeError) as error:
+            if not disk_full(error, self.directory):
+                raise
+            raise DiskFullError(f"no space left on {self.directory} while writing the checkpoint of step {step}; "
+                                f"free space there and start the run again: it resumes from its last complete "
+                                f"checkpoint") from None
+
+    def _save(self, step: int) -> Path:
         """Write the checkpoint of `step` into a hidden partial folder and rename it to `step_<N>` when complete (with
         its `done` marker), so that a kill or a full disk mid-save leaves no `step_<N>` folder, only a partial one
         that the next save removes; then drop all but the newest `keep` checkpoints."""

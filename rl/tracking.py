@@ -127,7 +127,14 @@ def make_accelerator(
             "tags": list(logger.tags),
         }
     }
-    accelerator.init_trackers(logger.project, config=flatten_config(config), init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(logger.project, config=flatten_config(config), init_kwargs=init_kwargs)
+    except Exception as error:
+        if type(error).__module__.startswith("wandb"):  # e.g. no API key configured, and not offline
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"logger=wandb could not start ({reason}); log in with `wandb login`, or log offline "
+                              f"with WANDB_MODE=offline (or logger.mode=offline) and `wandb sync` later") from None
+        raise
     return accelerator
 
 

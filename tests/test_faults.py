@@ -296,3 +296,39 @@ def test_a_bad_value_on_the_command_line_exits_2_with_one_line_and_leaves_the_ru
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert {k: v for k, v in after.items() if k.parts[0] != ".hydra" and k.name != "run.log"} == {
         k: v for k, v in before.items() if k.parts[0] != ".hydra" and k.name != "run.log"}
+
+
+def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_resumes(tmp_path, whole, monkeypatch):
+    """A save that fails for lack of space names the folder; the run then resumes from its last complete checkpoint."""
+    import errno
+
+    import rl.checkpoints
+    from rl.checkpoints import DiskFullError
+
+    run_dir, saves = tmp_path / "run", []
+    original = rl.checkpoints.torch.save
+
+    def save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if "step_000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(rl.checkpoints.torch, "save", save)
+    with pytest.raises(DiskFullError, match=f"no space left on {run_dir / 'checkpoints'} while writing .* step 2"):
+        small()(context(run_dir))
+    monkeypatch.undo()
+    assert latest_checkpoint(run_dir).name == "step_000001"
+    small()(context(run_dir))
+    assert_same_records(read_metrics(run_dir), whole)
+
+
+def test_wandb_without_a_login_stops_with_one_line(tmp_path, monkeypatch):
+    from pipelines.errors import ConfigError
+    from rl.tracking import make_accelerator
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    with pytest.raises(ConfigError, match="logger=wandb could not start .*WANDB_MODE=offline"):
+        make_accelerator(tmp_path / "run", LoggerConfig(backends=["wandb"]), {})
