@@ -87,7 +87,12 @@ def load_pipeline(
                 quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                 dtype=torch_dtype,
             )
-        pipe = StableDiffusion3LogProbPipeline.from_pretrained(source, **kwargs)
+        try:
+            pipe = StableDiffusion3LogProbPipeline.from_pretrained(source, **kwargs)
+        except OSError as error:  # diffusers' "Unable to load weights from checkpoint file ..." and the like
+            reason = " ".join(str(error).split())
+            raise ModelLoadError(f"cannot load the weights of {source}: {reason} (a truncated or corrupt file? "
+                                 f"download it again)") from None
 
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

@@ -92,3 +92,15 @@ def test_compiled_transformer_and_vae_decode_sample_the_same_images():
     compiled_pipe = load_pipeline(compile_transformer=True, compile_vae_decode=True)
     compiled = compiled_pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_a_truncated_weights_file_fails_with_one_line(tmp_path):
+    from scripts.save_tiny_model import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    weights = next((folder / "transformer").glob("*.safetensors"))
+    with weights.open("r+b") as file:
+        file.truncate(weights.stat().st_size // 2)  # as an interrupted download leaves it
+    with pytest.raises(ModelLoadError, match=r"cannot load the weights of .*tiny.*truncated or corrupt") as error:
+        load_pipeline(str(folder))
+    assert "\n" not in str(error.value)
