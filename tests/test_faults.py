@@ -332,3 +332,59 @@ def test_wandb_without_a_login_stops_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
     with pytest.raises(ConfigError, match="logger=wandb could not start .*WANDB_MODE=offline"):
         make_accelerator(tmp_path / "run", LoggerConfig(backends=["wandb"]), {})
+
+
+def short_run(preset: str, data: Path) -> list[str]:
+    """A CPU preset cut to 4 steps with a checkpoint after each (tests/test_presets.py's cut, made longer)."""
+    from test_presets import CONFIGS, SHORT, data_kind
+
+    cfg = CONFIGS[preset]
+    steps = "algo.epochs=4" if "epochs" in cfg.algo else "algo.train.max_steps=4"
+    replaced = ("algo.epochs", "algo.train.max_steps", "algo.checkpoint.every")
+    keep = [o for o in SHORT[cfg.algo._target_] if o.split("=")[0] not in replaced]
+    return [f"experiment={preset}", "cpu_threads=1", steps, "algo.checkpoint.every=1", *keep,
+            *([f"data.path={data}"] if data_kind(cfg) else [])]
+
+
+KILLED = ["grpo_jpeg_tiny", "ddpo_jpeg_tiny", "dpo_online_jpeg_tiny", "dpo_photo_pairs_tiny", "refl_aesthetic_tiny",
+          "sft_digits_tiny"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", KILLED)
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_run(tmp_path, preset):
+    """SIGKILL (no handler runs) at a seeded random moment, twice: early (maybe before the first checkpoint, maybe
+    while loading) and later (maybe during a checkpoint write); each restart resumes, and the records and the final
+    weights equal those of an uninterrupted run."""
+    import random
+
+    from safetensors.torch import load_file as read
+    from test_presets import CONFIGS, data_kind, write_data
+
+    kind = data_kind(CONFIGS[preset])
+    if kind:
+        write_data(kind, tmp_path / "data")
+    command = [sys.executable, "-m", "rl.run", *short_run(preset, tmp_path / "data")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    subprocess.run([*command, f"hydra.run.dir={whole}"], cwd=ROOT, check=True, capture_output=True, env=env,
+                   timeout=900)
+    chance = random.Random(preset)
+    for delay in (chance.uniform(3, 8), chance.uniform(8, 16)):
+        process = subprocess.Popen([*command, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.kill()
+        process.wait(timeout=60)
+    subprocess.run([*command, f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True, capture_output=True, env=env,
+                   timeout=900)
+    got, want = read_metrics(run_dir), read_metrics(whole)
+    keys = (*COMPARED, "eval/implicit_acc", "eval/loss")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in keys:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    for final in sorted((whole / "final").rglob("*.safetensors")):  # the adapter, or a full pipeline's weights
+        a, b = read(run_dir / final.relative_to(whole)), read(final)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), final
