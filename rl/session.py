@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import signal
 import sys
 import time
@@ -260,8 +261,9 @@ class Session:
                             p.grad = self.accelerator.reduce(p.grad, reduction="mean")
             grad_norm = torch.as_tensor(self.accelerator.clip_grad_norm_(self.parameters, self.optim.max_grad_norm))
             stats["grad_norm"] = grad_norm
-            skip = self.accelerator.scaler is None and not bool(torch.isfinite(grad_norm))
-            self._guard(skip, float(grad_norm) == 0.0)
+            norm = float(grad_norm)  # one device sync per optimiser step
+            skip = self.accelerator.scaler is None and not math.isfinite(norm)
+            self._guard(skip, norm == 0.0)
         if not skip:
             self.optimizer.step()
         self.lr_scheduler.step()
@@ -319,14 +321,11 @@ class Session:
                 self.skipped_nonfinite = 0
             self.accelerator.log(metrics, step=step)
         evaluate(step)
-        if not all(bool(torch.isfinite(p).all()) for p in self.parameters):  # no checkpoint holds non-finite weights
-            raise NonFiniteError(f"{self.unit} {step}: the trained weights became NaN or infinite, so the run stopped "
-                                 f"without saving them; the latest checkpoint holds finite weights")
         if self.checkpointer.due(step, self.total_steps):
-            self.checkpointer.save(step)
+            self._save(step)
         if self._stop_requested():
             if not self.checkpointer.due(step, self.total_steps):
-                self.checkpointer.save(step)
+                self._save(step)
             name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal on another process"
             logger.warning("stopped by %s after %s %d; checkpoint %s; start the same command again to resume",
                            name, self.unit, step, self.checkpointer.directory / f"step_{step:06d}")
@@ -336,7 +335,7 @@ class Session:
             sys.exit(128 + (self.stop_signal or signal.SIGTERM))
         if self.checkpoint.exit_after is not None and step - self.start >= self.checkpoint.exit_after:
             if not self.checkpointer.due(step, self.total_steps):
-                self.checkpointer.save(step)
+                self._save(step)
             logger.info("stopped after %d %ss as asked (checkpoint.exit_after); start again to resume",
                         step - self.start, self.unit)
             if self.progress is not None:
@@ -344,6 +343,14 @@ class Session:
             self.accelerator.end_training()
             return True
         return False
+
+    def _save(self, step: int) -> None:
+        """Checkpoint `step`, unless the trained weights became non-finite: then stop, so that no checkpoint holds
+        them (checked here, not every step: it reads every trained weight)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters):
+            raise NonFiniteError(f"{self.unit} {step}: the trained weights became NaN or infinite, so the run stopped "
+                                 f"without saving them; the latest checkpoint holds finite weights")
+        self.checkpointer.save(step)
 
     def _stop_requested(self) -> bool:
         """Whether a signal arrived on any process (all processes stop at the same step)."""

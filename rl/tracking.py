@@ -144,10 +144,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [record for _, record in _metric_lines(path)]
+    return [record for _, record in _metric_lines(path)[0]]
 
 
-def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+def _metric_lines(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    """`(line, record)` of each line of a metrics file (a torn last line left out, with a warning), and the number of
+    non-empty lines read."""
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     parsed = []
     for number, line in enumerate(lines, 1):
@@ -158,7 +160,7 @@ def _metric_lines(path: Path) -> list[tuple[str, dict]]:
                 raise UserError(f"{path} line {number} is not JSON: the file is corrupt (move it away to start "
                                 f"the run's metrics afresh)") from None
             logger.warning("%s: its last line is torn (%d characters), left out", path, len(line))
-    return parsed
+    return parsed, len(lines)
 
 
 def backup_metrics(run_dir: Path) -> Path | None:
@@ -181,9 +183,9 @@ def trim_metrics(run_dir: Path, step: int | None) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    lines = _metric_lines(path)
+    lines, total = _metric_lines(path)
     kept = [line for line, record in lines if step is not None and (record.get("step") or 0) <= step]
-    if len(kept) == len([line for line in path.read_text().splitlines() if line.strip()]):
+    if len(kept) == total:
         return  # nothing to cut (and no torn line to drop)
     backup_metrics(run_dir)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
