@@ -26,11 +26,12 @@ class ConfigError(UserError):
 def check_values(section: str, config: Any, *, positive: tuple[str, ...] = (), at_least_zero: tuple[str, ...] = (),
                  fraction: tuple[str, ...] = (), resolution: tuple[str, ...] = ()) -> None:
     """Raise `ConfigError` naming `<section>.<field>` for the first field of `config` out of its range: `positive`
-    (> 0), `at_least_zero` (>= 0), `fraction` (in (0, 1]), `resolution` (None, or a positive multiple of 16: SD3's
-    VAE downsamples by 8 and its transformer patches 2 x 2 latents). None is accepted where a field may be None."""
+    (> 0), `at_least_zero` (>= 0), `fraction` (in (0, 1]), `resolution` (None, or a positive whole number of pixels;
+    whether it fits the model, `pipelines/geometry.py` checks from the model's config before any weights load). None
+    is accepted where a field may be None."""
     rules = [(positive, lambda v: v > 0, "a positive number"), (at_least_zero, lambda v: v >= 0, "0 or more"),
              (fraction, lambda v: 0 < v <= 1, "in (0, 1]"),
-             (resolution, lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16 (SD3: VAE 8 x patch 2)")]
+             (resolution, lambda v: v > 0 and v == int(v), "a positive whole number of pixels")]
     for names, valid, meaning in rules:
         for name in names:
             value = getattr(config, name)

@@ -33,6 +33,39 @@ CLIP_WIDTH = 32  # two CLIP encoders: concatenated hidden states are 64 wide, po
 T5_WIDTH = 64  # = joint_attention_dim; must be >= the concatenated CLIP width, which SD3 zero-pads up to it
 T5_VOCAB_SIZE = 1000
 
+# The tiny transformer and VAE: the real classes with small widths (pipelines/geometry.py reads their sizes here).
+TRANSFORMER_CONFIG = dict(
+    sample_size=IMAGE_SIZE // 2,
+    patch_size=2,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    caption_projection_dim=32,  # = num_attention_heads * attention_head_dim, as in every SD3 checkpoint
+    joint_attention_dim=T5_WIDTH,
+    pooled_projection_dim=2 * CLIP_WIDTH,
+    pos_embed_max_size=16,
+    dual_attention_layers=(0,),  # SD3.5-Medium's MMDiT-X blocks
+    qk_norm="rms_norm",  # SD3.5's QK normalisation
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=LATENT_CHANNELS,
+    norm_num_groups=8,
+    sample_size=IMAGE_SIZE,
+    # SD3's VAE values; like SD3 it has no quant convs.
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
 
 @lru_cache(maxsize=1)
 def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
@@ -117,37 +150,8 @@ def build_tiny_components(seed: int = 0) -> dict:
     t5_tokenizer = build_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(
-            sample_size=IMAGE_SIZE // 2,
-            patch_size=2,
-            in_channels=LATENT_CHANNELS,
-            out_channels=LATENT_CHANNELS,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            caption_projection_dim=32,  # = num_attention_heads * attention_head_dim, as in every SD3 checkpoint
-            joint_attention_dim=T5_WIDTH,
-            pooled_projection_dim=2 * CLIP_WIDTH,
-            pos_embed_max_size=16,
-            dual_attention_layers=(0,),  # SD3.5-Medium's MMDiT-X blocks
-            qk_norm="rms_norm",  # SD3.5's QK normalisation
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=LATENT_CHANNELS,
-            norm_num_groups=8,
-            sample_size=IMAGE_SIZE,
-            # SD3's VAE values; like SD3 it has no quant convs.
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+        vae = AutoencoderKL(**VAE_CONFIG)
         text_encoders = []
         for _ in range(2):
             config = CLIPTextConfig(

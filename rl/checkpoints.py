@@ -84,9 +84,11 @@ RESUMABLE_CHANGES = (
 
 def changed_options(saved: dict, new: dict) -> list[str]:
     """`key: old -> new` for each option of the run's saved config (`config.yaml`, flattened) that `new` changes,
-    except `RESUMABLE_CHANGES`; options the saved config lacks (added by a later version) are not changes."""
+    except `RESUMABLE_CHANGES`; options the saved config lacks (added by a later version) are not changes, nor are
+    the `data.*` options of a run that read no data (neither `data.path` nor `data.dataset` set)."""
+    unused = () if saved.get("data.path") is not None or saved.get("data.dataset") is not None else ("data.",)
     return [f"{key}: {saved[key]!r} -> {new.get(key, '(removed)')!r}" for key in sorted(saved)
-            if not key.startswith(RESUMABLE_CHANGES) and new.get(key, "(removed)") != saved[key]]
+            if not key.startswith(RESUMABLE_CHANGES + unused) and new.get(key, "(removed)") != saved[key]]
 
 
 def check_resume(run_dir: Path, new: dict) -> None:

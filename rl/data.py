@@ -53,7 +53,7 @@ class ImageCaptionData:
     split: str = "train"
     image_column: str = "image"
     caption_column: str = "text"
-    resolution: int = 512
+    resolution: int | None = None  # pixels; None: the model's native size (rl/run.py sets it)
     center_crop: bool = True
     random_flip: bool = False
     max_samples: int | None = None
@@ -102,6 +102,8 @@ class ImageCaptionData:
             logger.warning("skipping %d unreadable image(s): %s", len(skipped), ", ".join(skipped[:10]))
         if not records:
             raise DataError(f"{self.path or self.dataset} holds no readable images")
+        if self.resolution is None:
+            raise DataError("data.resolution is not set (rl.run sets null to the model's native size)")
         return ImageCaptionDataset(records, self.resolution, self.center_crop, self.random_flip, skipped)
 
 

@@ -33,7 +33,7 @@ class PreferenceData:
     caption_column: str = "caption"
     image_columns: tuple[str, str] = ("jpg_0", "jpg_1")
     label_column: str = "label_0"
-    resolution: int = 512
+    resolution: int | None = None  # pixels; None: the model's native size (rl/run.py sets it)
     max_pairs: int | None = None  # use only the first N pairs of the training split (after dropping ties)
 
     def load(self) -> tuple[PreferenceDataset, PreferenceDataset]:
@@ -50,6 +50,8 @@ class PreferenceData:
                     f"{self.eval_pairs} held out; lower eval_pairs or add pairs"
                 )
             pairs, held_out = pairs[: -self.eval_pairs], pairs[-self.eval_pairs :]
+        if self.resolution is None:
+            raise DataError("data.resolution is not set (rl.run sets null to the model's native size)")
         return PreferenceDataset(pairs, self.resolution), PreferenceDataset(held_out, self.resolution)
 
     def _table(self, split: str):

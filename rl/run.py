@@ -6,8 +6,11 @@ Hydra composes `conf/config.yaml`; this file turns the config into typed objects
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from rl.threads import limit_openmp_spinning, set_cpu_threads
@@ -20,25 +23,82 @@ from accelerate.utils import broadcast_object_list  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
-from pipelines.errors import build, exit_on_user_error  # noqa: E402
+from pipelines.errors import ConfigError, build, exit_on_user_error  # noqa: E402
+from pipelines.geometry import ModelGeometry, model_geometry  # noqa: E402
 from pipelines.loading import resolve_source  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
 from rl.context import RunContext  # noqa: E402
 
 
-def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
-    """Everything an algorithm needs, built from the config; cheap checks first, so that bad input fails fast."""
-    train_prompts = build(cfg.prompts.train)
-    eval_prompts = build(cfg.prompts.eval)
+def check_config(cfg: DictConfig, run_dir: Path) -> object:
+    """Everything about the input that can be checked without loading weights, cheapest first; raises `UserError`.
+
+    The algorithm's options (each config class checks its own values when Hydra builds it), the prompt files, the
+    model's location, every image size against the model's own (from its config files: a multiple of its patch
+    in pixels, within its positional embedding), a resume's options against the run directory's, and write access to
+    the run directory. Sets `data.resolution=null` to the model's native size. Returns the algorithm."""
+    algorithm = build(cfg.algo)
+    build(cfg.prompts.train), build(cfg.prompts.eval)
     if cfg.model.get("path"):
-        resolve_source(str(cfg.model.path), revision=cfg.model.get("revision"))  # fails before any weights load
+        resolve_source(str(cfg.model.path), revision=cfg.model.get("revision"))
+    geometry = set_native_resolution(cfg)
+    if geometry is not None:
+        for option, value in resolution_options(algorithm, "algo"):
+            geometry.check(option, value)
+        if cfg.get("data") and cfg.data.get("resolution") is not None:
+            geometry.check("data.resolution", cfg.data.resolution)
+    check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))
+    check_writable(run_dir)
+    return algorithm
+
+
+def set_native_resolution(cfg: DictConfig) -> ModelGeometry | None:
+    """`data.resolution=null` becomes the model's native size (so the run's saved config says which); returns the
+    model's geometry, from its config files (None when unknown)."""
+    geometry = model_geometry(OmegaConf.to_container(cfg.model, resolve=True))
+    if geometry is not None and cfg.get("data") and "resolution" in cfg.data and cfg.data.resolution is None:
+        cfg.data.resolution = geometry.native
+    return geometry
+
+
+def resolution_options(config: object, prefix: str) -> Iterator[tuple[str, int | None]]:
+    """Every `resolution` field of a config and its nested configs, by its option name (`algo.sampling.resolution`)."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.name == "resolution":
+            yield f"{prefix}.resolution", value
+        elif dataclasses.is_dataclass(value):
+            yield from resolution_options(value, f"{prefix}.{item.name}")
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory (or the nearest folder above it that exists, where it will be created) takes a file."""
+    existing = run_dir.expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write the run directory {run_dir}: {existing}: {error.strerror or error}; set "
+                          f"hydra.run.dir=<a writable folder>") from None
+
+
+def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
+    """Everything an algorithm needs, built from the config (after `check_config`)."""
     reward = build(cfg.reward) if cfg.get("reward") else None
+    train_prompts, eval_prompts = build(cfg.prompts.train), build(cfg.prompts.eval)
     if reward is not None:
         reward.check_prompts([p.text for p in train_prompts + eval_prompts])
+    set_native_resolution(cfg)
+    data = build(cfg.data) if cfg.get("data") else None
+    if data is not None and getattr(data, "resolution", 0) is None:
+        raise ConfigError("data.resolution=null means the model's native size, which this model's config files do "
+                          "not give; set data.resolution")
     return RunContext(
         run_dir=run_dir,
         seed=cfg.seed,
@@ -49,7 +109,7 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
         config=OmegaConf.to_container(cfg, resolve=True),
         mixed_precision=cfg.mixed_precision,
         reward=reward,
-        data=build(cfg.data) if cfg.get("data") else None,
+        data=data,
     )
 
 
@@ -73,33 +133,56 @@ def shared_run_dir(local_run_dir: Path) -> Path:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
-    with exit_on_user_error():
-        algorithm = build(cfg.algo)  # the algorithm's options are checked here, before any model or reward loads
-        check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))  # before the run's config.yaml is replaced
-        set_cpu_threads(cfg.get("cpu_threads", "auto"))
-        ctx = build_context(cfg, run_dir)
-        if PartialState().is_main_process:  # written once the config has built (a bad one leaves the old in place)
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        with logging_redirect_tqdm():  # log lines print above the progress bar instead of inside it
-            algorithm(ctx)
+    fresh = not (run_dir / "config.yaml").exists()
+    try:
+        with exit_on_user_error():
+            algorithm = check_config(cfg, run_dir)  # again: a multirun's jobs were not checked before
+            set_cpu_threads(cfg.get("cpu_threads", "auto"))
+            ctx = build_context(cfg, run_dir)
+            if PartialState().is_main_process:  # written once the config has built (a bad one leaves the old in place)
+                OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            with logging_redirect_tqdm():  # log lines print above the progress bar instead of inside it
+                algorithm(ctx)
+    except SystemExit as stop:
+        if stop.code == 2 and fresh and PartialState().is_main_process:
+            remove_if_only_hydra(run_dir)  # a run stopped on bad input leaves no directory behind
+        raise
 
 
-def check_composes(argv: list[str]) -> None:
-    """Compose the command line's config before Hydra runs it, so that one that does not compose (an unknown algo or
-    reward, a key that does not exist) stops with one line and exit code 2 instead of Hydra's multi-line message and
-    exit code 1. Left to Hydra: its own flags (`--help`, `-m` sweeps, ...) and `hydra.*` overrides."""
+def remove_if_only_hydra(run_dir: Path) -> None:
+    """Delete a new run directory that holds nothing but what was written at start: Hydra's `.hydra/`, an empty
+    `run.log` and the run's `config.yaml`."""
+    started = {Path(".hydra"), Path("config.yaml"), *(Path(".hydra") / p.name for p in (run_dir / ".hydra").glob("*"))}
+    for path in run_dir.rglob("*"):
+        if path.relative_to(run_dir) not in started and not (path.suffix == ".log" and path.stat().st_size == 0):
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_before_start(argv: list[str]) -> None:
+    """Compose the command line's config and `check_config` it before Hydra runs it, so that bad input stops with one
+    line and exit code 2 before Hydra creates (or touches) the run directory: a config that does not compose (an
+    unknown algo or reward, a key that does not exist; Hydra itself would print several lines and exit 1) and every
+    bad value `check_config` finds. Left to Hydra: its own flags (`--help`, `-m` sweeps, ...)."""
     if any(arg.startswith("-") for arg in argv):
         return
     try:
         with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-            compose("config", overrides=[arg for arg in argv if not arg.startswith("hydra.")])
+            cfg = compose("config", overrides=argv, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the run directory's name
+            run_dir = Path(cfg.hydra.run.dir)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            OmegaConf.to_container(cfg, resolve=True)  # interpolation errors are composition errors too
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).split("Config search path")[0]  # Hydra's search path says nothing to the user
         lines = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
         print(f"error: {' '.join(lines)}", file=sys.stderr)
         sys.exit(2)
+    with exit_on_user_error():
+        check_config(cfg, run_dir)
 
 
 if __name__ == "__main__":
-    check_composes(sys.argv[1:])
+    check_before_start(sys.argv[1:])
     main()

@@ -61,9 +61,13 @@ class OptimConfig:
     lr_scheduler: str = "constant"  # any of diffusers.optimization's: constant, linear, cosine, ...
     warmup_steps: int = 0
     nonfinite_patience: int = 3  # optimiser steps in a row with NaN / inf gradients (skipped) before the run stops
+    dead_after: int = 10  # optimiser steps in a row with a gradient norm of exactly 0: a dead run
+    max_weight_growth: float = 10.0  # the trained weights' norm past this many times its initial value: exploding
+    stop_on_divergence: bool = False  # a dead or exploding run stops (one line) instead of warning once
 
     def __post_init__(self):
-        check_values("algo.optim", self, positive=("lr", "max_grad_norm", "nonfinite_patience"),
+        check_values("algo.optim", self, positive=("lr", "max_grad_norm", "nonfinite_patience", "dead_after",
+                                                   "max_weight_growth"),
                      at_least_zero=("weight_decay", "warmup_steps"))
 
 
@@ -71,7 +75,14 @@ class NonFiniteError(UserError):
     """Training produced non-finite gradients for `optim.nonfinite_patience` optimiser steps in a row."""
 
 
-ZERO_GRADIENT_WARNING = 10  # optimiser steps in a row with a gradient norm of exactly 0 before a warning
+class DivergenceError(UserError):
+    """A dead or exploding run, stopped because `optim.stop_on_divergence` is set."""
+
+
+def weight_norm(parameters: Iterable[torch.Tensor]) -> float:
+    """The L2 norm of all `parameters` together (one device sync)."""
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float())
+                                                       for p in parameters])))
 
 
 @dataclass
@@ -216,6 +227,8 @@ class Session:
     skipped_nonfinite: int = 0  # optimiser steps skipped for non-finite gradients since the last record
     nonfinite_in_a_row: int = 0
     zero_gradient_in_a_row: int = 0
+    initial_weight_norm: float = 0.0  # of the trained weights as initialised (before any resume)
+    warned: set[str] = field(default_factory=set)  # the divergence warnings already given
 
     # ---------------------------------------------------------------------------------------------- the loop
 
@@ -279,10 +292,29 @@ class Session:
                 f"optimiser steps in a row (non-finite rewards, advantages or losses), so the run stopped; its "
                 f"weights are those of the last finite step, and the latest checkpoint holds finite weights")
         self.zero_gradient_in_a_row = self.zero_gradient_in_a_row + 1 if zero else 0
-        if self.zero_gradient_in_a_row == ZERO_GRADIENT_WARNING:
-            logger.warning("%s %d: the gradient norm has been exactly 0 for %d optimiser steps: nothing is learned "
-                           "(a dead run? check the learning rate and the reward)", self.unit, self.state.step + 1,
-                           ZERO_GRADIENT_WARNING)
+        if self.zero_gradient_in_a_row == self.optim.dead_after:
+            self._diverged("dead", f"{self.unit} {self.state.step + 1}: the gradient norm has been exactly 0 for "
+                                   f"{self.optim.dead_after} optimiser steps in a row (optim.dead_after): nothing is "
+                                   f"learned; a dead run? check the learning rate and the reward")
+
+    def _check_weights(self, step: int) -> None:
+        """At each record: an exploding run's weights grow past `optim.max_weight_growth` times their initial norm."""
+        norm = weight_norm(self.parameters)
+        if math.isfinite(norm) and norm > self.optim.max_weight_growth * self.initial_weight_norm:
+            self._diverged("exploding", f"{self.unit} {step}: the trained weights' norm grew from "
+                                        f"{self.initial_weight_norm:.4g} to {norm:.4g}, past optim.max_weight_growth="
+                                        f"{self.optim.max_weight_growth:g} times; an exploding run? lower the "
+                                        f"learning rate")
+
+    def _diverged(self, kind: str, message: str) -> None:
+        """Stop with `message` under `optim.stop_on_divergence` (before this step's checkpoint: the latest one holds
+        the weights from before); otherwise warn, once per kind."""
+        if self.optim.stop_on_divergence:
+            raise DivergenceError(f"{message} (stopped: optim.stop_on_divergence=true; the latest checkpoint holds "
+                                  f"earlier weights)")
+        if kind not in self.warned:
+            self.warned.add(kind)
+            logger.warning("%s (set algo.optim.stop_on_divergence=true to stop such a run)", message)
 
     def end_epoch(self, metrics: dict[str, float], evaluate: Callable[[int], None]) -> bool:
         """After an epoch's update: log `metrics`, then `_advance`. True when this invocation should stop now."""
@@ -320,6 +352,7 @@ class Session:
                 metrics = {**metrics, "train/skipped_nonfinite": self.skipped_nonfinite}
                 self.skipped_nonfinite = 0
             self.accelerator.log(metrics, step=step)
+            self._check_weights(step)
         evaluate(step)
         if self.checkpointer.due(step, self.total_steps):
             self._save(step)
@@ -459,6 +492,7 @@ def open_session(
     checkpointer = Checkpointer(accelerator, ctx.run_dir, checkpoint, named, lora_modules)
     # Full fine-tuning's reference policy is the initial weights: copied before a resume replaces them.
     frozen = copy.deepcopy(modules[0]).requires_grad_(False).eval() if reference and lora is None else None
+    initial_norm = weight_norm(parameters)  # as initialised, also on resume: the bound of `optim.max_weight_growth`
     if checkpoint.resume:
         checkpointer.restore()
         if ema_model is not None:
@@ -468,5 +502,5 @@ def open_session(
         ctx=ctx, accelerator=accelerator, pipe=pipe, transformer=transformer, modules=modules, parameters=parameters,
         optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, state=counters, checkpointer=checkpointer,
         ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, unit=unit,
-        start=counters.step, frozen_reference=frozen,
+        start=counters.step, frozen_reference=frozen, initial_weight_norm=initial_norm,
     )

@@ -28,7 +28,7 @@ from rl.lora import LoraSpec
 from rl.ppo import PPOConfig
 from rl.prompts import load_prompts
 from rl.rollouts import SamplingConfig
-from rl.session import NonFiniteError, OptimConfig
+from rl.session import DivergenceError, NonFiniteError, OptimConfig
 from rl.tracking import JsonlTracker, LoggerConfig, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +196,50 @@ def test_non_finite_rewards_are_skipped_and_stop_the_run_after_three_in_a_row(tm
     assert latest_checkpoint(tmp_path).name == "step_000004"  # written after the skipped (finite-weight) epochs
 
 
+class Constant(Reward):
+    """Every image scores the same: every advantage is 0, so the policy gradient is exactly 0 (a dead run)."""
+
+    def score(self, images, prompts, metadata):
+        return torch.ones(len(prompts)), {}
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["warns", "stops"])
+def test_a_dead_run_is_reported(tmp_path, stop, caplog):
+    ctx = context(tmp_path)
+    ctx.reward = Constant()
+    config = small(epochs=3)
+    config.optim = OptimConfig(lr=5e-2, dead_after=2, stop_on_divergence=stop)
+    says = "epoch 2: the gradient norm has been exactly 0 for 2 optimiser steps in a row (optim.dead_after): "
+    if stop:
+        with pytest.raises(DivergenceError, match=re.escape(says)):
+            config(ctx)
+        assert latest_checkpoint(tmp_path).name == "step_000001"  # the step that found it wrote none
+    else:
+        config(ctx)
+        assert [r.getMessage() for r in caplog.records if "exactly 0" in r.getMessage()] == [
+            says + "nothing is learned; a dead run? check the learning rate and the reward (set "
+                   "algo.optim.stop_on_divergence=true to stop such a run)"]  # once
+    logged = [r["train/grad_norm"] for r in read_metrics(tmp_path) if "train/grad_norm" in r]
+    assert logged == ([0.0] if stop else [0.0, 0.0, 0.0])  # a stop comes within epoch 2's update, before its record
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["warns", "stops"])
+def test_an_exploding_run_is_reported(tmp_path, stop, caplog):
+    config = small(epochs=2)
+    config.optim = OptimConfig(lr=1e3, stop_on_divergence=stop)  # AdamW moves every weight by ~1e3 a step
+    says = r"epoch 1: the trained weights' norm grew from \S+ to \S+, past optim.max_weight_growth=10 times"
+    if stop:
+        with pytest.raises(DivergenceError, match=says):
+            config(context(tmp_path))
+        assert latest_checkpoint(tmp_path) is None
+    else:
+        config(context(tmp_path))
+        assert len([r for r in caplog.records if re.match(says, r.getMessage())]) == 1
+    caplog.clear()
+    small(epochs=2)(context(tmp_path / "healthy"))  # lr 5e-2 (these tests' usual run): no warning
+    assert not [r for r in caplog.records if "optim.max_weight_growth" in r.getMessage()]
+
+
 def test_changed_options_are_those_a_resume_must_not_change():
     saved = {"algo.optim.lr": 3e-4, "algo.epochs": 10, "algo.eval.every": 5, "algo.checkpoint.every": 2, "seed": 0,
              "algo.lora.rank": 8}
@@ -203,6 +247,11 @@ def test_changed_options_are_those_a_resume_must_not_change():
            "algo.ppo.timestep_order": "first"}  # an option the saved config lacks: added by a later version
     assert changed_options(saved, new) == ["algo.lora.rank: 8 -> '(removed)'", "algo.optim.lr: 0.0003 -> 0.001"]
     assert changed_options(saved, {**saved, "algo.epochs": 40}) == []
+    no_data = {"data.path": None, "data.dataset": None, "data.resolution": 512}  # a run that read no data
+    assert changed_options({**saved, **no_data}, {**saved, **no_data, "data.resolution": 32}) == []
+    with_data = {**no_data, "data.path": "/data/digits"}
+    assert changed_options({**saved, **with_data}, {**saved, **with_data, "data.resolution": 32}) == [
+        "data.resolution: 512 -> 32"]
 
 
 def test_a_resume_with_changed_options_stops_with_one_line_unless_forced(tmp_path):
@@ -239,63 +288,151 @@ def test_a_config_that_does_not_compose_stops_with_one_line(tmp_path, override, 
     assert "search path" not in message and not (tmp_path / "run").exists()  # nothing was started
 
 
-BAD_VALUES = [  # (overrides, what the one line names): every count positive, every resolution fits SD3's latents
-    (["algo=grpo", "algo.sampling.batch_size=0"], "algo.sampling.batch_size must be a positive number, got 0"),
-    (["algo=grpo", "algo.sampling.prompts_per_epoch=-2"], "algo.sampling.prompts_per_epoch"),
-    (["algo=ddpo", "algo.sampling.images_per_prompt=0"], "algo.sampling.images_per_prompt"),
-    (["algo=grpo", "algo.sampling.images_per_prompt=1"], "images_per_prompt must be at least 2"),
-    (["algo=grpo", "algo.sampling.resolution=30"], "algo.sampling.resolution must be a positive multiple of 16"),
-    (["algo=grpo", "algo.eval.resolution=30"], "algo.eval.resolution"),
-    (["algo=grpo", "algo.sampling.noise_level=-0.1"], "algo.sampling.noise_level"),
-    (["algo=grpo", "algo.sampling.sde_type=ddim"], "algo.sampling.sde_type"),
-    (["algo=grpo", "algo.ppo.batch_size=0"], "algo.ppo.batch_size"),
-    (["algo=grpo", "algo.ppo.optimizer_steps=0"], "algo.ppo.optimizer_steps"),
-    (["algo=grpo", "algo.ppo.timestep_fraction=1.5"], "algo.ppo.timestep_fraction must be in (0, 1]"),
-    (["algo=grpo", "algo.epochs=-1"], "algo.epochs"),
-    (["algo=grpo", "algo.beta=-0.1"], "algo.beta"),
-    (["algo=grpo", "algo.optim.lr=-1"], "algo.optim.lr must be a positive number, got -1"),
-    (["algo=grpo", "algo.checkpoint.every=0"], "algo.checkpoint.every"),
-    (["algo=grpo", "algo.checkpoint.resume=maybe"], "algo.checkpoint.resume must be true, false or force"),
-    (["algo=grpo", "algo.eval.max_prompts=0"], "algo.eval.max_prompts"),
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A run directory as a stopped run leaves it (`RUN` after one epoch, with a checkpoint): every bad input below
+    points at it and must leave its files as they are."""
+    run_dir = tmp_path_factory.mktemp("stopped")
+    subprocess.run([sys.executable, "-m", "rl.run", *RUN, "algo.checkpoint.exit_after=1", "algo.checkpoint.every=1",
+                    f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return run_dir
+
+
+def files(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+BAD_INPUTS = [  # (command line, what its one line says): each stops before Hydra starts and before any weights load
+    # counts, fractions, choices (each config class checks its own when it builds)
+    ([*RUN, "algo.sampling.batch_size=0"], "algo.sampling.batch_size must be a positive number, got 0"),
+    ([*RUN, "algo.sampling.prompts_per_epoch=-2"], "algo.sampling.prompts_per_epoch must be a positive number"),
+    ([*RUN, "algo.sampling.images_per_prompt=1"], "images_per_prompt must be at least 2"),
+    ([*RUN, "algo.sampling.noise_level=-0.1"], "algo.sampling.noise_level must be 0 or more"),
+    ([*RUN, "algo.sampling.sde_type=ddim"], "algo.sampling.sde_type"),
+    ([*RUN, "algo.ppo.batch_size=0"], "algo.ppo.batch_size must be a positive number"),
+    ([*RUN, "algo.ppo.optimizer_steps=0"], "algo.ppo.optimizer_steps must be a positive number"),
+    ([*RUN, "algo.ppo.timestep_fraction=1.5"], "algo.ppo.timestep_fraction must be in (0, 1]"),
+    ([*RUN, "algo.ppo.timestep_order=last"], "algo.ppo.timestep_order"),
+    ([*RUN, "algo.epochs=-1"], "algo.epochs must be a positive number"),
+    ([*RUN, "algo.beta=-0.1"], "algo.beta must be 0 or more"),
+    ([*RUN, "algo.optim.lr=-1"], "algo.optim.lr must be a positive number, got -1"),
+    ([*RUN, "algo.optim.dead_after=0"], "algo.optim.dead_after must be a positive number"),
+    ([*RUN, "algo.checkpoint.every=0"], "algo.checkpoint.every must be a positive number"),
+    ([*RUN, "algo.checkpoint.resume=maybe"], "algo.checkpoint.resume must be true, false or force"),
+    ([*RUN, "algo.eval.max_prompts=0"], "algo.eval.max_prompts must be a positive number"),
+    (["algo=ddpo", "algo.sampling.images_per_prompt=0"], "algo.sampling.images_per_prompt must be a positive"),
     (["algo=ddpo", "algo.min_count=0"], "algo.min_count"),
-    (["algo=refl", "algo.train.batch_size=0"], "algo.train.batch_size"),
-    (["algo=refl", "algo.train.batch_size=-1"], "algo.train.batch_size"),
+    (["algo=refl", "algo.train.batch_size=0"], "algo.train.batch_size must be a positive number, got 0"),
+    (["algo=refl", "algo.train.batch_size=-1"], "algo.train.batch_size must be a positive number, got -1"),
     (["algo=refl", "algo.refl.stop_range=[30,50]"], "refl.stop_range"),
-    (["algo=sft", "algo.train.batch_size=0"], "algo.train.batch_size"),
+    (["algo=sft", "algo.train.batch_size=0"], "algo.train.batch_size must be a positive number"),
     (["algo=sft", "algo.train.caption_dropout=2"], "caption_dropout"),
-    (["algo=sft", "algo.validation.resolution=30"], "algo.validation.resolution"),
-    (["algo=dpo", "algo.train.max_steps=0"], "algo.train.max_steps"),
-    (["algo=dpo_online", "algo.train.batch_size=0"], "algo.train.batch_size"),
-    (["algo=dpo_online", "algo.epochs=0"], "algo.epochs"),
-    (["algo=grpo", "algo.ppo.timestep_order=last"], "algo.ppo.timestep_order"),
+    (["algo=dpo", "algo.train.max_steps=0"], "algo.train.max_steps must be a positive number"),
+    (["algo=dpo_online", "algo.train.batch_size=0"], "algo.train.batch_size must be a positive number"),
+    (["algo=dpo_online", "algo.epochs=0"], "algo.epochs must be a positive number"),
+    # image sizes against the model's own (the tiny model: 4 x 4 pixel patches, at most 64 px, native 32 px)
+    ([*RUN, "algo.sampling.resolution=30"], "algo.sampling.resolution=30 does not fit this model: its images are "
+                                             "made of 4 x 4 pixel patches"),
+    ([*RUN, "algo.sampling.resolution=128"], "algo.sampling.resolution=128 is larger than this model's positional "
+                                              "embedding covers (64 px)"),
+    ([*RUN, "algo.eval.resolution=30"], "algo.eval.resolution=30 does not fit this model"),
+    (["algo=refl", "algo.refl.resolution=96"], "algo.refl.resolution=96 is larger than"),
+    (["algo=sft", "algo.validation.resolution=30"], "algo.validation.resolution=30 does not fit"),
+    (["algo=sft", "data.resolution=30"], "data.resolution=30 does not fit this model"),
+    (["algo=sft", "data.resolution=512"], "data.resolution=512 is larger than this model's positional embedding "
+                                          "covers (64 px); use at most 64 (its native size is 32)"),
+    (["algo=sft", "data.resolution=-32"], "data.resolution must be a positive whole number of pixels, got -32"),
+    # where the model and the prompts are
+    ([*RUN, "model.path=/nonexistent/sd35"], "model.path=/nonexistent/sd35: no such folder"),
+    (["algo=sample", "model=checkpoint", "model.path=no-such-org/no-such-model"], "no-such-org/no-such-model is not "
+                                                                                  "in the local Hugging Face cache"),
+    ([*RUN, "prompts.train.file=/nonexistent.txt"], "/nonexistent.txt"),
+    # a resume whose options differ from the run directory's
+    ([*RUN, "algo.lora.rank=8"], "algo.lora.rank: 32 -> 8"),
+    ([*RUN, "algo.lora=null"], "algo.lora.rank: 32 -> '(removed)'"),
+    ([*RUN, "algo.sampling.images_per_prompt=8", "algo.sampling.batch_size=16"], "images_per_prompt: 4 -> 8"),
+    # configs that do not compose (Hydra alone would print several lines and exit 1)
+    (["algo=nope"], "Could not find 'algo/nope'"),
+    ([*RUN, "reward=nope"], "Could not find 'reward/nope'"),
+    ([*RUN, "algo.sampling.batchsize=4"], "Could not override 'algo.sampling.batchsize'"),
 ]
 
 
-@pytest.mark.parametrize("overrides, says", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
-def test_bad_values_stop_when_the_config_builds_before_any_weights_load(overrides, says):
-    from hydra import compose, initialize_config_dir
+@pytest.mark.parametrize("argv, says", BAD_INPUTS, ids=[" ".join(a[-1:]) + f" ({a[0]})" for a, _ in BAD_INPUTS])
+def test_bad_input_stops_with_one_line_before_hydra_or_any_weights_load(stopped_run, argv, says, capsys,
+                                                                       monkeypatch):
+    """`rl.run`'s first step, in process: exit code 2, one line, no weights loaded, the run directory unchanged."""
+    import diffusers
+    import huggingface_hub
 
-    from pipelines.errors import ConfigError, build
+    import pipelines.tiny
+    from rl.run import check_before_start
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with pytest.raises(ConfigError, match=re.escape(says)):
-        build(cfg.algo)  # Hydra builds the algorithm's config before rl.run loads any model
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(pipelines.tiny, "build_tiny_components", no_weights)
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", no_weights)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when huggingface_hub loads
+    before = files(stopped_run)
+    with pytest.raises(SystemExit) as stop:
+        check_before_start([*argv, f"hydra.run.dir={stopped_run}"])
+    message = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and message.startswith("error: ") and "\n" not in message, message
+    assert says in message, message
+    assert files(stopped_run) == before
 
 
-def test_a_bad_value_on_the_command_line_exits_2_with_one_line_and_leaves_the_run_directory(tmp_path):
-    run = [sys.executable, "-m", "rl.run", *RUN, f"hydra.run.dir={tmp_path}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([*run, "algo.checkpoint.exit_after=1", "algo.checkpoint.every=1"], cwd=ROOT, check=True,
-                   capture_output=True, env=env, timeout=600)
-    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    result = subprocess.run([*run, "algo.sampling.batch_size=0"], cwd=ROOT, capture_output=True, text=True, env=env,
-                            timeout=600)
+def test_the_stopped_run_itself_passes_the_checks(stopped_run, capsys):
+    from rl.run import check_before_start
+
+    check_before_start([*RUN, "algo.epochs=6", f"hydra.run.dir={stopped_run}"])  # more epochs may resume
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bad_value_on_the_command_line_exits_2_and_leaves_the_run_directory_byte_for_byte(stopped_run):
+    before = files(stopped_run)
+    result = subprocess.run([sys.executable, "-m", "rl.run", *RUN, "algo.sampling.batch_size=0",
+                             f"hydra.run.dir={stopped_run}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: algo.sampling.batch_size must be a positive number, got 0"), result.stderr[-2000:]
-    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert {k: v for k, v in after.items() if k.parts[0] != ".hydra" and k.name != "run.log"} == {
-        k: v for k, v in before.items() if k.parts[0] != ".hydra" and k.name != "run.log"}
+    assert files(stopped_run) == before  # Hydra's .hydra/ and run.log included: it never started
+
+
+def test_a_read_only_output_folder_stops_with_one_line(tmp_path):
+    """/sys takes no new files, even for root (chmod does not stop root)."""
+    result = subprocess.run([sys.executable, "-m", "rl.run", "algo=sample", "hydra.run.dir=/sys/rl-run-test/run"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().startswith("error: cannot write the run directory /sys/rl-run-test/run: /sys: "), (
+        result.stderr)
+
+
+def test_bad_input_found_after_hydra_started_leaves_no_new_run_directory(tmp_path):
+    """Input that only the run itself can find (here: an imagefolder with no images) stops with one line, and the run
+    directory Hydra had created for it is removed (it held only Hydra's files and the config)."""
+    (tmp_path / "empty").mkdir()
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "rl.run", "algo=sft", f"data.path={tmp_path / 'empty'}",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: "), result.stderr[-2000:]
+    assert not run_dir.exists()
+
+
+def test_data_resolution_defaults_to_the_models_native_size(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.geometry import model_geometry
+    from rl.run import build_context, check_config
+
+    for model, native in (("tiny", 32), ("digits", 32)):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["algo=sft", f"model={model}"])
+        assert cfg.data.resolution is None and model_geometry(cfg.model).native == native
+        check_config(cfg, tmp_path / model)
+        assert cfg.data.resolution == native  # and so in the run's config.yaml
+        assert build_context(cfg, tmp_path / model).data.resolution == native
 
 
 def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_resumes(tmp_path, whole, monkeypatch):

@@ -104,3 +104,30 @@ def test_a_truncated_weights_file_fails_with_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match=r"cannot load the weights of .*tiny.*truncated or corrupt") as error:
         load_pipeline(str(folder))
     assert "\n" not in str(error.value)
+
+
+def test_the_image_sizes_a_model_takes_are_read_from_its_config_files(tmp_path, monkeypatch):
+    from pipelines.errors import ConfigError
+    from pipelines.geometry import ModelGeometry, pipeline_geometry
+    from scripts.save_tiny_model import save_tiny_model
+
+    # SD3.5-Medium's published configs: sample_size 128, patches of 2, pos_embed_max_size 384; a 4-block VAE (x8).
+    medium = ModelGeometry.from_configs({"sample_size": 128, "patch_size": 2, "pos_embed_max_size": 384},
+                                        {"block_out_channels": [128, 256, 512, 512]})
+    assert (medium.vae_factor, medium.patch_size, medium.native, medium.largest) == (8, 2, 1024, 6144)
+    medium.check("algo.sampling.resolution", 512)
+    with pytest.raises(ConfigError, match=r"algo.sampling.resolution=520 does not fit .* a multiple of 16, e.g. 512"):
+        medium.check("algo.sampling.resolution", 520)
+    with pytest.raises(ConfigError, match="6160 is larger than this model's positional embedding covers"):
+        medium.check("algo.sampling.resolution", 6160)
+
+    save_tiny_model(tmp_path, seed=3)
+    tiny = pipeline_geometry(None)
+    assert pipeline_geometry(str(tmp_path)) == tiny == ModelGeometry(vae_factor=2, patch_size=2, native=32, largest=64)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert pipeline_geometry("no-such-org/no-such-model") is None  # loading it says why, in one line
+    pipe = load_pipeline(None)  # the bounds are diffusers' own: the largest size samples, one patch more does not
+    assert pipe.default_sample_size * pipe.vae_scale_factor == tiny.native
+    pipe("a cat", num_inference_steps=1, height=tiny.largest, width=tiny.largest, output_type="latent")
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        pipe("a cat", num_inference_steps=1, height=tiny.largest + 4, width=tiny.largest, output_type="latent")
