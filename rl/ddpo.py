@@ -18,8 +18,8 @@ import torch
 from pipelines.errors import check_values
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
-from rl.ppo import PPOConfig, ppo_layout, ppo_update
-from rl.rollouts import SamplingConfig, epoch_metrics, local_slice, sample_epoch, sde_window
+from rl.ppo import PPOConfig, ppo_indices, ppo_layout, ppo_update
+from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch, sde_window
 from rl.session import TrainingConfig, open_session
 
 
@@ -82,16 +82,17 @@ def run(ctx: RunContext, config: DDPO) -> None:
         held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
     for epoch in s.steps("ddpo"):
         # 1. Sample and score.
-        samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch))
+        samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),
+                               ppo_indices(sampling, ppo, ctx.seed, epoch))
 
         # 2. Advantages from each prompt's running statistics (the same tracker state on every process).
         texts = [ctx.train_prompts[i].text for i in samples.all_prompt_ids.tolist()]
         advantages = torch.as_tensor(tracker.update(texts, samples.all_rewards.cpu().numpy()), dtype=torch.float32)
         advantages = advantages.clamp(-ppo.adv_clip, ppo.adv_clip).to(samples.rewards.device)
-        advantages = local_slice(advantages, layout.samples_per_process)
+        advantages = samples.local(advantages)
 
         # 3. Train: PPO-clip, no KL.
-        stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch)
+        stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch, samples.indices)
 
         # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
         metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)

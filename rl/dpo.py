@@ -27,7 +27,7 @@ from rl.data import DataError
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import best_worst_pairs, dpo_loss, flow_matching_loss, sample_training_timesteps
 from rl.preferences import PreferenceData, PreferenceDataset, collate_pairs
-from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch
+from rl.rollouts import SamplingConfig, dealt_chunks, epoch_metrics, sample_epoch
 from rl.session import Session, TrainingConfig, collect, open_session
 from rl.supervised import Encoder, LossConfig, batches
 
@@ -126,8 +126,10 @@ def dpo_step(
         reference_w, reference_l = pair_errors(transformer, batch, prompt_embeds, pooled, loss)
     if keep is None:
         return dpo_loss(model_w, model_l, reference_w, reference_l, beta)
-    if not keep.any():  # every pair tied: nothing to learn, but every process still takes part in the step
-        return (model_w + model_l).sum() * 0.0, {}
+    if not keep.any():  # every pair tied: nothing to learn, but every process still takes part in the step (with
+        # the same diagnostics, NaN here, so that the processes reduce the same names)
+        _, stats = dpo_loss(model_w, model_l, reference_w, reference_l, beta)
+        return (model_w + model_l).sum() * 0.0, {name: torch.full_like(v, torch.nan) for name, v in stats.items()}
     return dpo_loss(model_w[keep], model_l[keep], reference_w[keep], reference_l[keep], beta)
 
 
@@ -180,8 +182,8 @@ def run_offline(ctx: RunContext, config: OfflineDPO) -> None:
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(train.gradient_accumulation_steps):
             batch = next(data)
-            generator = seeds.training_step(ctx.seed, state.micro_batches, accelerator.process_index,
-                                            accelerator.device)
+            generator = seeds.training_step(ctx.seed, seeds.global_micro_batch(
+                state.micro_batches, accelerator.num_processes, accelerator.process_index), accelerator.device)
             state.micro_batches += 1
             with accelerator.accumulate(s.transformer):
                 winner = encoder.latents(batch["winner"].to(accelerator.device), batch["keys"], generator)
@@ -280,9 +282,14 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
     if s.state.step == 0:
         held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    k = sampling.images_per_prompt
     for epoch in s.steps("dpo_online"):
-        # 1. Sample whole groups on each process (ODE with noise_level 0, or the SDE), and score them.
-        samples = sample_epoch(s, sampling, epoch, None)
+        # 1. Sample whole groups on each process (ODE with noise_level 0, or the SDE), and score them: the groups of
+        # the pair batches this process trains in the first pass (dealt from the global group order).
+        chunks = dealt_chunks(ctx.seed, epoch, sampling.prompts_per_epoch, train.batch_size,
+                              s.accelerator.num_processes, s.accelerator.process_index)
+        indices = [group * k + j for _, chunk in chunks for group in chunk for j in range(k)]
+        samples = sample_epoch(s, sampling, epoch, None, indices)
 
         # 2. Pairs: the best and the worst image of each group.
         rewards = samples.rewards
@@ -290,7 +297,8 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
         winners, losers, valid = best_worst_pairs(rewards, groups)
 
         # 3. Train on the pairs' final latents.
-        stats = online_update(s, config, reference, scheduler, samples.rollouts, (winners, losers, valid), epoch)
+        stats = online_update(s, config, reference, scheduler, samples.rollouts, (winners, losers, valid), epoch,
+                              chunks)
 
         # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
         stats["reward_gap"] = s.accelerator.reduce((rewards[winners] - rewards[losers]).mean(), "mean").item()
@@ -325,22 +333,31 @@ def online_layout(sampling: SamplingConfig, train: OnlineTrainConfig) -> tuple[i
     return local, forwards // train.optimizer_steps
 
 
-def online_update(s: Session, config: OnlineDPO, reference, scheduler, rollouts, pairs: tuple, epoch: int
-                  ) -> dict[str, float]:
-    """DPO over this process's `pairs` (winner and loser indices, and whether the group had a preference) in
-    micro-batches; tied groups are masked out of the loss."""
+def online_update(s: Session, config: OnlineDPO, reference, scheduler, rollouts, pairs: tuple, epoch: int,
+                  chunks: list[tuple[int, list[int]]]) -> dict[str, float]:
+    """DPO over this process's `pairs` (winner and loser indices, and whether the group had a preference; one per
+    group, in ascending group order) in micro-batches; tied groups are masked out of the loss. The first pass trains
+    `chunks` (the dealt pair batches: global batch number, groups), later passes this process's groups in each pass's
+    permutation of all groups; each pair batch draws its noise from its global position in that pass."""
     accelerator, train = s.accelerator, config.train
     winners, losers, valid = pairs
+    groups = sorted(group for _, chunk in chunks for group in chunk)
+    pair_of = {group: position for position, group in enumerate(groups)}
     final = rollouts.latents[:, -1]
     stats: dict[str, list[torch.Tensor]] = {}
     for inner in range(train.inner_epochs):
-        order = torch.randperm(len(winners), generator=seeds.update_order(s.ctx.seed, epoch, inner,
-                                                                          accelerator.process_index))
-        order = order.to(winners.device)
-        for start in range(0, len(order), train.batch_size):
-            chosen = order[start : start + train.batch_size]
+        if inner == 0:
+            batches = [(number * train.batch_size, chunk) for number, chunk in chunks]
+        else:
+            order = torch.randperm(config.sampling.prompts_per_epoch,
+                                   generator=seeds.update_order(s.ctx.seed, epoch, inner)).tolist()
+            mine = [group for group in order if group in pair_of]
+            batches = [(start, mine[start : start + train.batch_size])
+                       for start in range(0, len(mine), train.batch_size)]
+        for start, batch_groups in batches:
+            chosen = torch.tensor([pair_of[group] for group in batch_groups], device=winners.device)
             batch_number = seeds.online_pair_batch(epoch, inner, train.inner_epochs, start)
-            generator = seeds.training_step(s.ctx.seed, batch_number, accelerator.process_index, accelerator.device)
+            generator = seeds.training_step(s.ctx.seed, batch_number, accelerator.device)
             w, l = winners[chosen], losers[chosen]
             with accelerator.accumulate(s.transformer):
                 batch = noised_pair(final[w], final[l], scheduler, config.loss, generator)
@@ -349,4 +366,5 @@ def online_update(s: Session, config: OnlineDPO, reference, scheduler, rollouts,
                                              keep=valid[chosen])
                 s.backward_and_step(total, step_stats)
             collect(stats, {**step_stats, "loss": total})
-    return {name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in stats.items()}
+    # The mean over every process's micro-batches; a batch of tied pairs only (NaN diagnostics) is left out of it.
+    return {name: accelerator.gather(torch.stack(values)).nanmean().item() for name, values in stats.items()}

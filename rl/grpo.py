@@ -17,8 +17,8 @@ from pipelines.errors import ConfigError, check_values
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import group_advantages, kl_to_reference
-from rl.ppo import ExtraLoss, PPOConfig, ppo_layout, ppo_update
-from rl.rollouts import SamplingConfig, epoch_metrics, local_slice, sample_epoch, sde_window
+from rl.ppo import ExtraLoss, PPOConfig, ppo_indices, ppo_layout, ppo_update
+from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch, sde_window
 from rl.session import TrainingConfig, open_session
 
 
@@ -68,15 +68,16 @@ def run(ctx: RunContext, config: GRPO) -> None:
         held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
     for epoch in s.steps("grpo"):
         # 1. Sample this process's share of G images for each of the epoch's prompts, and score them.
-        samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch))
+        samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),
+                               ppo_indices(sampling, ppo, ctx.seed, epoch))
 
         # 2. Advantages within complete groups, over every process's rewards.
         advantages = group_advantages(samples.all_rewards, samples.all_groups, config.advantage_std,
                                       clip=ppo.adv_clip, ddof=config.advantage_ddof)
-        advantages = local_slice(advantages, layout.samples_per_process)
+        advantages = samples.local(advantages)
 
         # 3. Train: PPO-clip with the KL to the reference policy.
-        stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch, extra_loss=kl)
+        stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch, samples.indices, extra_loss=kl)
 
         # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
         metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)

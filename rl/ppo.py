@@ -17,7 +17,7 @@ from pipelines import transition_log_probs
 from pipelines.errors import ConfigError, check_values
 from rl import seeds
 from rl.losses import ppo_clip_loss
-from rl.rollouts import Rollouts, SamplingConfig, stochastic_step_count
+from rl.rollouts import Rollouts, SamplingConfig, dealt_chunks, stochastic_step_count
 from rl.session import collect
 
 # forward(index, column) -> (log_prob, mean, std_dev_t) of the chosen samples' chosen stochastic steps
@@ -58,6 +58,41 @@ class PPOLayout:
     updates: int
 
 
+def ppo_indices(sampling: SamplingConfig, ppo: PPOConfig, seed: int, epoch: int) -> list[int]:
+    """The global indices of the images this process samples in `epoch`: those of the micro-batches it trains in the
+    first pass of the update (`rl.rollouts.dealt_chunks`)."""
+    state = PartialState()
+    chunks = dealt_chunks(seed, epoch, sampling.prompts_per_epoch * sampling.images_per_prompt, ppo.batch_size,
+                          state.num_processes, state.process_index)
+    return sorted(index for _, chunk in chunks for index in chunk)
+
+
+def micro_batches(indices: list[int], total: int, num_sde: int, ppo: PPOConfig, seed: int, epoch: int, inner: int,
+                  num_processes: int, rank: int) -> list[tuple[list[int], list[int]]]:
+    """One pass of the update on this process, in order: per micro-batch, the global indices of its samples and the
+    stochastic step (column) each trains. `indices` are this process's samples (of `total` in the epoch).
+
+    One permutation of all `total` samples and one draw of every sample's steps (its own random subset, or the first
+    ones) come from `(seed, epoch, inner)` alone. The first pass trains the chunks `dealt_chunks` gave this process (the
+    samples it holds); later passes train this process's samples in that pass's permutation order (so that, with
+    `inner_epochs > 1`, only the first pass is the same on N processes as on one)."""
+    generator = seeds.update_order(seed, epoch, inner)
+    order = torch.randperm(total, generator=generator)
+    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
+    if ppo.timestep_order == "first":
+        columns = torch.arange(num_train_steps).expand(total, -1)
+    else:
+        columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps] for _ in range(total)])
+    if inner == 0:
+        chunks = [order[s : s + ppo.batch_size].tolist() for s in range(0, total, ppo.batch_size)]
+        chunks = chunks[rank::num_processes]
+    else:
+        mine = set(indices)
+        kept = [i for i in order.tolist() if i in mine]
+        chunks = [kept[s : s + ppo.batch_size] for s in range(0, len(kept), ppo.batch_size)]
+    return [(chunk, columns[chunk, j].tolist()) for chunk in chunks for j in range(num_train_steps)]
+
+
 def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayout:
     """The layout of a PPO method, with the batch sizes checked against each other before anything loads."""
     local = sampling.samples_per_process(PartialState().num_processes)
@@ -79,19 +114,22 @@ def ppo_update(
     sampling: SamplingConfig,
     ppo: PPOConfig,
     epoch: int,
+    indices: list[int],
     extra_loss: ExtraLoss | None = None,
 ) -> dict[str, float]:
-    """PPO-clip over this process's stored transitions (`session`: a `rl.session.Session`); returns the mean
-    diagnostics over all processes.
+    """PPO-clip over this process's stored transitions (`session`: a `rl.session.Session`; `indices`: the global
+    indices of the rollouts' rows, ascending); returns the mean diagnostics over all processes.
 
     Samples are shuffled, and each sample trains on `timestep_fraction` of its stochastic steps: its own random subset
     in random order (`timestep_order=random`), or the first ones in order (`first`), with a new layout for each inner
-    epoch. The old log-probabilities are the sampling policy's
-    in every inner epoch (re-scored in each layout before the first update, or the stored ones).
+    epoch (`micro_batches`: drawn from the global sample index, so that N processes train what one does). The old
+    log-probabilities are the sampling policy's in every inner epoch (re-scored in each layout before the first
+    update, or the stored ones).
     """
     accelerator, transformer = session.accelerator, session.transformer
-    count, num_sde = len(rollouts), len(rollouts.sde_steps)
-    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
+    num_sde = len(rollouts.sde_steps)
+    total = sampling.prompts_per_epoch * sampling.images_per_prompt
+    row = {index: position for position, index in enumerate(indices)}
     stats: dict[str, list[torch.Tensor]] = {}
 
     def forward(index: torch.Tensor, column: torch.Tensor):
@@ -113,20 +151,12 @@ def ppo_update(
         )
 
     device = rollouts.latents.device
-    layouts = []  # per inner epoch: a list of (sample indices, per-sample step columns)
+    layouts = []  # per inner epoch: a list of (rows, per-sample step columns)
     for inner in range(ppo.inner_epochs):
-        generator = seeds.update_order(session.ctx.seed, epoch, inner, accelerator.process_index)
-        order = torch.randperm(count, generator=generator)
-        if ppo.timestep_order == "first":
-            columns = torch.arange(num_train_steps).expand(count, -1)
-        else:
-            columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps]
-                                   for _ in range(count)])
-        layouts.append([
-            (order[s : s + ppo.batch_size].to(device), columns[order[s : s + ppo.batch_size], j].to(device))
-            for s in range(0, count, ppo.batch_size)
-            for j in range(num_train_steps)
-        ])
+        passes = micro_batches(indices, total, num_sde, ppo, session.ctx.seed, epoch, inner,
+                               accelerator.num_processes, accelerator.process_index)
+        layouts.append([(torch.tensor([row[i] for i in chunk], device=device), torch.tensor(column, device=device))
+                        for chunk, column in passes])
     if ppo.recompute_old_log_probs:
         # The behaviour policy's log-probs, re-scored in each training layout before any update.
         with torch.no_grad():

@@ -209,8 +209,8 @@ def run(ctx: RunContext, config: ReFL) -> None:
     for _ in s.steps(refl.method):
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(train.gradient_accumulation_steps):
-            generator = seeds.training_step(ctx.seed, state.micro_batches, accelerator.process_index,
-                                            accelerator.device)
+            generator = seeds.training_step(ctx.seed, seeds.global_micro_batch(
+                state.micro_batches, accelerator.num_processes, accelerator.process_index), accelerator.device)
             state.micro_batches += 1
             chosen = torch.randint(len(ctx.train_prompts), (train.batch_size,), generator=generator,
                                    device=generator.device)

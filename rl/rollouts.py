@@ -3,7 +3,9 @@ log-probabilities (`docs/algorithms.md` section 1), and scoring.
 
 An epoch samples `prompts_per_epoch` prompts, each `images_per_prompt` times (a group), spread over the processes;
 every image has a global index from which its seeds are derived (`rl/seeds.py`), so what an image is does not depend
-on the batch size or the number of processes.
+on the batch size or the number of processes. Which images a process samples is decided by how the update will train
+them (`dealt_chunks`): each process samples the images of the micro-batches it trains, so that N processes train, in
+each optimiser step, exactly what one process trains with the same global batch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from accelerate import PartialState
 
 from pipelines import StableDiffusion3LogProbPipeline
 from pipelines.errors import ConfigError, check_values
@@ -87,12 +88,28 @@ class Rollouts:
         return self.latents.shape[0]
 
 
-def epoch_jobs(num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig, num_processes: int,
-               rank: int) -> list[SampleJob]:
-    """This process's share of the epoch: each chosen prompt repeated `images_per_prompt` times over all processes.
+def dealt_chunks(seed: int, epoch: int, units: int, chunk: int, num_processes: int, rank: int
+                 ) -> list[tuple[int, list[int]]]:
+    """This process's share of an epoch's first update pass, in training order, as `(global chunk number, units)`.
 
-    The prompts are drawn from an epoch-seeded permutation (cycling if the set is small); every image has a global
-    index, and its initial-noise seed is that index's (or its group's, with `same_initial_noise`).
+    The epoch's `units` (images for PPO, groups for online DPO) are put in the order of one permutation drawn from
+    `(seed, epoch)` alone, cut into chunks of `chunk` units (one training micro-batch each), and dealt to the processes
+    in turn: chunk c to process c mod N. When each process's optimiser step covers whole chunks, the union over the
+    processes of what they train in optimiser step k is what one process trains in its step k
+    (`tests/test_policy.py`)."""
+    order = torch.randperm(units, generator=seeds.update_order(seed, epoch, 0)).tolist()
+    chunks = [order[start : start + chunk] for start in range(0, units, chunk)]
+    return [(number, chunks[number]) for number in range(rank, len(chunks), num_processes)]
+
+
+def epoch_jobs(num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig, indices: list[int]
+               ) -> list[SampleJob]:
+    """The images with global index in `indices` (this process's share of the epoch, see `dealt_chunks`), in index
+    order; every chosen prompt is repeated `images_per_prompt` times over all processes (image i is of group
+    i // images_per_prompt).
+
+    The prompts are drawn from an epoch-seeded permutation (cycling if the set is small); every image's initial-noise
+    seed is its global index's (or its group's, with `same_initial_noise`).
     """
     generator = seeds.prompt_order(seed, epoch)
     rounds = math.ceil(sampling.prompts_per_epoch / num_prompts)
@@ -100,12 +117,11 @@ def epoch_jobs(num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig
     chosen = order[: sampling.prompts_per_epoch].tolist()
     places = [(prompt_id, group, group * sampling.images_per_prompt + k)
               for group, prompt_id in enumerate(chosen) for k in range(sampling.images_per_prompt)]
-    local = len(places) // num_processes
     return [
         SampleJob(prompt_id, group, index,
                   noise_seed=seeds.initial_noise(seed, epoch, group if sampling.same_initial_noise else index),
                   sde_seed=seeds.sde_noise(seed, epoch, index))
-        for prompt_id, group, index in places[rank * local : (rank + 1) * local]
+        for prompt_id, group, index in (places[i] for i in sorted(indices))
     ]
 
 
@@ -193,39 +209,47 @@ def score(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: li
 
 @dataclass
 class EpochSamples:
-    """An epoch's rollouts on this process, scored, with every process's rewards gathered (in process order)."""
+    """An epoch's rollouts on this process, scored, with every process's rewards gathered (in global index order)."""
 
-    jobs: list[SampleJob]
+    jobs: list[SampleJob]  # this process's, in global index order (the rollouts' rows)
     rollouts: Rollouts
     rewards: torch.Tensor  # (N,) this process's
     info: dict[str, torch.Tensor]  # per-image values the reward reported, this process's
-    all_rewards: torch.Tensor  # every process's, in process order
+    all_rewards: torch.Tensor  # every image's of the epoch, by global index
     all_groups: torch.Tensor  # the group of each of `all_rewards`
     all_prompt_ids: torch.Tensor  # the prompt of each of `all_rewards`
 
+    @property
+    def indices(self) -> list[int]:
+        """The global indices of this process's images (the rollouts' rows)."""
+        return [job.index for job in self.jobs]
 
-def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[int] | None) -> EpochSamples:
-    """Sample this process's share of the epoch, score it, and gather every process's rewards (`rl.session.Session`
-    gives the model, reward and accelerator)."""
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's rows of per-image `values` given for every image of the epoch, by global index."""
+        return values[torch.tensor(self.indices, device=values.device)]
+
+
+def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[int] | None,
+                 indices: list[int]) -> EpochSamples:
+    """Sample the images with global index in `indices` (this process's share of the epoch), score them, and gather
+    every process's rewards by global index (`rl.session.Session` gives the model, reward and accelerator)."""
     ctx, accelerator = session.ctx, session.accelerator
-    jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, accelerator.num_processes,
-                      accelerator.process_index)
+    jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, indices)
     rollouts, images = sample_rollouts(session.pipe, ctx.train_prompts, jobs, sampling, sde_steps)
     metadata = [ctx.train_prompts[job.prompt_id].metadata for job in jobs]
     rewards, info = score(session.reward, images, rollouts.prompts, metadata)
-    groups = torch.tensor([job.group for job in jobs], device=rewards.device)
+    device = rewards.device
+    gathered_indices = accelerator.gather(torch.tensor([job.index for job in jobs], device=device))
+    by_index = torch.argsort(gathered_indices)  # process order -> global index order
+
+    def gather(values: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(values.contiguous())[by_index]
+
     return EpochSamples(
-        jobs=jobs, rollouts=rollouts, rewards=rewards, info=info,
-        all_rewards=accelerator.gather(rewards.contiguous()),
-        all_groups=accelerator.gather(groups.contiguous()),
-        all_prompt_ids=accelerator.gather(rollouts.prompt_ids.contiguous()),
+        jobs=jobs, rollouts=rollouts, rewards=rewards, info=info, all_rewards=gather(rewards),
+        all_groups=gather(torch.tensor([job.group for job in jobs], device=device)),
+        all_prompt_ids=gather(rollouts.prompt_ids),
     )
-
-
-def local_slice(values: torch.Tensor, samples_per_process: int) -> torch.Tensor:
-    """This process's part of values gathered from every process in process order."""
-    rank = PartialState().process_index
-    return values[rank * samples_per_process : (rank + 1) * samples_per_process]
 
 
 def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session, epoch: int,

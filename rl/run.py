@@ -7,6 +7,8 @@ Hydra composes `conf/config.yaml`; this file turns the config into typed objects
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -18,6 +20,7 @@ from rl.threads import limit_openmp_spinning, set_cpu_threads
 limit_openmp_spinning()  # before torch loads OpenMP (rl/threads.py)
 
 import hydra  # noqa: E402
+import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.utils import broadcast_object_list  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -32,6 +35,8 @@ from pipelines.geometry import ModelGeometry, model_geometry  # noqa: E402
 from pipelines.loading import resolve_source  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
 from rl.context import RunContext  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def check_config(cfg: DictConfig, run_dir: Path) -> object:
@@ -113,6 +118,24 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
     )
 
 
+def start_processes() -> PartialState:
+    """accelerate's process state, created first and for the CPU where there is no CUDA: then `torchrun` and
+    `accelerate launch` give N gloo ranks on a CPU machine (accelerate would otherwise decide, without CUDA, that the
+    run is not distributed, and each process would run alone). Every rank says once who it is; a single process on a
+    machine with several GPUs says how to use them all."""
+    state = PartialState(cpu=not torch.cuda.is_available())
+    logger.info("rank %d of %d (%s, %s, %s)", state.process_index, state.num_processes, state.distributed_type.value,
+                state.backend or "no backend", state.device)
+    if state.distributed_type.value == "MULTI_CPU" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        logger.warning("accelerate shards with FSDP on GPUs only: on this CPU machine the run is plain DDP (gloo)")
+    gpus = torch.cuda.device_count()
+    if state.num_processes == 1 and gpus > 1:
+        logger.warning("this machine has %d GPUs and this run uses one; to train on all of them: accelerate launch "
+                       "--config_file scripts/accelerate/multi_gpu.yaml --num_processes %d -m rl.run ... (README, "
+                       "\"Distributed training\")", gpus, gpus)
+    return state
+
+
 def shared_run_dir(local_run_dir: Path) -> Path:
     """The main process's run directory, on every process.
 
@@ -132,6 +155,7 @@ def shared_run_dir(local_run_dir: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    start_processes()
     run_dir = shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
     fresh = not (run_dir / "config.yaml").exists()
     try:
@@ -150,11 +174,11 @@ def main(cfg: DictConfig) -> None:
 
 
 def remove_if_only_hydra(run_dir: Path) -> None:
-    """Delete a new run directory that holds nothing but what was written at start: Hydra's `.hydra/`, an empty
-    `run.log` and the run's `config.yaml`."""
+    """Delete a new run directory that holds nothing but what was written at start: Hydra's `.hydra/`, its `run.log`
+    (what the console showed) and the run's `config.yaml`."""
     started = {Path(".hydra"), Path("config.yaml"), *(Path(".hydra") / p.name for p in (run_dir / ".hydra").glob("*"))}
     for path in run_dir.rglob("*"):
-        if path.relative_to(run_dir) not in started and not (path.suffix == ".log" and path.stat().st_size == 0):
+        if path.relative_to(run_dir) not in started and path.suffix != ".log":
             return
     shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -62,7 +62,8 @@ def run(ctx: RunContext, config: Sample) -> None:
     pipe = ctx.load_pipeline(device=accelerator.device)
     reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
     pipe.set_progress_bar_config(disable=True)
-    todo = [job for job in jobs if not (sample_dir / job["file"]).exists()]
+    todo = [job for job in jobs if not (sample_dir / job["file"]).exists()]  # what a resumed run still lacks
+    accelerator.wait_for_everyone()  # every process has listed it before any writes: they split the same list
     with accelerator.split_between_processes(todo) as my_jobs:
         batches = [my_jobs[i : i + batch_size] for i in range(0, len(my_jobs), batch_size)]
         for batch in tqdm(batches, desc="sampling", disable=not accelerator.is_local_main_process):

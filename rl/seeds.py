@@ -1,8 +1,9 @@
 """Every random stream of a run, named, in one place.
 
-Each stream is a function of the run's `seed` and of where in the run it is used (epoch, step, sample index, process
-rank), never of the batch size or of what ran before, so that a resumed run draws exactly what an uninterrupted one
-would. The large odd multipliers keep the streams of different epochs, steps and samples apart; changing any of them
+Each stream is a function of the run's `seed` and of where in the run it is used (epoch, step, global sample or
+micro-batch index), never of the batch size, of what ran before or of the process, so that a resumed run draws exactly
+what an uninterrupted one would, and a run on N processes what one process draws for the same global batch. The large
+odd multipliers keep the streams of different epochs, steps and samples apart; changing any of them
 changes every number a run produces (the golden runs in tests/golden/ would say so).
 """
 
@@ -44,16 +45,23 @@ def sde_window_start(seed: int, epoch: int) -> torch.Generator:
 # ------------------------------------------------------------------------------------------------------- training
 
 
-def update_order(seed: int, epoch: int, inner: int, rank: int) -> torch.Generator:
-    """The order of an epoch's samples (and their trained steps) in one pass of its update, on one process."""
-    return generator((seed * _SPREAD + epoch) * 101 + inner * 7 + rank)
+def update_order(seed: int, epoch: int, inner: int) -> torch.Generator:
+    """The order of an epoch's samples (and their trained steps) in one pass of its update, over all processes."""
+    return generator((seed * _SPREAD + epoch) * 101 + inner * 7)
 
 
-def training_step(seed: int, step: int, rank: int, device: torch.device | str) -> torch.Generator:
-    """Randomness of one micro-batch (noise, timesteps, prompts, VAE samples) that depends only on (seed, step, rank).
+def training_step(seed: int, micro_batch: int, device: torch.device | str) -> torch.Generator:
+    """Randomness of one micro-batch (noise, timesteps, prompts, VAE samples), from its global number.
 
-    `step` counts micro-batches for the step-based algorithms; online DPO numbers its pair batches within an epoch."""
-    return generator((seed * _SPREAD + step) * 1_009 + rank, device)
+    The step-based algorithms number micro-batches over all processes (`global_micro_batch`); online DPO numbers its
+    pair batches within an epoch (`online_pair_batch`)."""
+    return generator((seed * _SPREAD + micro_batch) * 1_009, device)
+
+
+def global_micro_batch(local: int, num_processes: int, rank: int) -> int:
+    """The global number of a process's `local`-th micro-batch: process `rank` runs micro-batches rank, rank + N, ...,
+    so that N processes with `a` micro-batches each per optimiser step run what one process runs with `a * N`."""
+    return local * num_processes + rank
 
 
 def online_pair_batch(epoch: int, inner: int, inner_epochs: int, start: int) -> int:

@@ -207,8 +207,8 @@ def train_supervised(
                 captions += prior_batch["captions"]
                 keys = keys + prior_batch["keys"]
                 pixels = torch.cat([pixels, prior_batch["pixel_values"]])
-            generator = seeds.training_step(ctx.seed, state.micro_batches, accelerator.process_index,
-                                            accelerator.device)
+            generator = seeds.training_step(ctx.seed, seeds.global_micro_batch(
+                state.micro_batches, accelerator.num_processes, accelerator.process_index), accelerator.device)
             state.micro_batches += 1
             step_stats: dict[str, torch.Tensor] = {}
             with accelerator.accumulate(s.transformer):

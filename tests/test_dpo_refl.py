@@ -140,6 +140,28 @@ def test_online_dpo_end_to_end(tmp_path):
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
 
 
+def test_a_batch_of_tied_pairs_reports_the_same_diagnostics_as_any_other(tiny_pipe):
+    """Online DPO masks tied groups out; a micro-batch of tied pairs only must still report every diagnostic (as NaN,
+    left out of the means), or processes would reduce different names and wait for each other forever."""
+    from contextlib import nullcontext
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from rl.supervised import LossConfig
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    winner, loser = torch.randn(2, 2, 16, 16, 16, generator=generator)
+    batch = dpo.noised_pair(winner, loser, scheduler, LossConfig(weighting_scheme="none"), generator)
+    embeds, pooled = torch.randn(2, 8, 64), torch.randn(2, 64)
+    some = dpo.dpo_step(tiny_pipe.transformer, nullcontext, batch, embeds, pooled, loss=LossConfig(), beta=100.0,
+                        keep=torch.tensor([True, False]))
+    tied = dpo.dpo_step(tiny_pipe.transformer, nullcontext, batch, embeds, pooled, loss=LossConfig(), beta=100.0,
+                        keep=torch.tensor([False, False]))
+    assert set(tied[1]) == set(some[1]) and len(some[1]) >= 3
+    assert all(torch.isnan(value) for value in tied[1].values()) and tied[0].item() == 0.0
+
+
 def test_online_dpo_needs_whole_groups_per_process(tmp_path):
     from rl.dpo import OnlineTrainConfig
     from rl.rollouts import SamplingConfig

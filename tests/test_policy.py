@@ -157,31 +157,54 @@ def test_layout_and_reward_are_checked_before_loading(tmp_path):
 
 def test_epoch_jobs_form_complete_groups_across_processes():
     sampling = SamplingConfig(prompts_per_epoch=3, images_per_prompt=4, same_initial_noise=True)
-    shares = [epoch_jobs(10, epoch=5, seed=0, sampling=sampling, num_processes=2, rank=r) for r in (0, 1)]
+    ppo = PPOConfig(batch_size=2)
+    shares = [epoch_jobs(10, 5, 0, sampling, ppo_share(sampling, ppo, 0, 5, 2, rank)) for rank in (0, 1)]
     jobs = shares[0] + shares[1]
-    assert [j.index for j in jobs] == list(range(12))
+    assert sorted(j.index for j in jobs) == list(range(12)) and len(shares[0]) == len(shares[1]) == 6
+    assert all([j.index for j in share] == sorted(j.index for j in share) for share in shares)
     groups = {}
     for job in jobs:
         groups.setdefault(job.group, []).append(job)
     assert all(len(g) == 4 and len({j.prompt_id for j in g}) == 1 for g in groups.values())
     assert all(len({j.noise_seed for j in g}) == 1 for g in groups.values())  # shared initial noise
     assert len({j.sde_seed for j in jobs}) == 12
+    whole = epoch_jobs(10, 5, 0, sampling, list(range(12)))  # one process: the same images, seeds and prompts
+    assert sorted(jobs, key=lambda j: j.index) == whole
 
 
-@pytest.mark.slow
-def test_grpo_on_two_processes(tmp_path):
-    """`accelerate launch` with two CPU processes (gloo, DDP): groups span processes, rewards are gathered."""
-    overrides = [o.replace("algo.sampling.batch_size=8", "algo.sampling.batch_size=4") for o in SMALL]
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.run", "algo=grpo",
-         "reward=jpeg_compressibility", *overrides, f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = records(tmp_path)
-    assert [r["train/samples"] for r in logged if "train/samples" in r] == [8, 16]  # both processes' images
-    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+def ppo_share(sampling, ppo, seed, epoch, num_processes, rank):
+    from rl.rollouts import dealt_chunks
+
+    chunks = dealt_chunks(seed, epoch, sampling.prompts_per_epoch * sampling.images_per_prompt, ppo.batch_size,
+                          num_processes, rank)
+    return sorted(i for _, chunk in chunks for i in chunk)
+
+
+@pytest.mark.parametrize("order", ["random", "first"])
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_n_processes_train_in_each_optimiser_step_what_one_process_trains(order, num_processes):
+    """The PPO layout is drawn from the global sample index: in each optimiser step of the first pass, the union over
+    N processes of their (sample, step) micro-batches is one process's step, and every process trains only the samples
+    it sampled. (Later passes, with inner_epochs > 1, shuffle each process's own samples.)"""
+    from rl.ppo import micro_batches
+
+    sampling = SamplingConfig(prompts_per_epoch=4, images_per_prompt=4)  # 16 samples
+    ppo = PPOConfig(batch_size=2, timestep_fraction=0.5, timestep_order=order, optimizer_steps=2)
+    num_sde = 6  # 3 trained steps per sample; 8 chunks x 3 = 24 micro-batches, 12 per optimiser step on one process
+
+    def steps(n: int, rank: int) -> list[set]:
+        mine = ppo_share(sampling, ppo, 0, 3, n, rank)
+        batches = micro_batches(mine, 16, num_sde, ppo, 0, 3, 0, n, rank)
+        assert {i for chunk, _ in batches for i in chunk} == set(mine)  # it trains what it sampled, all of it
+        per_step = len(batches) // ppo.optimizer_steps
+        return [{(i, c) for chunk, columns in batches[k * per_step : (k + 1) * per_step]
+                 for i, c in zip(chunk, columns)} for k in range(ppo.optimizer_steps)]
+
+    one = steps(1, 0)
+    many = [steps(num_processes, rank) for rank in range(num_processes)]
+    for k in range(ppo.optimizer_steps):
+        assert set().union(*(m[k] for m in many)) == one[k] and len(one[k]) == 16 * 3 // 2
+    assert one[0] != one[1]
 
 
 def test_later_inner_epochs_compare_with_the_sampling_policy(tmp_path, monkeypatch):

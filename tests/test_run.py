@@ -68,15 +68,34 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, override, message)
 
 @pytest.mark.slow
 def test_two_processes_share_one_run_directory(tmp_path):
-    """`accelerate launch` with two CPU processes (gloo): each samples its share into the main process's directory."""
+    """`accelerate launch` with two CPU processes (gloo ranks): each samples its share into the main process's
+    directory (named by the clock, which could differ between the processes)."""
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.run", "algo=sample", "model=tiny",
-         "prompts=simple_animals", *FAST, "algo.max_prompts=3"],
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "scripts" / "accelerate" / "cpu_two_processes.yaml"), "--main_process_port",
+         str(29700 + os.getpid() % 1000), "-m", "rl.run", "algo=sample", "model=tiny", "prompts=simple_animals", *FAST,
+         "algo.max_prompts=3"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 of 2 (MULTI_CPU" in result.stdout and "rank 1 of 2 (MULTI_CPU" in result.stdout
     run_dirs = list((tmp_path / "outputs" / "sample").iterdir())
     assert len(run_dirs) == 1
     assert len(list((run_dirs[0] / "samples").glob("0*.png"))) == 6
     assert (run_dirs[0] / "samples" / "grid.png").exists()
+
+
+def test_each_rank_says_who_it_is_and_one_process_on_several_gpus_says_how_to_use_them(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from rl.run import start_processes
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    state = start_processes()
+    assert state.num_processes == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("rank 0 of 1 (") for m in messages)
+    assert any("has 4 GPUs and this run uses one" in m and "--num_processes 4" in m for m in messages)
