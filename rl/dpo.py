@@ -59,6 +59,7 @@ class OnlineTrainConfig:
     inner_epochs: int = 1  # passes over an epoch's pairs
     batch_size: int = 4  # pairs per training forward, per process
     optimizer_steps: int = 1  # optimiser steps per pass (gradients accumulate in between)
+    gradient_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more time
 
     def __post_init__(self):
         check_values("algo.train", self, positive=("inner_epochs", "batch_size", "optimizer_steps"))
@@ -277,7 +278,7 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
     local, accumulation = online_layout(sampling, train)
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch",
                      updates=config.epochs * train.inner_epochs * train.optimizer_steps, accumulation=accumulation,
-                     reference=True)
+                     reference=True, gradient_checkpointing=train.gradient_checkpointing)
     reference = s.reference_policy()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
     if s.state.step == 0:

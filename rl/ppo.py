@@ -40,6 +40,7 @@ class PPOConfig:
     batch_size: int = 8  # samples per training forward, per process
     optimizer_steps: int = 2  # optimiser steps per inner epoch (gradients accumulate in between)
     recompute_old_log_probs: bool = True  # old log-probs in the training layout: the first ratio is exactly 1
+    gradient_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more time
 
     def __post_init__(self):
         check_values("algo.ppo", self, positive=("clip_range", "adv_clip", "inner_epochs", "batch_size",
@@ -124,7 +125,8 @@ def ppo_update(
     in random order (`timestep_order=random`), or the first ones in order (`first`), with a new layout for each inner
     epoch (`micro_batches`: drawn from the global sample index, so that N processes train what one does). The old
     log-probabilities are the sampling policy's in every inner epoch (re-scored in each layout before the first
-    update, or the stored ones).
+    update, or the stored ones). Re-scoring runs only where it is needed: the micro-batches of the first optimiser
+    step see unchanged weights, so their training forward's own (detached) log-probability is the old one.
     """
     accelerator, transformer = session.accelerator, session.transformer
     num_sde = len(rollouts.sde_steps)
@@ -158,9 +160,13 @@ def ppo_update(
         layouts.append([(torch.tensor([row[i] for i in chunk], device=device), torch.tensor(column, device=device))
                         for chunk, column in passes])
     if ppo.recompute_old_log_probs:
-        # The behaviour policy's log-probs, re-scored in each training layout before any update.
+        # The behaviour policy's log-probs, re-scored in each training layout before any update; None: the training
+        # forward gives it (the first optimiser step's micro-batches, before the weights change).
+        unchanged = accelerator.gradient_accumulation_steps
         with torch.no_grad():
-            old_log_probs = [[forward(index, column)[0] for index, column in layout] for layout in layouts]
+            old_log_probs = [[None if inner == 0 and position < unchanged else forward(index, column)[0]
+                              for position, (index, column) in enumerate(layout)]
+                             for inner, layout in enumerate(layouts)]
     else:
         old_log_probs = [[rollouts.log_probs[index, column] for index, column in layout] for layout in layouts]
 
@@ -168,6 +174,7 @@ def ppo_update(
         for (index, column), old in zip(layout, olds):
             with accelerator.accumulate(transformer):
                 log_prob, mean, std_dev_t = forward(index, column)
+                old = log_prob.detach() if old is None else old
                 loss, step_stats = ppo_clip_loss(log_prob, old, advantages[index], ppo.clip_range)
                 if extra_loss is not None:
                     extra, extra_stats = extra_loss(forward, index, column, mean, std_dev_t)

@@ -207,6 +207,41 @@ def test_n_processes_train_in_each_optimiser_step_what_one_process_trains(order,
     assert one[0] != one[1]
 
 
+def test_old_log_probs_are_re_scored_only_where_the_weights_changed(tmp_path, monkeypatch):
+    """Before an update's first optimiser step the weights are the sampling ones: those micro-batches take the training
+    forward's own log-prob as the old one, and only the later ones are re-scored without gradients."""
+    import rl.ppo
+
+    calls = {"no_grad": 0, "grad": 0}
+    original = rl.ppo.transition_log_probs
+
+    def counted(*args, **kwargs):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rl.ppo, "transition_log_probs", counted)
+    config = grpo.GRPO(epochs=1, beta=0.0, **{**small_configs(), "ppo": PPOConfig(batch_size=4, optimizer_steps=2)})
+    config(context(tmp_path))
+    # 8 samples in micro-batches of 4, 3 trained steps each (0.99 of 4): 6 training forwards, 3 per optimiser step;
+    # before, every one of them was re-scored first (6 forwards without gradients).
+    assert calls == {"grad": 6, "no_grad": 3}
+    trained = next(r for r in records(tmp_path) if "train/ratio" in r)
+    assert trained["train/ratio"] != 1.0  # the second step's ratios moved: its old log-probs are the sampling ones
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path):
+    """`algo.ppo.gradient_checkpointing` recomputes activations in backward: less memory, the same numbers."""
+    runs = {}
+    for on in (False, True):
+        configs = small_configs()
+        configs["ppo"] = PPOConfig(batch_size=4, clip_range=1e-2, gradient_checkpointing=on)
+        grpo.GRPO(epochs=2, beta=0.04, **configs)(context(tmp_path / str(on)))
+        runs[on] = [r for r in records(tmp_path / str(on)) if "train/loss" in r]
+    for plain, checkpointed in zip(runs[False], runs[True]):
+        for key in ("train/loss", "train/grad_norm", "train/kl", "train/reward_mean"):
+            assert checkpointed[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-9), key
+
+
 def test_later_inner_epochs_compare_with_the_sampling_policy(tmp_path, monkeypatch):
     """With two inner epochs, the second epoch's ratios are measured against the weights that sampled, so they move."""
     calls = []
