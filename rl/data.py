@@ -103,7 +103,8 @@ class ImageCaptionData:
         if not records:
             raise DataError(f"{self.path or self.dataset} holds no readable images")
         if self.resolution is None:
-            raise DataError("data.resolution is not set (rl.run sets null to the model's native size)")
+            raise DataError("data.resolution=null means the model's native size, which this model's config files do "
+                            "not give; set data.resolution")
         return ImageCaptionDataset(records, self.resolution, self.center_crop, self.random_flip, skipped)
 
 

@@ -51,7 +51,8 @@ class PreferenceData:
                 )
             pairs, held_out = pairs[: -self.eval_pairs], pairs[-self.eval_pairs :]
         if self.resolution is None:
-            raise DataError("data.resolution is not set (rl.run sets null to the model's native size)")
+            raise DataError("data.resolution=null means the model's native size, which this model's config files do "
+                            "not give; set data.resolution")
         return PreferenceDataset(pairs, self.resolution), PreferenceDataset(held_out, self.resolution)
 
     def _table(self, split: str):

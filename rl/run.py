@@ -99,11 +99,7 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
     train_prompts, eval_prompts = build(cfg.prompts.train), build(cfg.prompts.eval)
     if reward is not None:
         reward.check_prompts([p.text for p in train_prompts + eval_prompts])
-    set_native_resolution(cfg)
-    data = build(cfg.data) if cfg.get("data") else None
-    if data is not None and getattr(data, "resolution", 0) is None:
-        raise ConfigError("data.resolution=null means the model's native size, which this model's config files do "
-                          "not give; set data.resolution")
+    set_native_resolution(cfg)  # still null for a model whose config files say nothing: then the data says so
     return RunContext(
         run_dir=run_dir,
         seed=cfg.seed,
@@ -114,7 +110,7 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
         config=OmegaConf.to_container(cfg, resolve=True),
         mixed_precision=cfg.mixed_precision,
         reward=reward,
-        data=data,
+        data=build(cfg.data) if cfg.get("data") else None,
     )
 
 

@@ -323,6 +323,10 @@ def test_timestep_order_first_trains_the_first_steps_in_order(tmp_path, monkeypa
     configs = small_configs()
     configs["ppo"] = PPOConfig(batch_size=4, timestep_fraction=0.75, timestep_order="first", optimizer_steps=3)
     grpo.GRPO(epochs=1, beta=0.0, **configs)(context(tmp_path))
-    assert len(trained) == 2 * 2 * 3  # re-scoring, then training: 2 batches of 4 samples, 3 steps each
-    for k, got in enumerate(trained):  # steps 0, 1, 2 for each batch; the last step (3) never
+    # Training: 2 batches of 4 samples, 3 steps each, 2 micro-batches per optimiser step; before it, the re-scoring of
+    # the 4 micro-batches after the first optimiser step (the first 2 see unchanged weights).
+    assert len(trained) == 4 + 2 * 3
+    for k, got in enumerate(trained[4:]):  # steps 0, 1, 2 for each batch; the last step (3) never
         assert torch.all(got == schedules[0][k % 3]), (k, got)
+    for k, got in enumerate(trained[:4]):  # micro-batches 2 to 5 of that layout
+        assert torch.all(got == schedules[0][(k + 2) % 3]), (k, got)
