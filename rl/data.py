@@ -102,10 +102,16 @@ class ImageCaptionData:
             logger.warning("skipping %d unreadable image(s): %s", len(skipped), ", ".join(skipped[:10]))
         if not records:
             raise DataError(f"{self.path or self.dataset} holds no readable images")
-        if self.resolution is None:
-            raise DataError("data.resolution=null means the model's native size, which this model's config files do "
-                            "not give; set data.resolution")
-        return ImageCaptionDataset(records, self.resolution, self.center_crop, self.random_flip, skipped)
+        return ImageCaptionDataset(records, native_or_set(self.resolution), self.center_crop, self.random_flip,
+                                   skipped)
+
+
+def native_or_set(resolution: int | None) -> int:
+    """`data.resolution`, which `rl.run` sets from null to the model's native size when the model's config gives it."""
+    if resolution is None:
+        raise DataError("data.resolution=null means the model's native size, which this model's config files do not "
+                        "give; set data.resolution")
+    return resolution
 
 
 def is_readable(image: dict) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from rl.data import DataError, is_readable, load_pixels
+from rl.data import DataError, is_readable, load_pixels, native_or_set
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,8 @@ class PreferenceData:
                     f"{self.eval_pairs} held out; lower eval_pairs or add pairs"
                 )
             pairs, held_out = pairs[: -self.eval_pairs], pairs[-self.eval_pairs :]
-        if self.resolution is None:
-            raise DataError("data.resolution=null means the model's native size, which this model's config files do "
-                            "not give; set data.resolution")
-        return PreferenceDataset(pairs, self.resolution), PreferenceDataset(held_out, self.resolution)
+        resolution = native_or_set(self.resolution)
+        return PreferenceDataset(pairs, resolution), PreferenceDataset(held_out, resolution)
 
     def _table(self, split: str):
         from datasets import DatasetDict, load_dataset, load_from_disk

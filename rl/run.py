@@ -94,12 +94,12 @@ def check_writable(run_dir: Path) -> None:
 
 
 def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
-    """Everything an algorithm needs, built from the config (after `check_config`)."""
+    """Everything an algorithm needs, built from the config (after `check_config`, which also sets a null
+    `data.resolution` to the model's native size)."""
     reward = build(cfg.reward) if cfg.get("reward") else None
     train_prompts, eval_prompts = build(cfg.prompts.train), build(cfg.prompts.eval)
     if reward is not None:
         reward.check_prompts([p.text for p in train_prompts + eval_prompts])
-    set_native_resolution(cfg)  # still null for a model whose config files say nothing: then the data says so
     return RunContext(
         run_dir=run_dir,
         seed=cfg.seed,
