@@ -32,6 +32,8 @@ def load_pipeline(
     compile_transformer: bool = False,
     compile_vae_decode: bool = False,
     max_sequence_length: int = 256,
+    precompute_prompt_embeds: bool = False,
+    prompt_embeds_cache: str | None = None,
     device: str | torch.device = "cpu",
 ) -> StableDiffusion3LogProbPipeline:
     """Build or load an SD3 / SD3.5 pipeline as a `StableDiffusion3LogProbPipeline`.
@@ -47,6 +49,9 @@ def load_pipeline(
         cpu_offload: `enable_model_cpu_offload()` instead of moving everything to `device` (needs CUDA).
         compile_transformer, compile_vae_decode: `torch.compile` the transformer / the VAE decoder.
         max_sequence_length: the T5 tokens the pipeline encodes prompts to when a call does not say (SD3: 256).
+        precompute_prompt_embeds, prompt_embeds_cache: training encodes every prompt once at start-up into a file in
+            this folder (None: `prompt_embeds/` beside the run directory) and moves the text encoders off the
+            accelerator (`pipelines/text.py`); kept on the pipeline for the session.
         device: where to put the pipeline.
     """
     if dtype not in DTYPES:
@@ -104,6 +109,7 @@ def load_pipeline(
     else:
         pipe.to(device)
     pipe.max_sequence_length = max_sequence_length
+    pipe.precompute_prompt_embeds, pipe.prompt_embeds_cache = precompute_prompt_embeds, prompt_embeds_cache
     if compile_transformer:
         pipe.transformer.compile()
     if compile_vae_decode:

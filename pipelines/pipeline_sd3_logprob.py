@@ -158,9 +158,13 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
 
     `max_sequence_length` is the T5 length of a call that does not give one (the stock default, 256);
     `load_pipeline(max_sequence_length=...)` sets it, so that every caller samples with the model's configured length.
+    `precompute_prompt_embeds` and `prompt_embeds_cache` are the model's options for the training session
+    (`pipelines/text.py`); the pipeline itself does not use them.
     """
 
     max_sequence_length: int = 256
+    precompute_prompt_embeds: bool = False  # see pipelines/text.py; `load_pipeline` sets these two
+    prompt_embeds_cache: str | None = None
 
     # Adapted from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3.StableDiffusion3Pipeline.__call__
     @torch.no_grad()

@@ -78,7 +78,8 @@ def run(ctx: RunContext, config: DDPO) -> None:
     layout = ppo_layout(sampling, ppo, config.epochs)
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
                      accumulation=layout.accumulation,
-                     gradient_checkpointing=ppo.gradient_checkpointing, state={"stat_tracker": tracker})
+                     gradient_checkpointing=ppo.gradient_checkpointing, prompts_only=True,
+                     state={"stat_tracker": tracker})
     if s.state.step == 0:
         held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
     for epoch in s.steps("ddpo"):

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from pipelines import StableDiffusion3LogProbPipeline
+from pipelines.text import PromptEncoder
 from pipelines.errors import check_values
 from rewards import Reward
 from rl import seeds
@@ -70,16 +71,25 @@ def sample_images(
     guidance_scale: float,
     resolution: int | None,
     batch_size: int = 8,
+    text: PromptEncoder | None = None,
 ) -> torch.Tensor:
-    """ODE samples for `prompts`, image `i` from seed `seed + i` (the same at every evaluation), as NCHW in [0, 1]."""
+    """ODE samples for `prompts`, image `i` from seed `seed + i` (the same at every evaluation), as NCHW in [0, 1].
+    The prompts' embeddings come from `text` (kept for the run: computed at the first evaluation only)."""
     device = pipe.transformer.device
+    text = text or PromptEncoder(pipe)
+    guided = guidance_scale > 1
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [seeds.generator(seed + start + i, device) for i in range(len(chunk))]
+        embeds, pooled = text([p.text for p in chunk], keep=True)
+        negative, negative_pooled = text.negative(len(chunk)) if guided else (None, None)
         images.append(
             pipe(
-                [p.text for p in chunk],
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                negative_prompt_embeds=negative,
+                negative_pooled_prompt_embeds=negative_pooled,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 height=resolution,
@@ -110,13 +120,14 @@ def held_out_prompts(prompts: list[Prompt], config: EvalConfig) -> list[Prompt]:
 
 
 def evaluate(
-    pipe: StableDiffusion3LogProbPipeline, reward: Reward, prompts: list[Prompt], config: EvalConfig, seed: int
+    pipe: StableDiffusion3LogProbPipeline, reward: Reward, prompts: list[Prompt], config: EvalConfig, seed: int,
+    text: PromptEncoder | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """ODE samples of the held-out prompts at fixed seeds; the mean and std of the reward and each of its parts."""
     chosen = held_out_prompts(prompts, config)
     images = sample_images(pipe, chosen, seeds.held_out(seed), num_inference_steps=config.num_inference_steps,
                            guidance_scale=config.guidance_scale, resolution=config.resolution,
-                           batch_size=config.batch_size)
+                           batch_size=config.batch_size, text=text)
     scores, info = score(reward, images.to(pipe.transformer.device), [p.text for p in chosen],
                          [p.metadata for p in chosen])
     return eval_metrics(scores, info), images
@@ -143,7 +154,8 @@ def held_out(session, config: EvalConfig, step: int, force: bool = False) -> Non
         return
     if accelerator.is_main_process:
         with session.ema_weights():
-            metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed)
+            metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed,
+                                       session.text)
         metrics["eval/epoch"] = step
         accelerator.log(metrics, step=step)
         logger.info("%s %d, held out: %s", session.unit, step, "  ".join(
@@ -165,6 +177,7 @@ def validate(session, validation: ValidationConfig, step: int) -> None:
         with session.ema_weights():
             images = sample_images(session.pipe, prompts, seeds.validation(ctx.seed),
                                    num_inference_steps=validation.num_inference_steps,
-                                   guidance_scale=validation.guidance_scale, resolution=validation.resolution)
+                                   guidance_scale=validation.guidance_scale, resolution=validation.resolution,
+                                   text=session.text)
         save_grid(accelerator, ctx.run_dir, images, step, [p.text for p in prompts])
     accelerator.wait_for_everyone()

@@ -63,7 +63,7 @@ def run(ctx: RunContext, config: GRPO) -> None:
     layout = ppo_layout(sampling, ppo, config.epochs)
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
                      accumulation=layout.accumulation,
-                     gradient_checkpointing=ppo.gradient_checkpointing, reference=config.beta > 0)
+                     gradient_checkpointing=ppo.gradient_checkpointing, prompts_only=True, reference=config.beta > 0)
     kl = kl_penalty(config.beta, s.reference_policy(), sampling.sde_type) if config.beta > 0 else None
     if s.state.step == 0:
         held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start

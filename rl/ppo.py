@@ -108,6 +108,17 @@ def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayo
     return PPOLayout(local, forwards // ppo.optimizer_steps, epochs * ppo.inner_epochs * ppo.optimizer_steps)
 
 
+@torch.no_grad()
+def old_log_probs(forward, layouts: list[list[tuple[torch.Tensor, torch.Tensor]]], unchanged: int
+                  ) -> list[list[torch.Tensor | None]]:
+    """The behaviour policy's log-probs of each micro-batch of each inner epoch's layout, re-scored before any update;
+    None where the training forward gives it: the first `unchanged` micro-batches (the first optimiser step's), which
+    see the weights before they change."""
+    return [[None if inner == 0 and position < unchanged else forward(index, column)[0]
+             for position, (index, column) in enumerate(layout)]
+            for inner, layout in enumerate(layouts)]
+
+
 def ppo_update(
     session,
     rollouts: Rollouts,
@@ -160,18 +171,12 @@ def ppo_update(
         layouts.append([(torch.tensor([row[i] for i in chunk], device=device), torch.tensor(column, device=device))
                         for chunk, column in passes])
     if ppo.recompute_old_log_probs:
-        # The behaviour policy's log-probs, re-scored in each training layout before any update; None: the training
-        # forward gives it (the first optimiser step's micro-batches, before the weights change).
-        unchanged = accelerator.gradient_accumulation_steps
-        with torch.no_grad():
-            old_log_probs = [[None if inner == 0 and position < unchanged else forward(index, column)[0]
-                              for position, (index, column) in enumerate(layout)]
-                             for inner, layout in enumerate(layouts)]
+        olds = old_log_probs(forward, layouts, unchanged=accelerator.gradient_accumulation_steps)
     else:
-        old_log_probs = [[rollouts.log_probs[index, column] for index, column in layout] for layout in layouts]
+        olds = [[rollouts.log_probs[index, column] for index, column in layout] for layout in layouts]
 
-    for layout, olds in zip(layouts, old_log_probs):
-        for (index, column), old in zip(layout, olds):
+    for layout, layout_olds in zip(layouts, olds):
+        for (index, column), old in zip(layout, layout_olds):
             with accelerator.accumulate(transformer):
                 log_prob, mean, std_dev_t = forward(index, column)
                 old = log_prob.detach() if old is None else old

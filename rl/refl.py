@@ -24,6 +24,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from pipelines import StableDiffusion3LogProbPipeline, guided_velocity
 from pipelines.errors import ConfigError, check_values
+from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
 from rl.checkpoints import CheckpointConfig
@@ -121,17 +122,16 @@ def reward_loss(
     prompts: list[Prompt],
     refl: ReFLConfig,
     generator: torch.Generator,
-    max_sequence_length: int | None = None,
+    text: PromptEncoder | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Sample `prompts` with the ODE, back-propagating only through the configured steps, decode with gradients,
-    score; returns `(loss, diagnostics, images)`. Gradients reach `transformer` only through the reward's scores."""
+    score; returns `(loss, diagnostics, images)`. Gradients reach `transformer` only through the reward's scores.
+    The prompts' embeddings come from `text` (default: the model's T5 length, each distinct prompt once)."""
     device = pipe.transformer.device
     guided = refl.guidance_scale > 1
-    with torch.no_grad():
-        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=[p.text for p in prompts], prompt_2=None, prompt_3=None, device=device,
-            do_classifier_free_guidance=guided, max_sequence_length=max_sequence_length or pipe.max_sequence_length,
-        )
+    text = text or PromptEncoder(pipe)
+    prompt_embeds, pooled = text([p.text for p in prompts])
+    negative_embeds, negative_pooled = text.negative(len(prompts)) if guided else (None, None)
     size = (refl.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
     latents = torch.randn(len(prompts), pipe.transformer.config.in_channels, size, size, generator=generator,
                           device=generator.device).to(device)
@@ -194,9 +194,11 @@ def run(ctx: RunContext, config: ReFL) -> None:
 
     # 1. Load and prepare; resume.
     s = open_session(ctx, config, total_steps=train.max_steps, accumulation=train.gradient_accumulation_steps,
-                     gradient_checkpointing=train.gradient_checkpointing)
+                     gradient_checkpointing=train.gradient_checkpointing,
+                     prompts_only=pretraining is None and train.max_sequence_length is None)
     accelerator, state = s.accelerator, s.state
     max_sequence_length = train.max_sequence_length or s.pipe.max_sequence_length
+    text = s.text if train.max_sequence_length is None else PromptEncoder(s.pipe, max_sequence_length)
     if pretraining is not None:
         pretrain_batches = batches(pretraining, train.pretrain_batch_size, s)
         encoder = Encoder(s.pipe, max_sequence_length)
@@ -215,9 +217,9 @@ def run(ctx: RunContext, config: ReFL) -> None:
             chosen = torch.randint(len(ctx.train_prompts), (train.batch_size,), generator=generator,
                                    device=generator.device)
             prompts = [ctx.train_prompts[i] for i in chosen.tolist()]
+            text.forget()  # the last step's prompts
             with accelerator.accumulate(s.transformer):
-                total, step_stats, _ = reward_loss(s.pipe, s.transformer, s.reward, prompts, refl, generator,
-                                                   train.max_sequence_length)
+                total, step_stats, _ = reward_loss(s.pipe, s.transformer, s.reward, prompts, refl, generator, text)
                 step_stats["reward_loss"] = total.detach()
                 if pretraining is not None:
                     batch = next(pretrain_batches)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from pipelines import StableDiffusion3LogProbPipeline
 from pipelines.errors import ConfigError, check_values
+from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
 from rl.prompts import Prompt
@@ -38,6 +40,7 @@ class SamplingConfig:
     same_initial_noise: bool = False  # one initial noise per group (Flow-GRPO's same_latent)
     sde_window: int | None = None  # Flow-GRPO-Fast: only this many consecutive steps are stochastic and trained
     sde_window_range: float = 0.5  # ... placed at random within this first fraction of the trajectory
+    overlap_scoring: str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
 
     def __post_init__(self):
         check_values("algo.sampling", self, positive=("prompts_per_epoch", "images_per_prompt", "batch_size",
@@ -45,6 +48,14 @@ class SamplingConfig:
                      at_least_zero=("noise_level",), fraction=("sde_window_range",), resolution=("resolution",))
         if self.sde_type not in ("sde", "cps"):
             raise ConfigError(f"algo.sampling.sde_type must be sde or cps, got {self.sde_type!r}")
+        if str(self.overlap_scoring).lower() not in ("auto", "true", "false"):
+            raise ConfigError(f"algo.sampling.overlap_scoring must be auto, true or false, got {self.overlap_scoring!r}")
+
+    def overlaps_scoring(self, device: torch.device) -> bool:
+        """Whether rewards are computed in a worker thread while the next batch samples. On a CPU the two would share
+        the same cores, so `auto` overlaps on CUDA only (`experiments.bench` measures both)."""
+        choice = str(self.overlap_scoring).lower()
+        return device.type == "cuda" if choice == "auto" else choice == "true"
 
     def samples_per_process(self, num_processes: int) -> int:
         """The images each process samples per epoch; checked against the batch size before anything loads."""
@@ -146,26 +157,78 @@ def stochastic_step_count(sampling: SamplingConfig) -> int:
     return sampling.num_inference_steps - (1 if sampling.sde_type == "cps" else 0)
 
 
+class Scorer:
+    """Scores each sampling batch as soon as it is sampled: in a worker thread while the next batch samples
+    (`overlap`; on CUDA on a stream of its own), or in line. The calls, and so the scores, are the same either way."""
+
+    def __init__(self, reward: Reward, overlap: bool):
+        self.reward, self.overlap = reward, overlap
+        self.pending: list = []
+        self.worker = ThreadPoolExecutor(max_workers=1) if overlap else None
+        self.stream = torch.cuda.Stream() if overlap and torch.cuda.is_available() else None
+
+    def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> None:
+        if self.worker is None:
+            self.pending.append(score(self.reward, images, prompts, metadata))
+            return
+        ready = None
+        if self.stream is not None and images.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()  # the images are complete on the sampling stream at this point
+
+        def run():
+            if ready is None:
+                return score(self.reward, images, prompts, metadata)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                result = score(self.reward, images, prompts, metadata)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return result
+
+        self.pending.append(self.worker.submit(run))
+
+    def results(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every batch's scores and per-image info, in submission order."""
+        parts = [p if isinstance(p, tuple) else p.result() for p in self.pending]
+        if self.worker is not None:
+            self.worker.shutdown()
+            if self.stream is not None:
+                torch.cuda.current_stream().wait_stream(self.stream)
+        scores = torch.cat([p[0] for p in parts])
+        info = {name: torch.cat([p[1][name] for p in parts]) for name in parts[0][1]}
+        return scores, info
+
+
 @torch.no_grad()
 def sample_rollouts(
     pipe: StableDiffusion3LogProbPipeline,
+    text: PromptEncoder,
     prompts: list[Prompt],
     jobs: list[SampleJob],
     sampling: SamplingConfig,
     sde_steps: list[int] | None,
+    scorer: Scorer | None = None,
 ) -> tuple[Rollouts, torch.Tensor]:
-    """SDE-sample the jobs in batches; returns the rollouts and the decoded images (NCHW in [0, 1])."""
+    """SDE-sample the jobs in batches, each prompt's embeddings computed once (`text`); returns the rollouts and the
+    decoded images (NCHW in [0, 1]). Each batch's images go to `scorer` as soon as they are decoded."""
     device = pipe.transformer.device
     channels = pipe.transformer.config.in_channels
     size = (sampling.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    guided = sampling.guidance_scale > 1
     parts, images = [], []
     for start in range(0, len(jobs), sampling.batch_size):
         batch = jobs[start : start + sampling.batch_size]
         initial = torch.stack([
             torch.randn(channels, size, size, generator=seeds.generator(job.noise_seed)) for job in batch
         ]).to(device)
+        texts = [prompts[job.prompt_id].text for job in batch]
+        embeds, pooled = text(texts)
+        negative, negative_pooled = text.negative(len(batch)) if guided else (None, None)
         out = pipe(
-            [prompts[job.prompt_id].text for job in batch],
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=negative,
+            negative_pooled_prompt_embeds=negative_pooled,
             num_inference_steps=sampling.num_inference_steps,
             guidance_scale=sampling.guidance_scale,
             height=sampling.resolution,
@@ -179,10 +242,13 @@ def sample_rollouts(
         )
         parts.append(out)
         images.append(out.images.float())
+        if scorer is not None:
+            scorer.submit(images[-1], texts, [prompts[job.prompt_id].metadata for job in batch])
 
     def cat(name: str) -> torch.Tensor | None:
         return torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None
 
+    negative, negative_pooled = text.negative(len(jobs)) if guided else (None, None)
     rollouts = Rollouts(
         latents=cat("latents"),
         log_probs=cat("log_probs"),
@@ -191,8 +257,8 @@ def sample_rollouts(
         scheduler=copy.deepcopy(pipe.scheduler),  # evaluation later resets the pipeline's own schedule
         prompt_embeds=cat("prompt_embeds"),
         pooled_prompt_embeds=cat("pooled_prompt_embeds"),
-        negative_prompt_embeds=cat("negative_prompt_embeds"),
-        negative_pooled_prompt_embeds=cat("negative_pooled_prompt_embeds"),
+        negative_prompt_embeds=negative,  # one row, expanded: the same for every image
+        negative_pooled_prompt_embeds=negative_pooled,
         prompts=[prompts[job.prompt_id].text for job in jobs],
         prompt_ids=torch.tensor([job.prompt_id for job in jobs], device=device),
     )
@@ -235,9 +301,10 @@ def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[
     every process's rewards by global index (`rl.session.Session` gives the model, reward and accelerator)."""
     ctx, accelerator = session.ctx, session.accelerator
     jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, indices)
-    rollouts, images = sample_rollouts(session.pipe, ctx.train_prompts, jobs, sampling, sde_steps)
-    metadata = [ctx.train_prompts[job.prompt_id].metadata for job in jobs]
-    rewards, info = score(session.reward, images, rollouts.prompts, metadata)
+    session.text.forget()  # the last epoch's training prompts
+    scorer = Scorer(session.reward, sampling.overlaps_scoring(session.accelerator.device))
+    rollouts, _ = sample_rollouts(session.pipe, session.text, ctx.train_prompts, jobs, sampling, sde_steps, scorer)
+    rewards, info = scorer.results()
     device = rewards.device
     gathered_indices = accelerator.gather(torch.tensor([job.index for job in jobs], device=device))
     by_index = torch.argsort(gathered_indices)  # process order -> global index order

@@ -43,10 +43,11 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
     """Everything about the input that can be checked without loading weights, cheapest first; raises `UserError`.
 
     The algorithm's options (each config class checks its own values when Hydra builds it), the prompt files, the
-    model's location, every image size against the model's own (from its config files: a multiple of its patch
+    model's location, its precision for training, every image size against the model's own (from its config files: a multiple of its patch
     in pixels, within its positional embedding), a resume's options against the run directory's, and write access to
     the run directory. Sets `data.resolution=null` to the model's native size. Returns the algorithm."""
     algorithm = build(cfg.algo)
+    check_precision(cfg, algorithm)
     build(cfg.prompts.train), build(cfg.prompts.eval)
     if cfg.model.get("path"):
         resolve_source(str(cfg.model.path), revision=cfg.model.get("revision"))
@@ -59,6 +60,20 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
     check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))
     check_writable(run_dir)
     return algorithm
+
+
+def check_precision(cfg: DictConfig, algorithm: object) -> None:
+    """A real checkpoint trained with `mixed_precision=no` runs in float32 throughout: the training session casts the
+    frozen weights (T5-XXL, the CLIPs, the VAE, the base transformer) to float32, twice the memory of bf16 and fp32
+    matmuls. Refused unless the command says so with `model.dtype=float32`."""
+    from rl.session import TrainingConfig
+
+    if not (cfg.model.get("path") and isinstance(algorithm, TrainingConfig)):
+        return
+    if cfg.mixed_precision == "no" and cfg.model.get("dtype", "float32") != "float32":
+        raise ConfigError(f"model.path={cfg.model.path} in model.dtype={cfg.model.dtype} would train in float32 "
+                          f"(mixed_precision=no casts it up): add mixed_precision=bf16, or model.dtype=float32 to train "
+                          f"in float32 on purpose")
 
 
 def set_native_resolution(cfg: DictConfig) -> ModelGeometry | None:

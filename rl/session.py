@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline
 from pipelines.errors import ConfigError, UserError, check_values
+from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
 from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
 from rl.context import RunContext
@@ -192,6 +194,27 @@ def save_final(
         StableDiffusion3Pipeline(**components).save_pretrained(directory)
 
 
+def prompt_encoder(ctx: RunContext, pipe: StableDiffusion3LogProbPipeline, accelerator: Accelerator,
+                   prompts_only: bool) -> PromptEncoder:
+    """The session's `PromptEncoder`. With the model's `precompute_prompt_embeds`, and when the algorithm encodes
+    nothing but its prompt sets (`prompts_only`), every training and held-out prompt is encoded now, once, into the
+    disk cache (or read from it), and the text encoders move to the CPU for the rest of the run."""
+    if not pipe.precompute_prompt_embeds:
+        return PromptEncoder(pipe)
+    if not prompts_only:
+        logger.info("model.precompute_prompt_embeds does not apply: this algorithm encodes captions as it trains")
+        return PromptEncoder(pipe)
+    cache_dir = Path(pipe.prompt_embeds_cache or ctx.run_dir.parent / "prompt_embeds").expanduser()
+    texts = [p.text for p in ctx.train_prompts + ctx.eval_prompts]
+    with accelerator.main_process_first():
+        store = precompute(pipe, texts, cache_dir, pipe.max_sequence_length, accelerator.is_main_process)
+    for encoder in text_encoders(pipe):
+        encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return PromptEncoder(pipe, store=store)
+
+
 def collect(stats: dict[str, list[torch.Tensor]], step_stats: dict[str, torch.Tensor]) -> None:
     """Append a micro-batch's diagnostics to the step's lists (as float scalars, without gradients)."""
     for name, value in step_stats.items():
@@ -211,6 +234,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     reward: Reward | None
+    text: PromptEncoder  # prompt embeddings, each distinct prompt encoded once
     state: TrainState
     checkpointer: Checkpointer
     ema: EMAModel | None
@@ -462,18 +486,21 @@ def open_session(
     state: dict[str, Stateful] | None = None,
     reference: bool = False,
     load_pipeline: Callable[..., StableDiffusion3LogProbPipeline] | None = None,
+    prompts_only: bool = False,
 ) -> Session:
     """Load the model with `config.lora` (or trainable), the optimiser for `updates` optimiser steps (default
     `total_steps`) with `accumulation` micro-batches each, the EMA, the reward, the checkpoints with the named `state`
     objects beside the counters; resume from the latest checkpoint when `config.checkpoint.resume`. With `reference`,
     the session keeps the reference policy for `Session.reference_policy` (for full fine-tuning, a frozen copy of the
-    weights before any resume)."""
+    weights before any resume). `prompts_only`: the algorithm encodes only its prompt sets (not captions), so their
+    embeddings may be precomputed (`prompt_encoder`)."""
     lora, optim, ema, checkpoint = config.lora, config.optim, config.ema, config.checkpoint
     accelerator = ctx.accelerator(gradient_accumulation_steps=accumulation)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = (load_pipeline or ctx.load_pipeline)(device=accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     modules = prepare_models(pipe, lora, gradient_checkpointing, weight_dtype, ctx.seed)
+    text = prompt_encoder(ctx, pipe, accelerator, prompts_only)
     parameters = trainable_parameters(modules)
     optimizer = build_optimizer(parameters, optim)
     lr_scheduler = build_lr_scheduler(optimizer, optim, updates or total_steps, accelerator.num_processes)
@@ -500,7 +527,8 @@ def open_session(
     reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
     return Session(
         ctx=ctx, accelerator=accelerator, pipe=pipe, transformer=transformer, modules=modules, parameters=parameters,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, state=counters, checkpointer=checkpointer,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, text=text, state=counters,
+        checkpointer=checkpointer,
         ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, unit=unit,
         start=counters.step, frozen_reference=frozen, initial_weight_norm=initial_norm,
     )

@@ -130,3 +130,23 @@ def test_flow_grpo_presets_carry_the_published_settings():
 
     sampling = instantiate(fast).sampling
     assert {sde_window(sampling, seed=0, epoch=epoch)[0] for epoch in range(200)} == {0, 1, 2}  # 3 steps from 0-2
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_no_preset_trains_a_real_checkpoint_in_float32_by_accident(preset):
+    """`rl.run.check_precision` refuses a real checkpoint trained with mixed_precision=no in a bf16 / fp16 dtype
+    (the session would up-cast it); every preset passes it, and the ones on a real checkpoint say their precision."""
+    from rl.run import check_precision
+
+    cfg = compose_with(f"experiment={preset}")
+    check_precision(cfg, instantiate(cfg.algo))
+    if cfg.model.get("path") and preset.startswith(("grpo", "ddpo", "dpo", "refl", "draft", "sft", "dreambooth")):
+        assert cfg.mixed_precision in ("bf16", "fp16") or cfg.model.dtype == "float32"
+
+
+def test_flow_grpo_presets_encode_128_t5_tokens_and_precompute_their_prompts():
+    for preset in ("grpo_geneval_sd35_medium", "grpo_pickscore_sd35_medium", "grpo_ocr_sd35_medium",
+                   "grpo_fast_pickscore_sd35_medium", "sample_sd35_medium"):
+        model = compose_with(f"experiment={preset}").model
+        assert model.max_sequence_length == 128 and model.precompute_prompt_embeds, preset
+    assert not compose_with("model=tiny").model.precompute_prompt_embeds

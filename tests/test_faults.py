@@ -343,6 +343,10 @@ BAD_INPUTS = [  # (command line, what its one line says): each stops before Hydr
     (["algo=sft", "data.resolution=512"], "data.resolution=512 is larger than this model's positional embedding "
                                           "covers (64 px); use at most 64 (its native size is 32)"),
     (["algo=sft", "data.resolution=-32"], "data.resolution must be a positive whole number of pixels, got -32"),
+    # a real checkpoint that would train in float32 without saying so
+    (["algo=dpo_online", "model=sd35_medium"], "model.path=stabilityai/stable-diffusion-3.5-medium in "
+                                               "model.dtype=bfloat16 would train in float32 (mixed_precision=no casts "
+                                               "it up): add mixed_precision=bf16, or model.dtype=float32"),
     # where the model and the prompts are
     ([*RUN, "model.path=/nonexistent/sd35"], "model.path=/nonexistent/sd35: no such folder"),
     (["algo=sample", "model=checkpoint", "model.path=no-such-org/no-such-model"], "no-such-org/no-such-model is not "

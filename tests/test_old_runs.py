@@ -93,7 +93,9 @@ def test_an_old_run_directory_evaluates_and_resumes(tmp_path, case):
     logged = {r["step"]: r["eval/reward_mean"] for r in records(run_dir) if "eval/reward_mean" in r}
     rows = evaluate.main([str(run_dir)])
     assert [(r["checkpoint"], r["step"]) for r in rows] == [("base", 0), ("step_000001", 1)]
-    assert {r["step"]: r["eval/reward_mean"] for r in rows} == logged
+    # Equal up to float rounding: since issue 16 each prompt is encoded on its own (a batch of one), which rounds the
+    # pooled CLIP projection differently from the batched encoding these runs were recorded with (~1e-6 relative).
+    assert {r["step"]: r["eval/reward_mean"] for r in rows} == pytest.approx(logged, rel=1e-5, abs=1e-7)
 
     # Its saved config, read in today's spelling, has the options it is resumed with (`rl.run` checks that first).
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

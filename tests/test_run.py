@@ -52,7 +52,7 @@ def test_sample_writes_images_grid_config_and_metrics(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model=sd35_medium", "not in the local Hugging Face cache"),
+        ("model=sd35_medium mixed_precision=bf16", "not in the local Hugging Face cache"),
         ("model=tiny model.path=/no/such/folder", "no such folder"),
         ("prompts.eval.file=/no/such/prompts.txt", "not found"),
         ("reward=digits prompts=simple_animals", "reward=digits needs prompts naming a digit"),
