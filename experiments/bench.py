@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import resource
 import statistics
@@ -317,10 +318,8 @@ def run_preset(preset: str, overrides: list[str], run_dir: Path) -> None:
 
 def p2(device: str, work: Path, names: list[str]) -> tuple[list[dict], dict, list[dict]]:
     """Each method's time by part and its text-encoder counts; GRPO with and without overlapped scoring."""
-    import rl.grpo  # noqa: F401  (the modules whose imported names get patched)
-    import rl.ddpo  # noqa: F401
-    import rl.dpo  # noqa: F401
-    import rl.refl  # noqa: F401
+    for module in ("rl.grpo", "rl.ddpo", "rl.dpo", "rl.refl"):  # the modules whose imported names get patched
+        importlib.import_module(module)
 
     rows, counts = [], {}
     for name in names:
@@ -502,7 +501,7 @@ def print_gpu(rows: list[dict]) -> None:
           "| peak GB sampling / train plain / checkpointed |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['setting']} | {r['parameters'] / 1e9:.2f}B | {r['batch']} @ {r['resolution']} x "
+        print(f"| {r['model']} | {r['setting']} | {r['parameters'] / 1e6:,.0f}M | {r['batch']} @ {r['resolution']} x "
               f"{r['steps']} | {r['images_per_second']:.2f} | {r['train_step_seconds_plain']:.3f} / "
               f"{r['train_step_seconds_checkpointed']:.3f} | {r['sampling_peak_gb']:.1f} / "
               f"{r['train_peak_gb_plain']:.1f} / {r['train_peak_gb_checkpointed']:.1f} |")
@@ -514,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="+", choices=["p1", "p2", "p3", "gpu"], help="parts to run (P3 comes with P2)")
     parser.add_argument("--methods", nargs="+", default=list(P2_RUNS), choices=list(P2_RUNS), help="P2's methods")
-    parser.add_argument("--repeats", type=int, default=5, help="P1's alternating pairs per row")
+    parser.add_argument("--repeats", type=int, default=9, help="P1's alternating pairs per row")
     parser.add_argument("--gpu-mode", action="store_true", help="run the GPU mode on --device (CUDA turns it on)")
     parser.add_argument("--models", nargs="+", default=None, help="the GPU mode's architectures: sd35_medium, "
                                                                     "sd35_large, tiny")

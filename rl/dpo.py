@@ -344,7 +344,7 @@ def online_update(s: Session, config: OnlineDPO, reference, scheduler, rollouts,
     winners, losers, valid = pairs
     groups = sorted(group for _, chunk in chunks for group in chunk)
     pair_of = {group: position for position, group in enumerate(groups)}
-    final = rollouts.latents[:, -1]
+    final = rollouts.latents[:, -1].to(accelerator.device)  # the final latents (on the CPU with rollouts_on_cpu)
     stats: dict[str, list[torch.Tensor]] = {}
     for inner in range(train.inner_epochs):
         if inner == 0:

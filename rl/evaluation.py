@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from pipelines import StableDiffusion3LogProbPipeline
 from pipelines.text import PromptEncoder
@@ -72,16 +73,18 @@ def sample_images(
     resolution: int | None,
     batch_size: int = 8,
     text: PromptEncoder | None = None,
+    first_index: int = 0,
 ) -> torch.Tensor:
-    """ODE samples for `prompts`, image `i` from seed `seed + i` (the same at every evaluation), as NCHW in [0, 1].
-    The prompts' embeddings come from `text` (kept for the run: computed at the first evaluation only)."""
+    """ODE samples for `prompts`, image `i` from seed `seed + first_index + i` (the same at every evaluation, and for
+    a shard of a longer list that starts at `first_index`), as NCHW in [0, 1]. The prompts' embeddings come from
+    `text` (kept for the run: computed at the first evaluation only)."""
     device = pipe.transformer.device
     text = text or PromptEncoder(pipe)
     guided = guidance_scale > 1
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        generators = [seeds.generator(seed + start + i, device) for i in range(len(chunk))]
+        generators = [seeds.generator(seed + first_index + start + i, device) for i in range(len(chunk))]
         embeds, pooled = text([p.text for p in chunk], keep=True)
         negative, negative_pooled = text.negative(len(chunk)) if guided else (None, None)
         images.append(
@@ -121,15 +124,30 @@ def held_out_prompts(prompts: list[Prompt], config: EvalConfig) -> list[Prompt]:
 
 def evaluate(
     pipe: StableDiffusion3LogProbPipeline, reward: Reward, prompts: list[Prompt], config: EvalConfig, seed: int,
-    text: PromptEncoder | None = None,
+    text: PromptEncoder | None = None, accelerator: Accelerator | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """ODE samples of the held-out prompts at fixed seeds; the mean and std of the reward and each of its parts."""
+    """ODE samples of the held-out prompts at fixed seeds; the mean and std of the reward and each of its parts.
+
+    With an `accelerator` of several processes, each samples and scores a contiguous share of the images (each image
+    keeps its seed) and the scores are gathered in image order: every process returns the metrics and all images."""
     chosen = held_out_prompts(prompts, config)
-    images = sample_images(pipe, chosen, seeds.held_out(seed), num_inference_steps=config.num_inference_steps,
-                           guidance_scale=config.guidance_scale, resolution=config.resolution,
-                           batch_size=config.batch_size, text=text)
-    scores, info = score(reward, images.to(pipe.transformer.device), [p.text for p in chosen],
-                         [p.metadata for p in chosen])
+    rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    first, last = len(chosen) * rank // processes, len(chosen) * (rank + 1) // processes
+    mine = chosen[first:last]
+    device = pipe.transformer.device
+    if mine:
+        images = sample_images(pipe, mine, seeds.held_out(seed), num_inference_steps=config.num_inference_steps,
+                               guidance_scale=config.guidance_scale, resolution=config.resolution,
+                               batch_size=config.batch_size, text=text, first_index=first)
+        scores, info = score(reward, images.to(device), [p.text for p in mine], [p.metadata for p in mine])
+    else:
+        images, scores, info = torch.empty(0), torch.empty(0), {}
+    if processes > 1:
+        shares = gather_object([(first, images, scores.cpu(), {k: v.cpu() for k, v in info.items()})])
+        shares = [share for share in sorted(shares, key=lambda share: share[0]) if len(share[2])]
+        images = torch.cat([share[1] for share in shares])
+        scores = torch.cat([share[2] for share in shares])
+        info = {name: torch.cat([share[3][name] for share in shares]) for name in shares[0][3]}
     return eval_metrics(scores, info), images
 
 
@@ -152,10 +170,10 @@ def held_out(session, config: EvalConfig, step: int, force: bool = False) -> Non
     ctx, accelerator = session.ctx, session.accelerator
     if not (config.due(step, session.total_steps) or force) or not ctx.eval_prompts:
         return
+    with session.ema_weights():  # every process samples and scores its share
+        metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed, session.text,
+                                   accelerator)
     if accelerator.is_main_process:
-        with session.ema_weights():
-            metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed,
-                                       session.text)
         metrics["eval/epoch"] = step
         accelerator.log(metrics, step=step)
         logger.info("%s %d, held out: %s", session.unit, step, "  ".join(

@@ -151,8 +151,8 @@ def ppo_update(
         return transition_log_probs(
             transformer,
             rollouts.scheduler,
-            rollouts.latents[index, steps],
-            rollouts.latents[index, steps + 1],
+            rollouts.latents[index, steps].to(accelerator.device, non_blocking=True),  # a copy when kept on the CPU
+            rollouts.latents[index, steps + 1].to(accelerator.device, non_blocking=True),
             rollouts.timesteps[steps],
             rollouts.prompt_embeds[index],
             rollouts.pooled_prompt_embeds[index],

@@ -41,6 +41,7 @@ class SamplingConfig:
     sde_window: int | None = None  # Flow-GRPO-Fast: only this many consecutive steps are stochastic and trained
     sde_window_range: float = 0.5  # ... placed at random within this first fraction of the trajectory
     overlap_scoring: str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
+    rollouts_on_cpu: bool = False  # keep the trajectories in (pinned) CPU memory; training copies each micro-batch
 
     def __post_init__(self):
         check_values("algo.sampling", self, positive=("prompts_per_epoch", "images_per_prompt", "batch_size",
@@ -249,8 +250,11 @@ def sample_rollouts(
         return torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None
 
     negative, negative_pooled = text.negative(len(jobs)) if guided else (None, None)
+    latents = cat("latents")
+    if sampling.rollouts_on_cpu:  # (N, T+1, C, h, w) float32: 13 GB for a 1152-image SD3.5 epoch at 512 px
+        latents = latents.cpu().pin_memory() if torch.cuda.is_available() else latents.cpu()
     rollouts = Rollouts(
-        latents=cat("latents"),
+        latents=latents,
         log_probs=cat("log_probs"),
         sde_steps=parts[0].sde_steps,
         timesteps=parts[0].timesteps,

@@ -215,3 +215,24 @@ def test_scorer_keeps_the_order_of_the_batches():
         results[overlap] = scorer.results()[0]
     assert torch.equal(results[False], results[True])
     assert torch.equal(results[False], reward(torch.cat(images), ["p", "q"] * 3)[0])
+
+
+def test_rollouts_kept_on_the_cpu_train_the_same(tmp_path):
+    """`algo.sampling.rollouts_on_cpu`: the trajectories wait in CPU memory and each micro-batch is copied to the
+    device (here the device is the CPU too, so this checks the code path and the numbers, not the memory)."""
+    for on_cpu in (False, True):
+        small_grpo(rollouts_on_cpu=on_cpu)(context(tmp_path / str(on_cpu)))
+    assert records(tmp_path / "True") == records(tmp_path / "False")
+
+
+@pytest.mark.parametrize("compile_too", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compile"])
+def test_the_benchmark_gpu_mode_runs_on_the_cpu_with_the_tiny_model(compile_too):
+    """`python -m experiments.bench --device cpu --gpu-mode --models tiny`: the GPU mode's code path (build, LoRA,
+    sampling, training steps with and without gradient checkpointing, torch.compile after the LoRA) on the CPU."""
+    from experiments import bench
+
+    rows = bench.main(["--device", "cpu", "--gpu-mode", "--models", "tiny", *([] if compile_too else ["--no-compile"])])
+    rows = rows["gpu_mode"]
+    assert [r["setting"] for r in rows] == ["eager", "torch.compile"][: 1 + compile_too]
+    for r in rows:
+        assert r["images_per_second"] > 0 and r["train_step_seconds_plain"] > 0 and r["train_peak_gb_checkpointed"] > 0
