@@ -199,6 +199,7 @@ class Instruments:
         self.rows = Counter()  # text-encoder rows: training sampling, held-out, other
         self.epoch_prompts: list[int] = []  # distinct training prompts of each epoch
         self.epoch_images: list[int] = []
+        self.evaluations = 0
 
     @contextlib.contextmanager
     def installed(self):
@@ -207,6 +208,7 @@ class Instruments:
         import rl.evaluation
         import rl.ppo
         import rl.rollouts
+        import rl.session
         from pipelines import StableDiffusion3LogProbPipeline
         from pipelines.text import NEGATIVE_PROMPT, PromptEncoder
         from rewards import Reward
@@ -228,6 +230,7 @@ class Instruments:
 
         def in_eval(original):
             def inner(*args, **kwargs):
+                self.evaluations += 1
                 self.in_eval += 1
                 try:
                     return original(*args, **kwargs)
@@ -272,17 +275,17 @@ class Instruments:
             enter(patched(Reward, "forward", timed_by(clock, "reward")))
             enter(patched(accelerate.Accelerator, "backward", timed_by(clock, "backward")))
             enter(patched(rl.ppo, "old_log_probs", timed_by(clock, "old-log-prob re-scoring", opaque=True)))
-            enter(patched(rl.evaluation, "held_out", in_eval))
+            enter(patched(rl.evaluation, "evaluate", in_eval))
             enter(patched(rl.evaluation, "evaluate", timed_by(clock, "held-out evaluation", opaque=True)))
+            enter(patched(rl.session.Checkpointer, "save", timed_by(clock, "checkpoints, final/ and curves", True)))
+            enter(patched(rl.session.Session, "finish", timed_by(clock, "checkpoints, final/ and curves", True)))
             enter(patched(rl.rollouts, "epoch_jobs", counted_jobs))
             enter(patched(rl.rollouts, "sample_epoch", in_epoch))
-            for module in ("rl.grpo", "rl.ddpo", "rl.dpo"):  # they imported these names
+            for module in ("rl.grpo", "rl.ddpo", "rl.dpo", "rl.refl"):  # they imported these names
                 imported = sys.modules[module]
-                if hasattr(imported, "held_out"):
-                    enter(patched(imported, "held_out", lambda _: rl.evaluation.held_out))
+                enter(patched(imported, "open_session", timed_by(clock, "start-up (load, LoRA, optimiser)", True)))
                 if hasattr(imported, "sample_epoch"):
                     enter(patched(imported, "sample_epoch", lambda _: rl.rollouts.sample_epoch))
-            enter(patched(sys.modules["rl.refl"], "held_out", lambda _: rl.evaluation.held_out))
             yield self
 
 
@@ -333,7 +336,8 @@ def p2(device: str, work: Path, names: list[str]) -> tuple[list[dict], dict, lis
         parts = instruments.clock.finish()
         rows.append({"method": name, "seconds": total, "parts": parts, "peak_memory_gb": peak_memory_gb(device)})
         counts[name] = {"rows": dict(instruments.rows), "epoch_prompts": instruments.epoch_prompts,
-                        "epoch_images": instruments.epoch_images}
+                        "epoch_images": instruments.epoch_images, "evaluations": instruments.evaluations,
+                        "eval_prompts": 8}
     overlap = []
     if "GRPO" in names:
         preset, overrides = P2_RUNS["GRPO"]
@@ -460,7 +464,7 @@ def print_p1(rows: list[dict]) -> None:
 
 PART_ORDER = ["transformer: sampling", "transformer: training forward", "backward", "VAE", "text encoders", "reward",
               "old-log-prob re-scoring", "held-out evaluation", "sampling: the rest (scheduler, SDE step, log-prob)",
-              "everything else"]
+              "start-up (load, LoRA, optimiser)", "checkpoints, final/ and curves", "everything else"]
 
 
 def print_p2(rows: list[dict], overlap: list[dict]) -> None:
@@ -479,20 +483,23 @@ def print_p2(rows: list[dict], overlap: list[dict]) -> None:
 
 def print_p3(counts: dict) -> None:
     print("\nP3: text-encoder rows (forward hooks) per distinct prompt")
-    print("| method | training, per epoch | held-out, per run | negative prompt, per run | per-image encoding would be |")
+    print("| method | training, per epoch | held-out, per run | negative prompt, per run | images per training prompt "
+          "(rows each when encoded per image, x2 with CFG) |")
     print("| --- | --- | --- | --- | --- |")
     for name, c in counts.items():
         epochs = len(c["epoch_prompts"])
         distinct = sum(c["epoch_prompts"])
         training = c["rows"].get("training", 0)
-        per_image = 2 * sum(c["epoch_images"]) / distinct if distinct else float("nan")
+        per_image = sum(c["epoch_images"]) / distinct if distinct else float("nan")
         if distinct:
             train_cell = f"{training / distinct:.2f} ({training} rows / {distinct} prompts, {epochs} epochs)"
             would_be = f"{per_image:.1f}"
         else:
             train_cell, would_be = "- (no sampling epochs)", "-"
-        print(f"| {name} | {train_cell} | {c['rows'].get('held-out', 0)} rows | {c['rows'].get('negative', 0)} | "
-              f"{would_be} |")
+        held = c["rows"].get("held-out", 0)
+        held_cell = f"{held / c['eval_prompts']:.2f} ({held} rows / {c['eval_prompts']} prompts, {c['evaluations']} " \
+                    f"evaluations)"
+        print(f"| {name} | {train_cell} | {held_cell} | {c['rows'].get('negative', 0)} | {would_be} |")
 
 
 def print_gpu(rows: list[dict]) -> None:
