@@ -15,8 +15,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.text import PromptEncoder
 from pipelines.errors import check_values
+from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
 from rl.prompts import Prompt
