@@ -30,6 +30,8 @@ class ClipModel(torch.nn.Module):
             weights.
         processor: hf only: where the tokenizer and image processor live when not beside the model (PickScore uses
             `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`'s).
+        dtype: the weights' dtype, "float32" (the default), "bfloat16" or "float16": half the memory (PickScore's
+            CLIP-H is 3.9 GB in float32); the embeddings are returned in float32.
     """
 
     def __init__(
@@ -38,8 +40,12 @@ class ClipModel(torch.nn.Module):
         model: str = "ViT-L-14",
         pretrained: str | None = "openai",
         processor: str | None = None,
+        dtype: str = "float32",
     ):
         super().__init__()
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in dtypes:
+            raise ModelLoadError(f"the reward's clip.dtype must be one of {sorted(dtypes)}, got {dtype!r}")
         self.backend = backend
         if backend == "open_clip":
             self._load_open_clip(model, pretrained)
@@ -47,8 +53,13 @@ class ClipModel(torch.nn.Module):
             self._load_hf(model, processor, vision_only=backend == "hf_vision")
         else:
             raise ModelLoadError(f"CLIP backend must be 'open_clip', 'hf' or 'hf_vision', got {backend!r}")
+        self.model.to(dtype=dtypes[dtype])
         self.eval()
         self.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def _load_open_clip(self, name: str, pretrained: str | None) -> None:
         import open_clip
@@ -119,11 +130,11 @@ class ClipModel(torch.nn.Module):
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (not normalised) of NCHW images in [0, 1]; differentiable in `images`."""
-        pixels = clip_preprocess(images, self.image_size, self.mean, self.std)
+        pixels = clip_preprocess(images, self.image_size, self.mean, self.std).to(self.dtype)
         if self.backend == "open_clip":
-            return self.model.encode_image(pixels)
-        vision = self.model.vision_model(pixel_values=pixels.to(self.model.dtype))
-        return self.model.visual_projection(vision.pooler_output)
+            return self.model.encode_image(pixels).float()
+        vision = self.model.vision_model(pixel_values=pixels)
+        return self.model.visual_projection(vision.pooler_output).float()
 
     @property
     def embed_dim(self) -> int:
@@ -138,15 +149,15 @@ class ClipModel(torch.nn.Module):
             raise ModelLoadError("this CLIP model is an image tower only; text rewards need a full CLIP model")
         device = next(self.model.parameters()).device
         if self.backend == "open_clip":
-            return self.model.encode_text(self.tokenizer(prompts).to(device))
+            return self.model.encode_text(self.tokenizer(prompts).to(device)).float()
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
         text = self.model.text_model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
-        return self.model.text_projection(text.pooler_output)
+        return self.model.text_projection(text.pooler_output).float()
 
     @property
     def logit_scale(self) -> torch.Tensor:
         """CLIP's learned temperature, exponentiated (100 for OpenAI CLIP)."""
-        return self.model.logit_scale.exp()
+        return self.model.logit_scale.float().exp()
 
 
 def cosine_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

@@ -357,3 +357,30 @@ def test_score_cli_prints_one_json_line_per_image(tmp_path):
     result = run_score("reward=aesthetic", f"images={tmp_path}")  # fails on the image, before loading any weights
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "broken.png" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+def test_a_clip_reward_in_bf16_scores_as_in_float32_within_a_stated_tolerance(backend, photos, tiny_hf_clip_dir):
+    """`reward.clip.dtype=bfloat16`: half the memory. On the tiny random CLIPs and the skimage photographs the
+    PickScore-style scores (logit_scale x cosine) stay within 3% of the largest score (measured: 1.1% for open_clip),
+    the photographs rank the same for each prompt, and gradients still reach the images (ReFL)."""
+    def clip(dtype):
+        torch.manual_seed(0)
+        if backend == "open_clip":
+            return ClipModel("open_clip", "tiny-ViT-768", pretrained=None, dtype=dtype)
+        return ClipModel("hf", str(tiny_hf_clip_dir), dtype=dtype)
+
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        reward = ClipSimilarityReward(clip(dtype), use_logit_scale=True)
+        assert reward.clip.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        scores[dtype] = torch.stack([reward(photos, [prompt] * len(photos))[0] for prompt in PROMPTS])
+    full, half = scores["float32"], scores["bfloat16"]
+    assert half.dtype == torch.float32
+    assert (half - full).abs().max() <= 0.03 * full.abs().max()
+    assert torch.equal(half.argsort(dim=1), full.argsort(dim=1))
+    images = photos.clone().requires_grad_(True)
+    ClipSimilarityReward(clip("bfloat16"), use_logit_scale=True)(images, PROMPTS)[0].sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    with pytest.raises(ModelLoadError, match="clip.dtype must be one of"):
+        clip("float8")
