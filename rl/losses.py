@@ -73,17 +73,20 @@ def flow_matching_loss(
 
 
 def ppo_clip_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, as DDPO and Flow-GRPO use it (`docs/algorithms.md` sections 2-3).
 
-    `loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps)))` with `ratio = exp(logp - logp_old)`. Also
-    returns the diagnostics `approx_kl = mean((logp - logp_old)^2) / 2` and `clipfrac = mean(|ratio - 1| > eps)`.
+    `loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps)))` with `ratio = exp(logp - logp_old)`, each
+    sample's term times its weight when `weights` are given (GRPO-Guard's 1/dt). Also returns the diagnostics
+    `approx_kl = mean((logp - logp_old)^2) / 2` and `clipfrac = mean(|ratio - 1| > eps)`.
     """
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    loss = (per_sample if weights is None else weights * per_sample).mean()
     with torch.no_grad():
         stats = {
             "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
@@ -91,6 +94,20 @@ def ppo_clip_loss(
             "ratio": ratio.mean(),
         }
     return loss, stats
+
+
+def ratio_norm_log_ratio(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
+    transition_std: torch.Tensor,
+) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm (arXiv 2510.22319, `docs/algorithms.md` section 8): the normalised log-ratio
+    `log w = (logp - logp_old + mean_d (mu - mu_old)^2 / (2 s^2)) * s` per sample, with `s` the transition's standard
+    deviation (B,) and `mu_old` the behaviour policy's mean. Adding the bias removes `E[log ratio] < 0`, multiplying
+    by `s` the variance that depends on the step; it equals `mean_d((mu - mu_old) * eps)` with `eps` the transition's
+    noise `(x' - mu_old) / s`. For the Gaussian "sde" step only (its log-probability is a per-pixel mean)."""
+    s = transition_std.reshape(-1)
+    squared = ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    return (log_prob - old_log_prob + squared / (2 * s**2)) * s
 
 
 def group_advantages(

@@ -15,8 +15,9 @@ from accelerate import PartialState
 
 from pipelines import transition_log_probs
 from pipelines.errors import ConfigError, check_values
+from pipelines.sde import sigmas_for_timesteps
 from rl import seeds
-from rl.losses import ppo_clip_loss
+from rl.losses import ppo_clip_loss, ratio_norm_log_ratio
 from rl.rollouts import Rollouts, SamplingConfig, dealt_chunks, stochastic_step_count
 from rl.session import collect
 
@@ -41,12 +42,16 @@ class PPOConfig:
     optimizer_steps: int = 2  # optimiser steps per inner epoch (gradients accumulate in between)
     recompute_old_log_probs: bool = True  # old log-probs in the training layout: the first ratio is exactly 1
     gradient_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more time
+    ratio_norm: bool = False  # GRPO-Guard: the normalised ratio (RatioNorm) and each step's loss over its dt
 
     def __post_init__(self):
         check_values("algo.ppo", self, positive=("clip_range", "adv_clip", "inner_epochs", "batch_size",
                                                 "optimizer_steps"), fraction=("timestep_fraction",))
         if self.timestep_order not in ("random", "first"):
             raise ConfigError(f"algo.ppo.timestep_order must be random or first, got {self.timestep_order!r}")
+        if self.ratio_norm and not self.recompute_old_log_probs:
+            raise ConfigError("algo.ppo.ratio_norm=true compares with the behaviour policy's transition means, which "
+                              "the re-scoring gives: set algo.ppo.recompute_old_log_probs=true")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ def micro_batches(indices: list[int], total: int, num_sde: int, ppo: PPOConfig, 
 
 def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayout:
     """The layout of a PPO method, with the batch sizes checked against each other before anything loads."""
+    if ppo.ratio_norm and sampling.sde_type != "sde":
+        raise ConfigError("algo.ppo.ratio_norm=true (GRPO-Guard) normalises the Gaussian SDE step's ratio: set "
+                          "algo.sampling.sde_type=sde")
     local = sampling.samples_per_process(PartialState().num_processes)
     if local % ppo.batch_size:
         raise ConfigError(f"{local} images per process are not a multiple of ppo.batch_size={ppo.batch_size}")
@@ -110,11 +118,11 @@ def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayo
 
 @torch.no_grad()
 def old_log_probs(forward, layouts: list[list[tuple[torch.Tensor, torch.Tensor]]], unchanged: int
-                  ) -> list[list[torch.Tensor | None]]:
-    """The behaviour policy's log-probs of each micro-batch of each inner epoch's layout, re-scored before any update;
-    None where the training forward gives it: the first `unchanged` micro-batches (the first optimiser step's), which
-    see the weights before they change."""
-    return [[None if inner == 0 and position < unchanged else forward(index, column)[0]
+                  ) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """The behaviour policy's `(log-probs, transition means)` of each micro-batch of each inner epoch's layout,
+    re-scored before any update; None where the training forward gives them: the first `unchanged` micro-batches (the
+    first optimiser step's), which see the weights before they change."""
+    return [[None if inner == 0 and position < unchanged else forward(index, column)[:2]
              for position, (index, column) in enumerate(layout)]
             for inner, layout in enumerate(layouts)]
 
@@ -173,14 +181,23 @@ def ppo_update(
     if ppo.recompute_old_log_probs:
         olds = old_log_probs(forward, layouts, unchanged=accelerator.gradient_accumulation_steps)
     else:
-        olds = [[rollouts.log_probs[index, column] for index, column in layout] for layout in layouts]
+        olds = [[(rollouts.log_probs[index, column], None) for index, column in layout] for layout in layouts]
 
     for layout, layout_olds in zip(layouts, olds):
         for (index, column), old in zip(layout, layout_olds):
             with accelerator.accumulate(transformer):
                 log_prob, mean, std_dev_t = forward(index, column)
-                old = log_prob.detach() if old is None else old
-                loss, step_stats = ppo_clip_loss(log_prob, old, advantages[index], ppo.clip_range)
+                old_log_prob, old_mean = (log_prob.detach(), mean.detach()) if old is None else old
+                if ppo.ratio_norm:  # GRPO-Guard (docs/algorithms.md section 8)
+                    steps = torch.tensor(rollouts.sde_steps, device=column.device)[column]
+                    sigma, sigma_next = sigmas_for_timesteps(rollouts.scheduler, rollouts.timesteps[steps])
+                    dt = sigma - sigma_next
+                    log_ratio = ratio_norm_log_ratio(log_prob, old_log_prob, mean, old_mean,
+                                                     std_dev_t.reshape(-1) * dt.sqrt())
+                    loss, step_stats = ppo_clip_loss(log_ratio, torch.zeros_like(log_ratio), advantages[index],
+                                                     ppo.clip_range, weights=1 / dt)
+                else:
+                    loss, step_stats = ppo_clip_loss(log_prob, old_log_prob, advantages[index], ppo.clip_range)
                 if extra_loss is not None:
                     extra, extra_stats = extra_loss(forward, index, column, mean, std_dev_t)
                     loss = loss + extra

@@ -330,3 +330,33 @@ def test_timestep_order_first_trains_the_first_steps_in_order(tmp_path, monkeypa
         assert torch.all(got == schedules[0][k % 3]), (k, got)
     for k, got in enumerate(trained[:4]):  # micro-batches 2 to 5 of that layout
         assert torch.all(got == schedules[0][(k + 2) % 3]), (k, got)
+
+
+def test_grpo_guard_trains_with_the_normalised_ratio(tmp_path, monkeypatch):
+    """`algo.ppo.ratio_norm=true` (GRPO-Guard): the ratio is 1 where the weights have not moved (the first optimiser
+    step's micro-batches), the loss is weighted by 1/dt, and the run trains; CPS and stored old log-probs are
+    refused before loading."""
+    seen = []
+    original = rl.ppo.ratio_norm_log_ratio
+
+    def recorded(*args):
+        log_ratio = original(*args)
+        seen.append(log_ratio.detach())
+        return log_ratio
+
+    monkeypatch.setattr(rl.ppo, "ratio_norm_log_ratio", recorded)
+    configs = small_configs()
+    configs["ppo"] = PPOConfig(batch_size=4, clip_range=2e-6, optimizer_steps=2, ratio_norm=True)
+    grpo.GRPO(epochs=1, beta=0.0, **configs)(context(tmp_path))
+    assert len(seen) == 6  # 8 samples in micro-batches of 4, 3 trained steps each
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in seen[:3])  # before the first optimiser step
+    assert any(s.abs().max() > 0 for s in seen[3:])  # after it the weights moved
+    trained = next(r for r in records(tmp_path) if "train/loss" in r)
+    assert math.isfinite(trained["train/loss"]) and trained["train/grad_norm"] > 0
+    with pytest.raises(ConfigError, match="recompute_old_log_probs=true"):
+        PPOConfig(ratio_norm=True, recompute_old_log_probs=False)
+    cps = {**small_configs(), "ppo": PPOConfig(batch_size=4, ratio_norm=True)}
+    cps["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=4,
+                                     sde_type="cps")
+    with pytest.raises(ConfigError, match="sde_type=sde"):
+        grpo.GRPO(epochs=1, **cps)(context(tmp_path / "cps"))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rl.ddpo import PerPromptStatTracker
-from rl.losses import group_advantages, kl_to_reference, ppo_clip_loss
+from pipelines.sde import sde_step_with_logprob
+from rl.losses import group_advantages, kl_to_reference, ppo_clip_loss, ratio_norm_log_ratio
 
 
 def test_ppo_clip_loss_by_hand():
@@ -31,6 +32,47 @@ def test_ppo_gradient_at_ratio_one_is_the_policy_gradient():
     loss, _ = ppo_clip_loss(log_prob, torch.zeros(4), advantages, clip_range=1e-4)
     loss.backward()
     torch.testing.assert_close(log_prob.grad, -advantages / 4)
+
+
+def test_weighted_ppo_clip_loss_by_hand():
+    # GRPO-Guard weighs each sample's term by 1/dt: weights [2, 10], ratio 1, A = [1, -3] -> mean(-2, 30) = 14
+    loss, _ = ppo_clip_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -3.0]), 0.1,
+                            weights=torch.tensor([2.0, 10.0]))
+    assert loss.item() == pytest.approx(14.0)
+
+
+def test_ratio_norm_by_hand():
+    """log w = (logp - logp_old + mean_d (mu - mu_old)^2 / (2 s^2)) * s: one sample of two pixels, s = 0.5,
+    mu - mu_old = [0.1, -0.3] (mean square 0.05), logp - logp_old = -0.2: (-0.2 + 0.05 / 0.5) * 0.5 = -0.05."""
+    old_mean = torch.tensor([[1.0, 2.0]])
+    log_ratio = ratio_norm_log_ratio(torch.tensor([-0.7]), torch.tensor([-0.5]), old_mean + torch.tensor([[0.1, -0.3]]),
+                                     old_mean, torch.tensor([0.5]))
+    assert log_ratio.item() == pytest.approx(-0.05)
+
+
+def test_ratio_norm_is_the_mean_shift_times_the_rollout_noise():
+    """GRPO-Guard's identity: with the Gaussian step's own log-probabilities, log w = mean_d((mu - mu_old) * eps),
+    eps the transition's noise; so its mean over the noise is 0 (no negative bias) and its scale does not depend on
+    the step's std."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=generator)
+    timestep = scheduler.timesteps[[1, 3, 5, 7]]
+    v_old = torch.randn(4, 3, 8, 8, generator=generator)
+    v_new = v_old + 0.05 * torch.randn(4, 3, 8, 8, generator=generator)
+    x_next, old_log_prob, old_mean, std_dev_t = sde_step_with_logprob(scheduler, v_old, timestep, x, 0.7,
+                                                                      generator=generator)
+    _, log_prob, mean, _ = sde_step_with_logprob(scheduler, v_new, timestep, x, 0.7, prev_sample=x_next)
+    index = [1, 3, 5, 7]
+    dt = (scheduler.sigmas[index] - scheduler.sigmas[[i + 1 for i in index]]).float()
+    s = std_dev_t.reshape(-1) * dt.sqrt()
+    eps = (x_next - old_mean) / s.view(-1, 1, 1, 1)
+    expected = ((mean - old_mean) * eps).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ratio_norm_log_ratio(log_prob, old_log_prob, mean, old_mean, s), expected,
+                               rtol=1e-4, atol=1e-7)
 
 
 def test_group_advantages_by_hand():
