@@ -40,17 +40,25 @@ class SamplingConfig:
     same_initial_noise: bool = False  # one initial noise per group (Flow-GRPO's same_latent)
     sde_window: int | None = None  # Flow-GRPO-Fast: only this many consecutive steps are stochastic and trained
     sde_window_range: float = 0.5  # ... placed at random within this first fraction of the trajectory
+    sde_window_schedule: str = "random"  # random (Flow-GRPO-Fast) or sliding (MixGRPO: moves along the trajectory)
+    sde_window_every: int = 25  # sliding: epochs before the window moves (MixGRPO: 25; Flash: 20)
+    sde_window_stride: int = 1  # sliding: steps it moves by (0: a fixed window at the start, MixGRPO-Flash*)
     overlap_scoring: str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
     rollouts_on_cpu: bool = False  # keep the trajectories in (pinned) CPU memory; training copies each micro-batch
 
     def __post_init__(self):
         check_values("algo.sampling", self, positive=("prompts_per_epoch", "images_per_prompt", "batch_size",
-                                                     "num_inference_steps", "sde_window"),
-                     at_least_zero=("noise_level",), fraction=("sde_window_range",), resolution=("resolution",))
+                                                     "num_inference_steps", "sde_window", "sde_window_every"),
+                     at_least_zero=("noise_level", "sde_window_stride"), fraction=("sde_window_range",),
+                     resolution=("resolution",))
+        if self.sde_window_schedule not in ("random", "sliding"):
+            raise ConfigError(f"algo.sampling.sde_window_schedule must be random or sliding, got "
+                              f"{self.sde_window_schedule!r}")
         if self.sde_type not in ("sde", "cps"):
             raise ConfigError(f"algo.sampling.sde_type must be sde or cps, got {self.sde_type!r}")
         if str(self.overlap_scoring).lower() not in ("auto", "true", "false"):
-            raise ConfigError(f"algo.sampling.overlap_scoring must be auto, true or false, got {self.overlap_scoring!r}")
+            raise ConfigError(f"algo.sampling.overlap_scoring must be auto, true or false, "
+                              f"got {self.overlap_scoring!r}")
 
     def overlaps_scoring(self, device: torch.device) -> bool:
         """Whether rewards are computed in a worker thread while the next batch samples. On a CPU the two would share
@@ -138,16 +146,32 @@ def epoch_jobs(num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig
 
 
 def sde_window(sampling: SamplingConfig, seed: int, epoch: int) -> list[int] | None:
-    """Flow-GRPO-Fast: a window of consecutive stochastic steps at a random place in the trajectory's first part
-    (under CPS never on the last step, whose transition is deterministic)."""
+    """The epoch's window of consecutive stochastic (and trained) steps, the rest ODE; None without a window.
+
+    `random` (Flow-GRPO-Fast): at a random place in the trajectory's first `sde_window_range` (under CPS never on the
+    last step, whose transition is deterministic). `sliding` (MixGRPO, `docs/algorithms.md` section 9): see
+    `sliding_window_start`."""
     if sampling.sde_window is None:
         return None
-    end = int(sampling.num_inference_steps * sampling.sde_window_range)
+    steps = sampling.num_inference_steps
+    if sampling.sde_window_schedule == "sliding":
+        last_start = max(0, steps - 2 - sampling.sde_window)
+        start = sliding_window_start(epoch, sampling.sde_window_every, sampling.sde_window_stride, last_start)
+        return list(range(start, min(start + sampling.sde_window, steps)))
+    end = int(steps * sampling.sde_window_range)
     if sampling.sde_type == "cps":
-        end = min(end, sampling.num_inference_steps - 1)
+        end = min(end, steps - 1)
     last_start = max(0, end - sampling.sde_window)
     start = int(torch.randint(0, last_start + 1, (1,), generator=seeds.sde_window_start(seed, epoch)))
-    return list(range(start, min(start + sampling.sde_window, sampling.num_inference_steps)))
+    return list(range(start, min(start + sampling.sde_window, steps)))
+
+
+def sliding_window_start(epoch: int, every: int, stride: int, last_start: int) -> int:
+    """MixGRPO's window: its first step starts at 0, moves by `stride` steps every `every` epochs, and rolls back to 0
+    past `last_start`. MixGRPO keeps the window within the trajectory but its last two steps (`last_start` is
+    `steps - 2 - window`); where MixGRPO lets the window shrink near that end, this one stops while it still fits,
+    so that every epoch trains the same number of steps."""
+    return (epoch // every) * stride % (last_start + 1)
 
 
 def stochastic_step_count(sampling: SamplingConfig) -> int:

@@ -42,10 +42,11 @@ logger = logging.getLogger(__name__)
 def check_config(cfg: DictConfig, run_dir: Path) -> object:
     """Everything about the input that can be checked without loading weights, cheapest first; raises `UserError`.
 
-    The algorithm's options (each config class checks its own values when Hydra builds it), the prompt files, the
-    model's location, its precision for training, every image size against the model's own (from its config files: a multiple of its patch
-    in pixels, within its positional embedding), a resume's options against the run directory's, and write access to
-    the run directory. Sets `data.resolution=null` to the model's native size. Returns the algorithm."""
+    The algorithm's options (each config class checks its own values when Hydra builds it), a real checkpoint's
+    training precision, the prompt files, the model's location, every image size against the model's own (from its
+    config files: a multiple of its patch in pixels, within its positional embedding), a resume's options against the
+    run directory's, and write access to the run directory. Sets `data.resolution=null` to the model's native size.
+    Returns the algorithm."""
     algorithm = build(cfg.algo)
     check_precision(cfg, algorithm)
     build(cfg.prompts.train), build(cfg.prompts.eval)
@@ -72,8 +73,8 @@ def check_precision(cfg: DictConfig, algorithm: object) -> None:
         return
     if cfg.mixed_precision == "no" and cfg.model.get("dtype", "float32") != "float32":
         raise ConfigError(f"model.path={cfg.model.path} in model.dtype={cfg.model.dtype} would train in float32 "
-                          f"(mixed_precision=no casts it up): add mixed_precision=bf16, or model.dtype=float32 to train "
-                          f"in float32 on purpose")
+                          f"(mixed_precision=no casts it up): add mixed_precision=bf16, or model.dtype=float32 to "
+                          f"train in float32 on purpose")
 
 
 def set_native_resolution(cfg: DictConfig) -> ModelGeometry | None:

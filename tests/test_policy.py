@@ -360,3 +360,37 @@ def test_grpo_guard_trains_with_the_normalised_ratio(tmp_path, monkeypatch):
                                      sde_type="cps")
     with pytest.raises(ConfigError, match="sde_type=sde"):
         grpo.GRPO(epochs=1, **cps)(context(tmp_path / "cps"))
+
+
+def test_sliding_window_start_by_hand():
+    """MixGRPO's window: from step 0, one step further every `every` epochs, back to 0 past the last start."""
+    from rl.rollouts import sliding_window_start
+
+    starts = [sliding_window_start(epoch, every=2, stride=1, last_start=2) for epoch in range(8)]
+    assert starts == [0, 0, 1, 1, 2, 2, 0, 0]
+    assert [sliding_window_start(e, every=1, stride=2, last_start=4) for e in range(4)] == [0, 2, 4, 1]
+    assert {sliding_window_start(e, every=3, stride=0, last_start=9) for e in range(20)} == {0}  # Flash*: fixed
+
+
+@pytest.mark.parametrize("algo", [grpo, ddpo], ids=["grpo", "ddpo"])
+def test_a_sliding_sde_window_moves_along_the_trajectory_and_only_it_trains(tmp_path, monkeypatch, algo):
+    """`sde_window_schedule=sliding` (MixGRPO): with 6 steps and a window of 2 the window starts at 0, 1, 2 (the last
+    window, steps 2-3, keeps clear of the last two steps, as MixGRPO's), then 0 again, moving every epoch here; PPO
+    trains those steps only."""
+    seen = []
+    original = rl.ppo.ppo_update
+
+    def spy(session, rollouts, *args, **kwargs):
+        seen.append(rollouts.sde_steps)
+        return original(session, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(algo, "ppo_update", spy)
+    configs = small_configs()
+    configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=6,
+                                         sde_window=2, sde_window_schedule="sliding", sde_window_every=1)
+    configs["ppo"] = PPOConfig(batch_size=4, clip_range=1e-2, timestep_fraction=1.0)
+    configs["eval"] = EvalConfig(every=0)
+    config_class(algo)(epochs=4, **configs)(context(tmp_path))
+    assert seen == [[0, 1], [1, 2], [2, 3], [0, 1]]
+    with pytest.raises(ConfigError, match="sde_window_schedule must be random or sliding"):
+        SamplingConfig(sde_window=2, sde_window_schedule="forward")
