@@ -135,7 +135,9 @@ def wait_for_record(path: Path, step: int, process: subprocess.Popen, timeout: f
     pytest.fail(f"no record of epoch {step} within {timeout} s")
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum, code", [  # SIGINT in the slow suite: the same path as SIGTERM, 50 s
+    pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+    pytest.param(signal.SIGINT, 130, id="SIGINT", marks=pytest.mark.slow)])
 def test_a_signal_stops_the_run_with_a_checkpoint_and_it_resumes_exactly(tmp_path, signum, code):
     run = [sys.executable, "-m", "rl.run", *RUN]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -254,6 +256,7 @@ def test_changed_options_are_those_a_resume_must_not_change():
         "data.resolution: 512 -> 32"]
 
 
+@pytest.mark.slow  # three short runs in subprocesses (about 45 s)
 def test_a_resume_with_changed_options_stops_with_one_line_unless_forced(tmp_path):
     run = [sys.executable, "-m", "rl.run", *RUN, f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
