@@ -63,6 +63,19 @@ def config_class(module):
     return {grpo: grpo.GRPO, ddpo: ddpo.DDPO}[module]
 
 
+def trained_sde_steps(monkeypatch, algo) -> list:
+    """A list that collects the stochastic steps of each epoch's rollouts as `algo`'s PPO update receives them."""
+    seen = []
+    original = rl.ppo.ppo_update
+
+    def spy(session, rollouts, *args, **kwargs):
+        seen.append(rollouts.sde_steps)
+        return original(session, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(algo, "ppo_update", spy)
+    return seen
+
+
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -285,14 +298,7 @@ def test_sde_window_samples_and_trains_only_its_steps(tmp_path, monkeypatch, alg
 def test_cps_with_a_kl_term_trains_with_finite_losses(tmp_path, monkeypatch):
     """CPS's last step is deterministic (its std is 0): it is never scored or trained, and the KL under CPS has no
     division by the std, so GRPO with CPS and beta > 0 keeps finite losses and weights (it used to turn them NaN)."""
-    seen = []
-    original = rl.ppo.ppo_update
-
-    def spy(session, rollouts, *args, **kwargs):
-        seen.append(rollouts.sde_steps)
-        return original(session, rollouts, *args, **kwargs)
-
-    monkeypatch.setattr(grpo, "ppo_update", spy)
+    seen = trained_sde_steps(monkeypatch, grpo)
     configs = small_configs()
     configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=4,
                                          sde_type="cps", noise_level=0.8)
@@ -377,14 +383,7 @@ def test_a_sliding_sde_window_moves_along_the_trajectory_and_only_it_trains(tmp_
     """`sde_window_schedule=sliding` (MixGRPO): with 6 steps and a window of 2 the window starts at 0, 1, 2 (the last
     window, steps 2-3, keeps clear of the last two steps, as MixGRPO's), then 0 again, moving every epoch here; PPO
     trains those steps only."""
-    seen = []
-    original = rl.ppo.ppo_update
-
-    def spy(session, rollouts, *args, **kwargs):
-        seen.append(rollouts.sde_steps)
-        return original(session, rollouts, *args, **kwargs)
-
-    monkeypatch.setattr(algo, "ppo_update", spy)
+    seen = trained_sde_steps(monkeypatch, algo)
     configs = small_configs()
     configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=6,
                                          sde_window=2, sde_window_schedule="sliding", sde_window_every=1)
