@@ -23,6 +23,9 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from diffusers.utils import BaseOutput
 
 from pipelines.sde import SdeType, sde_step_with_logprob
+from pipelines.solvers import dpm_solver_pp_2m_step
+
+SOLVERS = ("euler", "dpm2")
 
 
 def stochastic_steps(sigmas: torch.Tensor, noise_level: float, sde_type: str, sde_steps: Sequence[int] | None
@@ -205,6 +208,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         noise_level: float = 0.0,
         sde_type: SdeType = "sde",
         sde_steps: Sequence[int] | None = None,
+        solver: str = "euler",
+        solver_from: int = 0,
     ) -> StableDiffusion3LogProbPipelineOutput | tuple:
         """Generate images; the stock arguments mean what they mean for `StableDiffusion3Pipeline`.
 
@@ -215,6 +220,9 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             sde_steps: step indices that use the SDE (Flow-GRPO-Fast's window); the others take the ODE step. None:
                 every step. A step whose transition is deterministic (CPS's last, which ends at sigma 0) is never
                 stochastic: it takes the ODE step, which is the same step, and has no log-probability.
+            solver: the deterministic (ODE) steps' solver: "euler" (the stock step) or "dpm2", DPM-Solver++ 2M
+                (`pipelines.solvers`; DiffusionNFT's sampler, MixGRPO-Flash's after the window), from step
+                `solver_from` on; its history restarts after a stochastic step.
             max_sequence_length: T5 tokens; None: the pipeline's `max_sequence_length`.
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
@@ -243,6 +251,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         )
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
         self._guidance_scale = guidance_scale
         self._skip_layer_guidance_scale = skip_layer_guidance_scale
@@ -333,6 +343,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         trajectory = [latents]
         log_probs = []
         stochastic = stochastic_steps(self.scheduler.sigmas, noise_level, sde_type, sde_steps)
+        sigmas_list = self.scheduler.sigmas.tolist()
+        x0_previous = None  # the last DPM-Solver step's data prediction (its history)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -365,10 +377,18 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                     )[0]
                     velocity = velocity + (velocity_text - velocity_skip_layers) * self._skip_layer_guidance_scale
 
-                step_noise = noise_level if i in stochastic else 0.0
-                latents, log_prob, _, _ = sde_step_with_logprob(
-                    self.scheduler, velocity, timestep, latents, step_noise, generator=generator, sde_type=sde_type
-                )
+                if solver == "dpm2" and i >= solver_from and i not in stochastic:
+                    x0 = latents - sigmas_list[i] * velocity.float()
+                    latents = dpm_solver_pp_2m_step(latents, x0, x0_previous, sigmas_list[i - 1] if i else None,
+                                                    sigmas_list[i], sigmas_list[i + 1])
+                    x0_previous, log_prob = x0, None
+                else:
+                    step_noise = noise_level if i in stochastic else 0.0
+                    latents, log_prob, _, _ = sde_step_with_logprob(
+                        self.scheduler, velocity, timestep, latents, step_noise, generator=generator,
+                        sde_type=sde_type
+                    )
+                    x0_previous = None
                 trajectory.append(latents)
                 if log_prob is not None:
                     log_probs.append(log_prob)

@@ -189,3 +189,97 @@ def best_worst_pairs(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[to
         losers.append(members[values.argmin()])
         valid.append(bool(values.max() > values.min()))
     return torch.stack(winners), torch.stack(losers), torch.tensor(valid, device=rewards.device)
+
+
+# ------------------------------------------------------------------------------------- DiffusionNFT and AWM (section 10)
+
+
+def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def nft_optimality_prob(advantages: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
+    """DiffusionNFT's optimality probability `r = clip(clip(A, -c, c) / c / 2 + 1/2, 0, 1)`: 1/2 for an average
+    sample, 1 for one `c` standard deviations above its group's mean, 0 below."""
+    return (advantages.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
+
+
+def nft_implicit_velocities(v_theta: torch.Tensor, v_old: torch.Tensor, beta: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffusionNFT's implicit positive and negative policies: `v+ = beta v_theta + (1 - beta) v_old` and
+    `v- = (1 + beta) v_old - beta v_theta` (their mean is `v_old`)."""
+    return beta * v_theta + (1 - beta) * v_old, (1 + beta) * v_old - beta * v_theta
+
+
+def nft_loss(
+    v_theta: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+    optimality: torch.Tensor, beta: float, adaptive: bool = True, scale: float = 5.0,
+) -> torch.Tensor:
+    """DiffusionNFT's loss per sample (B,): `scale * (r L+ + (1 - r) L-) / beta` at `x_t = (1 - t) x0 + t eps`.
+
+    `adaptive` (the released code): `L± = mean_d (x0± - x0)^2 / sg(max(mean_d |x0± - x0|, 1e-5))` with
+    `x0± = x_t - t v±`, a self-normalised x0-space error; otherwise the paper's `L± = mean_d (v± - (eps - x0))^2`.
+    `optimality` is `r` (`nft_optimality_prob`), `v_old` the old policy's velocity (no gradient)."""
+    t = sigmas.reshape(-1, *([1] * (x0.ndim - 1))).float()
+    x0, noise, v_old = x0.float(), noise.float(), v_old.float().detach()
+    v_positive, v_negative = nft_implicit_velocities(v_theta.float(), v_old, beta)
+    if adaptive:
+        x_t = (1 - t) * x0 + t * noise
+
+        def error(v: torch.Tensor) -> torch.Tensor:
+            residual = x_t - t * v - x0
+            weight = _per_sample_mean(residual.detach().double().abs()).clamp(min=1e-5).float()
+            return _per_sample_mean(residual**2) / weight
+    else:
+        target = noise - x0
+
+        def error(v: torch.Tensor) -> torch.Tensor:
+            return _per_sample_mean((v - target) ** 2)
+
+    r = optimality.float()
+    return scale * (r * error(v_positive) + (1 - r) * error(v_negative)) / beta
+
+
+def velocity_kl(v: torch.Tensor, v_reference: torch.Tensor) -> torch.Tensor:
+    """`mean_d (v - v_ref)^2` per sample (B,): the KL between two flow policies' Gaussian steps up to a factor
+    (DiffusionNFT's and AWM's KL term to the base model, AWM's to its EMA)."""
+    return _per_sample_mean((v.float() - v_reference.float().detach()) ** 2)
+
+
+def awm_log_prob(squared_error: torch.Tensor, sigmas: torch.Tensor, weighting: str = "ghuber",
+                 power: float = 0.25) -> torch.Tensor:
+    """AWM's log-likelihood surrogate from the flow-matching error `m = mean_d (v - (eps - x0))^2` (B,):
+    `ghuber`: `-((m + 1e-10)^p - 1e-10^p) t / p` (a generalised Huber loss, flatter for large errors); `uniform`:
+    `-m`."""
+    if weighting == "uniform":
+        return -squared_error
+    if weighting != "ghuber":
+        raise ConfigError(f"AWM's weighting must be ghuber or uniform, got {weighting!r}")
+    return -((squared_error + 1e-10) ** power - 1e-10**power) * sigmas.reshape(-1).float() / power
+
+
+def awm_advantages(advantages: torch.Tensor, clip: float = 5.0, maximum: float = 1.0) -> torch.Tensor:
+    """AWM's advantages: clipped to `[-clip, clip]` and scaled to `[-maximum, maximum]`."""
+    return advantages.clamp(-clip, clip) / clip * maximum
+
+
+def awm_timestep_indices(num_steps: int, count: int, u: torch.Tensor, fraction: float = 0.9,
+                         skip_first: bool = True) -> torch.Tensor:
+    """AWM's stratified training steps: `count` indices of the sampler's `num_steps`, one per stratum of
+    `linspace(1 or 0, int(num_steps * fraction), count + 1)` (integer boundaries), the j-th at `u[j]` in [0, 1) of
+    its stratum. `skip_first` never trains step 0 (AWM's 'discrete_wo_init'). Each stratum holds at least one step."""
+    low = 1 if skip_first else 0
+    high = int(num_steps * fraction)
+    if high - low < count:
+        raise ConfigError(f"{count} stratified timesteps do not fit in steps {low}..{high - 1} of {num_steps}")
+    bounds = torch.linspace(low, high, count + 1).long()
+    start, width = bounds[:-1], (bounds[1:] - bounds[:-1]).clamp(min=1)
+    return start + (u.reshape(-1) * width).long().clamp(max=width - 1)
+
+
+def awm_policy_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """AWM's policy loss `-mean(A_hat l)`. AWM writes it as PPO's clipped surrogate with `ratio = exp(l - sg(l))`,
+    identically 1 (old log-probabilities are recomputed from the current weights): the same gradient
+    (`tests/test_nft_awm_losses.py`), but a constant value, `-mean(A_hat)`, where this one's tracks the weighted
+    log-likelihood."""
+    return -(advantages * log_prob).mean()

@@ -73,19 +73,24 @@ def ppo_indices(sampling: SamplingConfig, ppo: PPOConfig, seed: int, epoch: int)
     return sorted(index for _, chunk in chunks for index in chunk)
 
 
-def micro_batches(indices: list[int], total: int, num_sde: int, ppo: PPOConfig, seed: int, epoch: int, inner: int,
-                  num_processes: int, rank: int) -> list[tuple[list[int], list[int]]]:
+def micro_batches(indices: list[int], total: int, num_sde: int, ppo, seed: int, epoch: int, inner: int,
+                  num_processes: int, rank: int, draw_columns: Callable | None = None
+                  ) -> list[tuple[list[int], list[int]]]:
     """One pass of the update on this process, in order: per micro-batch, the global indices of its samples and the
     stochastic step (column) each trains. `indices` are this process's samples (of `total` in the epoch).
 
     One permutation of all `total` samples and one draw of every sample's steps (its own random subset, or the first
-    ones) come from `(seed, epoch, inner)` alone. The first pass trains the chunks `dealt_chunks` gave this process (the
-    samples it holds); later passes train this process's samples in that pass's permutation order (so that, with
-    `inner_epochs > 1`, only the first pass is the same on N processes as on one)."""
+    ones, or `draw_columns(total, generator)`'s) come from `(seed, epoch, inner)` alone. The first pass trains the
+    chunks `dealt_chunks` gave this process (the samples it holds); later passes train this process's samples in that
+    pass's permutation order (so that, with `inner_epochs > 1`, only the first pass is the same on N processes as on
+    one). `ppo` is a `PPOConfig`, or another update's options with its `batch_size`, `timestep_fraction` and
+    `timestep_order` (`rl.matching.MatchingConfig`)."""
     generator = seeds.update_order(seed, epoch, inner)
     order = torch.randperm(total, generator=generator)
     num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
-    if ppo.timestep_order == "first":
+    if draw_columns is not None:
+        columns = draw_columns(total, generator)
+    elif ppo.timestep_order == "first":
         columns = torch.arange(num_train_steps).expand(total, -1)
     else:
         columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps] for _ in range(total)])
@@ -96,7 +101,7 @@ def micro_batches(indices: list[int], total: int, num_sde: int, ppo: PPOConfig, 
         mine = set(indices)
         kept = [i for i in order.tolist() if i in mine]
         chunks = [kept[s : s + ppo.batch_size] for s in range(0, len(kept), ppo.batch_size)]
-    return [(chunk, columns[chunk, j].tolist()) for chunk in chunks for j in range(num_train_steps)]
+    return [(chunk, columns[chunk, j].tolist()) for chunk in chunks for j in range(columns.shape[1])]
 
 
 def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayout:
@@ -104,16 +109,22 @@ def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayo
     if ppo.ratio_norm and sampling.sde_type != "sde":
         raise ConfigError("algo.ppo.ratio_norm=true (GRPO-Guard) normalises the Gaussian SDE step's ratio: set "
                           "algo.sampling.sde_type=sde")
-    local = sampling.samples_per_process(PartialState().num_processes)
-    if local % ppo.batch_size:
-        raise ConfigError(f"{local} images per process are not a multiple of ppo.batch_size={ppo.batch_size}")
     num_sde = stochastic_step_count(sampling)
-    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
-    forwards = (local // ppo.batch_size) * num_train_steps
-    if forwards % ppo.optimizer_steps:
+    return update_layout(sampling, ppo, epochs, max(1, int(num_sde * ppo.timestep_fraction)), "ppo")
+
+
+def update_layout(sampling: SamplingConfig, train, epochs: int, num_train_steps: int, group: str) -> PPOLayout:
+    """The layout of an update that trains `num_train_steps` steps of each sample in micro-batches of
+    `train.batch_size` (`algo.<group>`), `train.optimizer_steps` optimiser steps per pass, checked before anything
+    loads."""
+    local = sampling.samples_per_process(PartialState().num_processes)
+    if local % train.batch_size:
+        raise ConfigError(f"{local} images per process are not a multiple of {group}.batch_size={train.batch_size}")
+    forwards = (local // train.batch_size) * num_train_steps
+    if forwards % train.optimizer_steps:
         raise ConfigError(
-            f"{forwards} training forwards per epoch do not split into {ppo.optimizer_steps} optimiser steps")
-    return PPOLayout(local, forwards // ppo.optimizer_steps, epochs * ppo.inner_epochs * ppo.optimizer_steps)
+            f"{forwards} training forwards per epoch do not split into {train.optimizer_steps} optimiser steps")
+    return PPOLayout(local, forwards // train.optimizer_steps, epochs * train.inner_epochs * train.optimizer_steps)
 
 
 @torch.no_grad()

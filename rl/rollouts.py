@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines import StableDiffusion3LogProbPipeline
+from pipelines.pipeline_sd3_logprob import SOLVERS
 from pipelines.errors import ConfigError, check_values
 from pipelines.text import PromptEncoder
 from rewards import Reward
@@ -43,6 +44,7 @@ class SamplingConfig:
     sde_window_schedule: str = "random"  # random (Flow-GRPO-Fast) or sliding (MixGRPO: moves along the trajectory)
     sde_window_every: int = 25  # sliding: epochs before the window moves (MixGRPO: 25; Flash: 20)
     sde_window_stride: int = 1  # sliding: steps it moves by (0: a fixed window at the start, MixGRPO-Flash*)
+    solver: str = "euler"  # the ODE steps' solver: euler, or dpm2 (DPM-Solver++ 2M: DiffusionNFT)
     overlap_scoring: str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
     rollouts_on_cpu: bool = False  # keep the trajectories in (pinned) CPU memory; training copies each micro-batch
 
@@ -54,6 +56,8 @@ class SamplingConfig:
         if self.sde_window_schedule not in ("random", "sliding"):
             raise ConfigError(f"algo.sampling.sde_window_schedule must be random or sliding, got "
                               f"{self.sde_window_schedule!r}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"algo.sampling.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
         if self.sde_type not in ("sde", "cps"):
             raise ConfigError(f"algo.sampling.sde_type must be sde or cps, got {self.sde_type!r}")
         if str(self.overlap_scoring).lower() not in ("auto", "true", "false"):
@@ -233,9 +237,11 @@ def sample_rollouts(
     sampling: SamplingConfig,
     sde_steps: list[int] | None,
     scorer: Scorer | None = None,
+    final_only: bool = False,
 ) -> tuple[Rollouts, torch.Tensor]:
     """SDE-sample the jobs in batches, each prompt's embeddings computed once (`text`); returns the rollouts and the
-    decoded images (NCHW in [0, 1]). Each batch's images go to `scorer` as soon as they are decoded."""
+    decoded images (NCHW in [0, 1]). Each batch's images go to `scorer` as soon as they are decoded. `final_only`
+    keeps only the final latents of each trajectory (`latents` is then (N, 1, C, H, W))."""
     device = pipe.transformer.device
     channels = pipe.transformer.config.in_channels
     size = (sampling.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
@@ -262,9 +268,12 @@ def sample_rollouts(
             noise_level=sampling.noise_level,
             sde_type=sampling.sde_type,
             sde_steps=sde_steps,
+            solver=sampling.solver,
             generator=[seeds.generator(job.sde_seed, device) for job in batch],
             output_type="pt",
         )
+        if final_only:
+            out.latents = out.latents[:, -1:]
         parts.append(out)
         images.append(out.images.float())
         if scorer is not None:
@@ -324,14 +333,16 @@ class EpochSamples:
 
 
 def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[int] | None,
-                 indices: list[int]) -> EpochSamples:
+                 indices: list[int], final_only: bool = False) -> EpochSamples:
     """Sample the images with global index in `indices` (this process's share of the epoch), score them, and gather
-    every process's rewards by global index (`rl.session.Session` gives the model, reward and accelerator)."""
+    every process's rewards by global index (`rl.session.Session` gives the model, reward and accelerator).
+    `final_only`: keep only the final latents (`sample_rollouts`)."""
     ctx, accelerator = session.ctx, session.accelerator
     jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, indices)
     session.text.forget()  # the last epoch's training prompts
     scorer = Scorer(session.reward, sampling.overlaps_scoring(session.accelerator.device))
-    rollouts, _ = sample_rollouts(session.pipe, session.text, ctx.train_prompts, jobs, sampling, sde_steps, scorer)
+    rollouts, _ = sample_rollouts(session.pipe, session.text, ctx.train_prompts, jobs, sampling, sde_steps, scorer,
+                                  final_only)
     rewards, info = scorer.results()
     device = rewards.device
     gathered_indices = accelerator.gather(torch.tensor([job.index for job in jobs], device=device))

@@ -50,6 +50,12 @@ def update_order(seed: int, epoch: int, inner: int) -> torch.Generator:
     return generator((seed * _SPREAD + epoch) * 101 + inner * 7)
 
 
+def training_noise(seed: int, epoch: int, inner: int, index: int, step: int) -> int:
+    """The seed of the noise that re-noises final image `index` of an epoch at its trained step `step` in pass
+    `inner` of the update (DiffusionNFT, AWM)."""
+    return ((seed * _SPREAD + epoch) * 101 + inner) * _SPREAD + index * 1_009 + step
+
+
 def training_step(seed: int, micro_batch: int, device: torch.device | str) -> torch.Generator:
     """Randomness of one micro-batch (noise, timesteps, prompts, VAE samples), from its global number.
 

@@ -1,0 +1,144 @@
+"""`algo=awm`: Advantage Weighted Matching (Xue et al. 2025, arXiv 2509.25050), policy gradient with the pretraining
+loss (`docs/algorithms.md` section 10).
+
+Each epoch: (1) sample a group of images per prompt with the current policy (the ODE, DPM-Solver++ 2M, or the SDE:
+only the final latents are kept); (2) advantages within groups, clipped and scaled to [-1, 1]; (3) train on the final
+latents re-noised at one stratified timestep per stratum of the trajectory: the log-likelihood surrogate
+`l = -rho(mean_d (v - (eps - x0))^2)` (a generalised Huber of the flow-matching error, `rl.losses.awm_log_prob`) in
+the policy-gradient form `-mean(A l)`, i.e. each sample's flow-matching loss weighted by its advantage, plus the KL to
+the base model and to a slowly trailing copy of the policy (the "KL-EMA", `rl.policy_copy`); (4) that copy trails the
+trained weights; log, evaluate, checkpoint.
+
+AWM samples with SA-Solver (a stochastic Adams solver, noise 0.4 between t = 0.3 and 0.9 for GenEval / OCR, 0 for
+PickScore); diffusers has no SA-Solver for flow models, so this module samples with the log-prob pipeline's solvers:
+the ODE (noise_level 0, PickScore's setting) or Flow-GRPO's SDE (`algo.sampling.noise_level`). Only the final images
+are used, so any sampler is valid; they differ in how diverse a group is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipelines.errors import ConfigError, check_values
+from rl.context import RunContext
+from rl.evaluation import EvalConfig, held_out
+from rl.losses import awm_advantages, awm_log_prob, awm_policy_loss, group_advantages, velocity_kl
+from rl.matching import MatchingConfig, NoisedBatch, matching_update
+from rl.policy_copy import PolicyCopy, capped_linear_decay
+from rl.ppo import ppo_indices, update_layout
+from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch
+from rl.session import TrainingConfig, open_session
+
+
+@dataclass
+class EmaPolicy:
+    """AWM's KL-EMA (`algo.ema_policy`): a copy of the policy that trails it, `psi <- delta psi + (1 - delta) theta`
+    after each epoch with `delta = min(rate * optimiser steps so far, cap)`, and the weight of the KL to it."""
+
+    beta: float = 1.0  # the weight of mean_d (v - v_ema)^2 (AWM: 1); 0 keeps no copy
+    rate: float = 0.001
+    cap: float = 0.3
+
+    def __post_init__(self):
+        check_values("algo.ema_policy", self, at_least_zero=("beta", "rate"))
+        if not 0 <= self.cap <= 1:
+            raise ConfigError(f"algo.ema_policy.cap must be in [0, 1], got {self.cap!r}")
+
+
+@dataclass(kw_only=True)
+class AWM(TrainingConfig):
+    """`algo=awm` (conf/algo/awm.yaml): AWM's options, and the session's (`TrainingConfig`)."""
+
+    epochs: int = 100
+    beta: float = 1e-3  # the weight of the KL (mean squared velocity difference) to the base model
+    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip] ...
+    advantage_max: float = 1.0  # ... and scaled to [-advantage_max, advantage_max]
+    advantage_std: str = "global"  # normalise advantages by the std of all rewards ("global") or of each group
+    advantage_ddof: int = 0  # the std divides by n - ddof: 0 as AWM (np.std)
+    weighting: str = "ghuber"  # the log-likelihood surrogate: ghuber (AWM's generalised Huber) or uniform (-m)
+    power: float = 0.25  # ghuber's power p
+    ema_policy: EmaPolicy = field(default_factory=EmaPolicy)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=1.0, noise_level=0.0,
+                                                                            num_inference_steps=14))
+    train: MatchingConfig = field(default_factory=lambda: MatchingConfig(timestep_order="stratified",
+                                                                         timestep_fraction=0.9))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_values("algo", self, positive=("epochs", "adv_clip", "advantage_max", "power"),
+                     at_least_zero=("beta",))
+        if self.weighting not in ("ghuber", "uniform"):
+            raise ConfigError(f"algo.weighting must be ghuber or uniform, got {self.weighting!r}")
+        if self.sampling.images_per_prompt < 2:
+            raise ConfigError("AWM compares the images of a group: algo.sampling.images_per_prompt must be at least 2")
+        if self.sampling.sde_window is not None:
+            raise ConfigError("AWM trains on final images: algo.sampling.sde_window must be null")
+
+    def __call__(self, ctx: RunContext) -> None:
+        run(ctx, self)
+
+
+def run(ctx: RunContext, config: AWM) -> None:
+    """Train with AWM for `config.epochs` epochs."""
+    sampling, train, eval, ema_policy = config.sampling, config.train, config.eval, config.ema_policy
+    ctx.require_reward("awm")
+    steps_per_sample = train.steps_per_sample(sampling.num_inference_steps)
+    layout = update_layout(sampling, train, config.epochs, steps_per_sample, "train")
+    trailing = PolicyCopy() if ema_policy.beta > 0 else None
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
+                     accumulation=layout.accumulation, gradient_checkpointing=train.gradient_checkpointing,
+                     prompts_only=True, reference=config.beta > 0,
+                     state={"ema_policy": trailing} if trailing is not None else None)
+    if trailing is not None:
+        trailing.ensure(s.parameters)  # the trained weights at the start, or the copy a resume restored
+    reference = s.reference_policy() if config.beta > 0 else None
+    if s.state.step == 0:
+        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    for epoch in s.steps("awm"):
+        # 1. Sample this process's share of the epoch with the current policy; keep the final latents; score them.
+        samples = sample_epoch(s, sampling, epoch, None, ppo_indices(sampling, train, ctx.seed, epoch),
+                               final_only=True)
+
+        # 2. Advantages within complete groups (over every process's rewards), clipped and scaled.
+        advantages = group_advantages(samples.all_rewards, samples.all_groups, config.advantage_std,
+                                      clip=config.adv_clip, ddof=config.advantage_ddof)
+        advantages = samples.local(awm_advantages(advantages, config.adv_clip, config.advantage_max))
+
+        # 3. Train: the advantage-weighted flow-matching surrogate, the KL to the base and to the trailing copy.
+        def loss_fn(batch: NoisedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            v = batch.velocity()
+            squared_error = ((v - (batch.noise - batch.x0)) ** 2).reshape(v.shape[0], -1).mean(dim=1)
+            log_prob = awm_log_prob(squared_error, batch.sigmas, config.weighting, config.power)
+            loss = awm_policy_loss(log_prob, advantages[batch.rows])
+            stats = {"policy_loss": loss.detach(), "flow_matching_error": squared_error.detach().mean()}
+            if reference is not None:
+                with torch.no_grad(), reference():
+                    v_reference = batch.velocity()
+                kl = velocity_kl(v, v_reference).mean()
+                loss = loss + config.beta * kl
+                stats["kl"] = kl.detach()
+            if trailing is not None:
+                with torch.no_grad(), trailing.swapped_in(s.parameters):
+                    v_trailing = batch.velocity()
+                kl_ema = velocity_kl(v, v_trailing).mean()
+                loss = loss + ema_policy.beta * kl_ema
+                stats["kl_ema"] = kl_ema.detach()
+            return loss, stats
+
+        stats = matching_update(s, samples.rollouts, train, sampling, epoch, samples.indices, loss_fn)
+
+        # 4. The trailing copy follows the trained weights; log; evaluate every few epochs; checkpoint.
+        if trailing is not None:
+            optimizer_steps = (epoch + 1) * train.inner_epochs * train.optimizer_steps
+            decay = capped_linear_decay(optimizer_steps, ema_policy.rate, ema_policy.cap)
+            stats["ema_policy_deviation"] = trailing.deviation(s.parameters)
+            stats["ema_policy_decay"] = decay
+            trailing.update(s.parameters, decay)
+        metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)
+        if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
+            return
+
+    # The adapter (or weights) in diffusers' format; the EMA weights when kept.
+    s.finish()
