@@ -222,7 +222,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                 stochastic: it takes the ODE step, which is the same step, and has no log-probability.
             solver: the deterministic (ODE) steps' solver: "euler" (the stock step) or "dpm2", DPM-Solver++ 2M
                 (`pipelines.solvers`; DiffusionNFT's sampler, MixGRPO-Flash's after the window), from step
-                `solver_from` on; its history restarts after a stochastic step.
+                `solver_from` on; its history is every step's data prediction `x - s v`, whatever solver took the
+                step (as MixGRPO-Flash keeps it).
             max_sequence_length: T5 tokens; None: the pipeline's `max_sequence_length`.
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
@@ -344,7 +345,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         log_probs = []
         stochastic = stochastic_steps(self.scheduler.sigmas, noise_level, sde_type, sde_steps)
         sigmas_list = self.scheduler.sigmas.tolist()
-        x0_previous = None  # the last DPM-Solver step's data prediction (its history)
+        x0_previous = None  # the previous step's data prediction (DPM-Solver's history)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -377,18 +378,18 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                     )[0]
                     velocity = velocity + (velocity_text - velocity_skip_layers) * self._skip_layer_guidance_scale
 
+                x0 = latents - sigmas_list[i] * velocity.float()  # the data prediction, DPM-Solver's history
                 if solver == "dpm2" and i >= solver_from and i not in stochastic:
-                    x0 = latents - sigmas_list[i] * velocity.float()
                     latents = dpm_solver_pp_2m_step(latents, x0, x0_previous, sigmas_list[i - 1] if i else None,
                                                     sigmas_list[i], sigmas_list[i + 1])
-                    x0_previous, log_prob = x0, None
+                    log_prob = None
                 else:
                     step_noise = noise_level if i in stochastic else 0.0
                     latents, log_prob, _, _ = sde_step_with_logprob(
                         self.scheduler, velocity, timestep, latents, step_noise, generator=generator,
                         sde_type=sde_type
                     )
-                    x0_previous = None
+                x0_previous = x0
                 trajectory.append(latents)
                 if log_prob is not None:
                     log_probs.append(log_prob)

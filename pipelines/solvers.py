@@ -39,3 +39,28 @@ def dpm_solver_pp_2m_step(
     lam_next = torch.log(torch.tensor(alpha_next / sigma_next, dtype=torch.float64))
     ratio = float((lam - lam_previous) / (lam_next - lam))
     return first_order - 0.5 * decay * (x0 - x0_previous.float()) / ratio
+
+
+def time_shift(sigma: float, shift: float) -> float:
+    """SD3's timestep shift `shift s / (1 + (shift - 1) s)` (diffusers' `FlowMatchEulerDiscreteScheduler`)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def unshift(sigma: float, shift: float) -> float:
+    """The inverse of `time_shift`."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def flash_sigmas(sigmas: list[float], last_sde_step: int, ratio: float, shift: float) -> list[float]:
+    """MixGRPO-Flash's schedule (`docs/algorithms.md` section 9), unshifted, without the final 0 (what
+    `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)` takes: it shifts them and appends the 0).
+
+    `sigmas` is the sampling schedule (shifted, ending with 0) and `last_sde_step` the window's last step `L`. Steps
+    `0 .. L` keep their sigmas; after them the trajectory is re-gridded to `n = int(max((T - L) ratio, 1))` points,
+    linear before the shift, from `sigmas[L + 1]` to 0, i.e. `n - 1` steps (MixGRPO's `dpm_post_compress_ratio`)."""
+    num_steps = len(sigmas) - 1
+    points = int(max((num_steps - last_sde_step) * ratio, 1))
+    start = unshift(sigmas[last_sde_step + 1], shift)
+    post = [start * (1 - k / (points - 1)) for k in range(points)] if points > 1 else [start]
+    kept = [unshift(s, shift) for s in sigmas[: last_sde_step + 1]]
+    return kept + post[:-1] if points > 1 else kept + post

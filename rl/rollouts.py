@@ -19,6 +19,7 @@ import torch
 
 from pipelines import StableDiffusion3LogProbPipeline
 from pipelines.pipeline_sd3_logprob import SOLVERS
+from pipelines.solvers import flash_sigmas
 from pipelines.errors import ConfigError, check_values
 from pipelines.text import PromptEncoder
 from rewards import Reward
@@ -45,17 +46,22 @@ class SamplingConfig:
     sde_window_every: int = 25  # sliding: epochs before the window moves (MixGRPO: 25; Flash: 20)
     sde_window_stride: int = 1  # sliding: steps it moves by (0: a fixed window at the start, MixGRPO-Flash*)
     solver: str = "euler"  # the ODE steps' solver: euler, or dpm2 (DPM-Solver++ 2M: DiffusionNFT)
+    flash_ratio: float | None = None  # MixGRPO-Flash: after the window, this fraction of the steps, DPM-Solver++ 2M
     overlap_scoring: str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
     rollouts_on_cpu: bool = False  # keep the trajectories in (pinned) CPU memory; training copies each micro-batch
 
     def __post_init__(self):
         check_values("algo.sampling", self, positive=("prompts_per_epoch", "images_per_prompt", "batch_size",
                                                      "num_inference_steps", "sde_window", "sde_window_every"),
-                     at_least_zero=("noise_level", "sde_window_stride"), fraction=("sde_window_range",),
+                     at_least_zero=("noise_level", "sde_window_stride"),
+                     fraction=("sde_window_range", "flash_ratio"),
                      resolution=("resolution",))
         if self.sde_window_schedule not in ("random", "sliding"):
             raise ConfigError(f"algo.sampling.sde_window_schedule must be random or sliding, got "
                               f"{self.sde_window_schedule!r}")
+        if self.flash_ratio is not None and self.sde_window is None:
+            raise ConfigError("algo.sampling.flash_ratio (MixGRPO-Flash) re-grids the steps after the SDE window: set "
+                              "algo.sampling.sde_window too")
         if self.solver not in SOLVERS:
             raise ConfigError(f"algo.sampling.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
         if self.sde_type not in ("sde", "cps"):
@@ -244,6 +250,9 @@ def sample_rollouts(
     keeps only the final latents of each trajectory (`latents` is then (N, 1, C, H, W))."""
     device = pipe.transformer.device
     channels = pipe.transformer.config.in_channels
+    schedule = dict(num_inference_steps=sampling.num_inference_steps, solver=sampling.solver)
+    if sampling.flash_ratio is not None and sde_steps:
+        schedule = flash_schedule(pipe.scheduler, sampling, max(sde_steps))
     size = (sampling.resolution or pipe.default_sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
     guided = sampling.guidance_scale > 1
     parts, images = [], []
@@ -260,7 +269,6 @@ def sample_rollouts(
             pooled_prompt_embeds=pooled,
             negative_prompt_embeds=negative,
             negative_pooled_prompt_embeds=negative_pooled,
-            num_inference_steps=sampling.num_inference_steps,
             guidance_scale=sampling.guidance_scale,
             height=sampling.resolution,
             width=sampling.resolution,
@@ -268,9 +276,9 @@ def sample_rollouts(
             noise_level=sampling.noise_level,
             sde_type=sampling.sde_type,
             sde_steps=sde_steps,
-            solver=sampling.solver,
             generator=[seeds.generator(job.sde_seed, device) for job in batch],
             output_type="pt",
+            **schedule,
         )
         if final_only:
             out.latents = out.latents[:, -1:]
@@ -300,6 +308,19 @@ def sample_rollouts(
         prompt_ids=torch.tensor([job.prompt_id for job in jobs], device=device),
     )
     return rollouts, torch.cat(images)
+
+
+def flash_schedule(scheduler, sampling: SamplingConfig, last_sde_step: int) -> dict:
+    """The pipeline's schedule arguments for MixGRPO-Flash: the usual sigmas up to the window's last step, then
+    `pipelines.solvers.flash_sigmas`' coarser grid solved with DPM-Solver++ 2M (the steps before the window keep
+    `sampling.solver`)."""
+    if scheduler.config.get("use_dynamic_shifting"):
+        raise ConfigError("algo.sampling.flash_ratio re-grids SD3's static timestep shift; this model's scheduler "
+                          "shifts dynamically")
+    grid = copy.deepcopy(scheduler)
+    grid.set_timesteps(sampling.num_inference_steps)
+    sigmas = flash_sigmas(grid.sigmas.tolist(), last_sde_step, sampling.flash_ratio, grid.config.shift)
+    return dict(sigmas=sigmas, solver="dpm2", solver_from=last_sde_step + 1 if sampling.solver == "euler" else 0)
 
 
 def score(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:

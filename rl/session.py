@@ -4,7 +4,8 @@
 the trackers), the model (frozen parts in the mixed-precision dtype; LoRA adapters, or the whole transformer,
 trainable), the optimiser and its LR schedule, the EMA of the trained weights, the checkpoints (named pieces, see
 `rl/checkpoints.py`) and the resume. The returned `Session` then gives the algorithm's loop what it shares with every
-other:
+other (and logs `train/seconds`, the wall time spent training, evaluations and checkpoints left out, kept across
+resumes: what a compute-matched comparison of methods budgets):
 
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", ...)
     for epoch in s.steps("grpo"):                  # from the resumed step to the last, with a progress bar
@@ -245,6 +246,7 @@ class Session:
     unit: str  # what a step is, in log lines: "epoch" or "step"
     start: int = 0  # the step this invocation started (or resumed) at
     started: float = field(default_factory=time.time)
+    timing_since: float = field(default_factory=time.time)  # when the training time now counting began
     progress: tqdm | None = None
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
     stop_signal: int | None = None  # SIGINT or SIGTERM, once received
@@ -263,7 +265,7 @@ class Session:
         once."""
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc=desc,
                              disable=not self.accelerator.is_local_main_process)
-        self.started = time.time()
+        self.started = self.timing_since = time.time()
         previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.state.step < self.total_steps:
@@ -367,6 +369,7 @@ class Session:
         this step is then written (a planned stop never loses work) and the run resumes from it when started again."""
         self.state.step += 1
         step = self.state.step
+        self.state.seconds += time.time() - self.timing_since
         if self.ema is not None:
             self.ema.step(self.parameters)
         if self.progress is not None:
@@ -375,11 +378,13 @@ class Session:
             if self.skipped_nonfinite:  # since the last record
                 metrics = {**metrics, "train/skipped_nonfinite": self.skipped_nonfinite}
                 self.skipped_nonfinite = 0
+            metrics = {**metrics, "train/seconds": self.state.seconds}
             self.accelerator.log(metrics, step=step)
             self._check_weights(step)
         evaluate(step)
         if self.checkpointer.due(step, self.total_steps):
             self._save(step)
+        self.timing_since = time.time()  # the held-out evaluation and the checkpoint are not training time
         if self._stop_requested():
             if not self.checkpointer.due(step, self.total_steps):
                 self._save(step)

@@ -3,6 +3,7 @@ old policy and the KL-EMA copy are restored), sampling with the old policy, and 
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,8 @@ def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
         for key in ("train/reward_mean", "train/loss", "eval/reward_mean", deviation):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    seconds = [r["train/seconds"] for r in split if "train/seconds" in r]  # the training time goes on counting
+    assert len(seconds) == 4 and seconds == sorted(seconds) and seconds[0] > 0
     a = load_file(tmp_path / "whole" / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "split" / "final" / "pytorch_lora_weights.safetensors")
     for key in a:
@@ -123,3 +126,22 @@ def test_layouts_are_checked_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="solver must be one of"):
         SamplingConfig(solver="heun")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_training_seconds_leave_out_held_out_evaluations(tmp_path, monkeypatch):
+    """`train/seconds` counts the training loop's wall time without the held-out evaluations: three evaluations that
+    take 2 s each (a sleep) add nothing to it."""
+    original = nft.held_out
+
+    def slow(*args, **kwargs):
+        time.sleep(2.0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(nft, "held_out", slow)
+    configs = {**small_configs(nft), "eval": EvalConfig(every=1, max_prompts=1, num_inference_steps=2)}
+    start = time.time()
+    nft.NFT(epochs=2, **configs)(context(tmp_path))
+    elapsed = time.time() - start
+    seconds = [r["train/seconds"] for r in records(tmp_path) if "train/seconds" in r]
+    assert len(seconds) == 2 and 0 < seconds[0] < seconds[1]
+    assert seconds[1] < elapsed - 5.5  # the 6 s of evaluation are not in it

@@ -393,3 +393,44 @@ def test_a_sliding_sde_window_moves_along_the_trajectory_and_only_it_trains(tmp_
     assert seen == [[0, 1], [1, 2], [2, 3], [0, 1]]
     with pytest.raises(ConfigError, match="sde_window_schedule must be random or sliding"):
         SamplingConfig(sde_window=2, sde_window_schedule="forward")
+
+
+def test_mixgrpo_flash_regrids_after_the_window_and_trains_only_the_window(tmp_path, monkeypatch):
+    """MixGRPO-Flash (`sampling.flash_ratio`): with 8 steps and a sliding window of 2, the steps up to the window's
+    last (L) keep their sigmas and the rest become int((8 - L) * 0.5) - 1 DPM-Solver++ steps from sigma[L + 1] to 0;
+    only the window's steps are stochastic, scored and trained, and their stored transitions re-score to the sampled
+    log-probabilities (the first PPO ratio is 1)."""
+    seen, ratios = [], []
+    original_update, original_loss = rl.ppo.ppo_update, rl.ppo.ppo_clip_loss
+
+    def update(session, rollouts, *args, **kwargs):
+        seen.append(rollouts)
+        return original_update(session, rollouts, *args, **kwargs)
+
+    def loss(log_prob, old_log_prob, *args, **kwargs):
+        ratios.append(torch.exp(log_prob - old_log_prob).detach())
+        return original_loss(log_prob, old_log_prob, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "ppo_update", update)
+    monkeypatch.setattr(rl.ppo, "ppo_clip_loss", loss)
+    configs = small_configs()
+    configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=8,
+                                         sde_window=2, sde_window_schedule="sliding", sde_window_every=1,
+                                         flash_ratio=0.5)
+    configs["ppo"] = PPOConfig(batch_size=4, clip_range=1e-2, timestep_fraction=1.0, recompute_old_log_probs=False)
+    configs["eval"] = EvalConfig(every=0)
+    grpo.GRPO(epochs=2, **configs)(context(tmp_path))
+    reference = load_pipeline(None).scheduler
+    reference.set_timesteps(8)
+    for rollouts, window in zip(seen, [[0, 1], [1, 2]]):
+        last = window[-1]
+        assert rollouts.sde_steps == window
+        steps = last + 1 + int((8 - last) * 0.5) - 1  # 5 then 5: L = 1 -> 2 + 2; L = 2 -> 3 + 2
+        assert len(rollouts.timesteps) == steps and rollouts.latents.shape[1] == steps + 1
+        torch.testing.assert_close(rollouts.scheduler.sigmas[: last + 2], reference.sigmas[: last + 2])
+        assert rollouts.log_probs.shape == (8, 2)
+    # stored log-probs (recompute_old_log_probs=false) against the first optimiser step's training forward
+    first_step = torch.cat(ratios[:2])  # 2 chunks x 2 steps in 2 optimiser steps: 2 micro-batches each
+    torch.testing.assert_close(first_step, torch.ones_like(first_step), atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="set algo.sampling.sde_window too"):
+        SamplingConfig(flash_ratio=0.4)

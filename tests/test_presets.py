@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 GOLDEN = ROOT / "tests" / "golden"
-WALL_CLOCK = {"train/steps_per_second"}  # the only logged values that depend on the machine's speed
+WALL_CLOCK = {"train/steps_per_second", "train/seconds"}  # the logged values that depend on the machine's speed
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 # Overrides that cut a run to a few seconds, per algorithm (the preset's `algo._target_`): one or two epochs or steps,
@@ -37,6 +37,9 @@ SHORT = {
     "rl.sample.Sample": ["algo.max_prompts=1", "algo.num_images_per_prompt=1", "algo.num_inference_steps=2"],
     "rl.grpo.GRPO": [*TINY_POLICY, "algo.ppo.batch_size=4", "algo.ppo.optimizer_steps=1", "algo.checkpoint.every=1"],
     "rl.ddpo.DDPO": [*TINY_POLICY, "algo.ppo.batch_size=4", "algo.ppo.optimizer_steps=1", "algo.checkpoint.every=1"],
+    "rl.nft.NFT": [*TINY_POLICY, "algo.train.batch_size=4", "algo.train.optimizer_steps=1", "algo.checkpoint.every=1"],
+    "rl.awm.AWM": [*TINY_POLICY, "algo.train.batch_size=4", "algo.train.optimizer_steps=1", "algo.checkpoint.every=1",
+                   "algo.train.stratified_steps=1"],
     "rl.dpo.OnlineDPO": [*TINY_POLICY, "algo.train.batch_size=2", "algo.train.optimizer_steps=1",
                          "algo.checkpoint.every=1"],
     "rl.dpo.OfflineDPO": ["algo.train.max_steps=2", "algo.train.batch_size=2", "algo.train.gradient_accumulation_steps=1",

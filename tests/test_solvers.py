@@ -80,3 +80,25 @@ def test_pipeline_dpm2_sampling_matches_the_stock_pipeline_with_diffusers_dpm_so
     assert (ours.images - expected).abs().max() < 1e-5
     euler = tiny_pipe(generator=torch.Generator().manual_seed(3), sigmas=unshifted, **kwargs)
     assert (euler.images - expected).abs().max() > 1e-3
+
+
+def test_flash_schedule_regrids_the_steps_after_the_window():
+    """MixGRPO-Flash on 25 steps with the window ending at L = 3: ratio 0.4 leaves int(22 * 0.4) = 8 points, 7 steps
+    after the window (11 in all); ratio 0.2, 3 (7 in all); the first post-window sigma is the schedule's sigma[L + 1]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.solvers import flash_sigmas, time_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(25)
+    sigmas = scheduler.sigmas.tolist()
+    for ratio, total in ((0.4, 11), (0.2, 7)):
+        flash = flash_sigmas(sigmas, 3, ratio, 3.0)
+        regridded = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        regridded.set_timesteps(sigmas=flash)
+        assert len(regridded.timesteps) == total
+        assert regridded.sigmas[:5].tolist() == pytest.approx(sigmas[:5], abs=1e-6)  # steps 0..3, and sigma[L + 1]
+        assert regridded.sigmas[-1] == 0
+        gaps = [a - b for a, b in zip(flash[4:], flash[5:] + [0.0])]
+        assert gaps == pytest.approx([gaps[0]] * len(gaps))  # linear before the shift, down to 0
+        assert time_shift(flash[4], 3.0) == pytest.approx(sigmas[4], abs=1e-6)

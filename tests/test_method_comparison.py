@@ -1,0 +1,84 @@
+"""experiments.method_comparison: how each preset counts images, how curves are read against the two budgets, and
+(slow) the whole command on two methods with tiny budgets."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import method_comparison as mc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def records(points):
+    """metrics.jsonl records: per (step, images, seconds, accuracy) a training record and an evaluation record."""
+    out = []
+    for step, images, seconds, accuracy in points:
+        if step:
+            out.append({"step": step, "train/samples": images, "train/seconds": seconds, "train/reward_mean": 0.1})
+        out.append({"step": step, "eval/correct_mean": accuracy})
+    return out
+
+
+def test_every_method_has_a_preset_that_counts_its_images():
+    plans = {method: mc.plan(method) for method in mc.METHODS}
+    assert plans["grpo"].images_per_step == 64 and plans["grpo"].steps_option == "algo.epochs"
+    assert plans["refl"].images_per_step == 8 and plans["refl"].steps_option == "algo.train.max_steps"
+    assert plans["draft"].steps_option == "algo.train.max_steps"
+    assert all(p.images_per_step > 0 and p.lr > 0 for p in plans.values())
+
+
+def test_curves_against_images_and_seconds():
+    points = mc.evaluations_of(records([(0, 0, 0, 0.45), (5, 320, 40.0, 0.7), (10, 640, 90.0, 0.85),
+                                        (15, 960, 130.0, 0.92)]))
+    assert points == [(0, 0, 0.45), (320, 40.0, 0.7), (640, 90.0, 0.85), (960, 130.0, 0.92)]
+    by_images = mc.within(points, 0, 700)
+    assert by_images == [(0, 0.45), (320, 0.7), (640, 0.85)]
+    assert mc.first_reach(by_images, 0.8) == 640 and mc.first_reach(by_images, 0.9) is None
+    by_seconds = mc.within(points, 1, 100.0)
+    assert mc.value_at(by_seconds, 89.9) == 0.7 and mc.value_at(by_seconds, 100.0) == 0.85
+
+
+def test_summary_over_seeds():
+    a = mc.evaluations_of(records([(0, 0, 0, 0.4), (5, 320, 50.0, 0.8), (10, 640, 100.0, 0.9)]))
+    b = mc.evaluations_of(records([(0, 0, 0, 0.5), (5, 320, 60.0, 0.6), (10, 640, 120.0, 0.7)]))
+    by_images = mc.summarise("X", [a, b], 0, 640)
+    assert by_images["end"]["mean"] == pytest.approx(0.8) and by_images["best"]["mean"] == pytest.approx(0.8)
+    assert by_images["reach"]["0.8"] == {"mean": 320, "reached": 1, "of": 2}
+    assert by_images["curve"]["x"] == [0, 320, 640] and by_images["curve"]["mean"][1] == pytest.approx(0.7)
+    by_seconds = mc.summarise("X", [a, b], 1, 100.0)
+    assert by_seconds["end"]["mean"] == pytest.approx((0.9 + 0.6) / 2)  # b's 120 s evaluation is past the budget
+    assert len(by_seconds["curve"]["x"]) == 41 and by_seconds["curve"]["x"][-1] == 100.0
+    text = mc.markdown([("X", by_images, by_seconds, "preset")], 640, 100.0)
+    assert "| X | preset | **0.800 +- 0.141** |" in text and "320 images (1/2)" in text
+    only_b = mc.summarise("Y", [b], 0, 640)
+    assert "not reached" in mc.markdown([("Y", only_b, only_b, "lr 1e-3")], 640, 100.0)
+
+
+def test_tuning_score_reads_the_training_reward_of_the_last_quarter():
+    logged = [{"step": s, "train/samples": 64 * s, "train/reward_mean": r} for s, r in ((1, 0.1), (4, 0.5), (5, 0.7))]
+    assert mc.tuning_score(logged, 320) == pytest.approx(0.6)  # samples 256 and 320 are past 0.75 * 320 = 240
+
+
+@pytest.mark.slow
+def test_the_comparison_runs_end_to_end(tmp_path):
+    """Two methods, one seed, budgets of 2 epochs (or 16 ReFL steps) and 1 s: the runs are extended past the image
+    budget until their training seconds are used, and the table, json and plot are written."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.method_comparison", "--out", str(out), "--methods", "nft", "refl",
+         "--seeds", "0", "--images", "128", "--seconds", "1", "--evaluations", "2", "--",
+         f"model.world={tmp_path / 'world'}", "algo.eval.max_prompts=2", "algo.eval.images_per_prompt=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert [s["label"] for s in summary["by_images"]] == ["DiffusionNFT", "ReFL"]
+    assert (out / "accuracy.png").stat().st_size > 0 and "| DiffusionNFT" in (out / "results.md").read_text()
+    for method in ("nft", "refl"):
+        logged = [json.loads(line) for line in (out / method / "seed_0" / "metrics.jsonl").read_text().splitlines()]
+        assert max(r.get("train/samples", 0) for r in logged) >= 128
+        assert max(r.get("train/seconds", 0) for r in logged) >= 1.0
