@@ -11,10 +11,10 @@ CPU mode (the default; under 10 minutes on two cores):
   ODE and SDE sampling (the stock pipeline has only the ODE: the SDE row is what the SDE step and its log-probability
   add), on the tiny model and the digits world's; the two alternate, and the ratio of their fastest calls is shown
   (the least disturbed by other work on the machine), with the median of the per-pair ratios beside it.
-- P2: where an epoch's time goes, in short runs of GRPO, DDPO, online DPO and ReFL in the digits world through the
-  real entry point (`rl.run`'s config, check and context): the transformer while sampling, the training forwards
-  (KL reference included), backward, the VAE, the text encoders, the reward, the old-log-prob re-scoring, held-out
-  evaluation, and everything else. Each part's time is its own (nested parts are subtracted from their parent).
+- P2: where an epoch's time goes, in short runs of GRPO, DDPO, online DPO, ReFL, DiffusionNFT and AWM in the digits
+  world through the real entry point (`rl.run`'s config, check and context): the transformer while sampling, the
+  training forwards (KL reference and old policy included), backward, the VAE, the text encoders, the reward, the
+  old-log-prob re-scoring, held-out evaluation, and everything else. Each part's time is its own (nested parts are subtracted from their parent).
   Also GRPO's epoch time with rewards scored in a worker thread beside sampling / in line (`overlap_scoring`).
 - P3: text-encoder rows per distinct prompt, counted with forward hooks: per epoch for the training prompts, per run
   for the held-out prompts and the negative prompt, and what encoding every image's prompt would have cost.
@@ -282,7 +282,7 @@ class Instruments:
             enter(patched(rl.session.Session, "finish", timed_by(clock, "checkpoints, final/ and curves", True)))
             enter(patched(rl.rollouts, "epoch_jobs", counted_jobs))
             enter(patched(rl.rollouts, "sample_epoch", in_epoch))
-            for module in ("rl.grpo", "rl.ddpo", "rl.dpo", "rl.refl"):  # they imported these names
+            for module in ALGORITHM_MODULES:  # they imported these names
                 imported = sys.modules[module]
                 enter(patched(imported, "open_session", timed_by(clock, "start-up (load, LoRA, optimiser)", True)))
                 if hasattr(imported, "sample_epoch"):
@@ -299,7 +299,12 @@ P2_RUNS = {  # preset, overrides: a few epochs / steps of each method in the dig
                                          "algo.eval.images_per_prompt=1", "algo.checkpoint.every=100"]),
     "ReFL": ("refl_digits", ["algo.train.max_steps=8", "algo.eval.every=8", "algo.eval.max_prompts=8",
                              "algo.eval.images_per_prompt=1", "algo.checkpoint.every=100"]),
+    "DiffusionNFT": ("nft_digits", ["algo.epochs=2", "algo.eval.every=2", "algo.eval.max_prompts=8",
+                                    "algo.eval.images_per_prompt=1", "algo.checkpoint.every=100"]),
+    "AWM": ("awm_digits", ["algo.epochs=2", "algo.eval.every=2", "algo.eval.max_prompts=8",
+                           "algo.eval.images_per_prompt=1", "algo.checkpoint.every=100"]),
 }
+ALGORITHM_MODULES = ("rl.grpo", "rl.ddpo", "rl.dpo", "rl.refl", "rl.nft", "rl.awm")
 
 
 def run_preset(preset: str, overrides: list[str], run_dir: Path) -> None:
@@ -322,7 +327,7 @@ def run_preset(preset: str, overrides: list[str], run_dir: Path) -> None:
 
 def p2(device: str, work: Path, names: list[str]) -> tuple[list[dict], dict, list[dict]]:
     """Each method's time by part and its text-encoder counts; GRPO with and without overlapped scoring."""
-    for module in ("rl.grpo", "rl.ddpo", "rl.dpo", "rl.refl"):  # the modules whose imported names get patched
+    for module in ALGORITHM_MODULES:  # the modules whose imported names get patched
         importlib.import_module(module)
 
     rows, counts = [], {}

@@ -1,6 +1,6 @@
 """The README's digits-world table: every RL method in the digits world, over several seeds, and its plot.
 
-    python -m experiments.digits_results --out outputs/digits_results            # 4 methods x seeds 0 1 2
+    python -m experiments.digits_results --out outputs/digits_results            # 6 methods x seeds 0 1 2
     python -m experiments.digits_results --out DIR --methods grpo refl --seeds 0  # a part of it
 
 Each (method, seed) runs `python -m rl.run experiment=<method>_digits seed=<seed> hydra.run.dir=<out>/<method>/seed_<s>`
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from experiments.compare import curve, find_runs, group_runs, plot, summarise
 
-METHODS = {"grpo": "GRPO", "ddpo": "DDPO", "dpo_online": "online DPO", "refl": "ReFL"}
+METHODS = {"grpo": "GRPO", "ddpo": "DDPO", "dpo_online": "online DPO", "refl": "ReFL", "nft": "DiffusionNFT",
+           "awm": "AWM"}
 ACCURACY, REWARD = "eval/correct_mean", "eval/reward_mean"
 
 

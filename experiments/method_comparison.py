@@ -99,15 +99,18 @@ def run_to_budgets(plan: Plan, seed: int, run_dir: Path, images: int, seconds: f
     """Run (or resume, or continue) one seed until it has sampled `images` and trained `seconds`."""
     steps = math.ceil(images / plan.images_per_step)
     eval_every = max(1, round(steps / evaluations))
-    if not (run_dir / "final").exists():
+    if not (run_dir / "final").exists():  # a new run, or one interrupted before its first end: run (or resume) it
         launch(plan, seed, run_dir, steps, eval_every, extra, resume_force=False)
-    for _ in range(5):  # continue until the seconds are used too (the rate is measured, so this rarely loops twice)
+    for _ in range(5):  # continue until both budgets are used (the rate is measured, so this rarely loops twice)
         records = read_metrics(run_dir)
-        done, used = max(r["step"] for r in records), last(records, "train/seconds")  # epochs or optimiser steps
-        if used >= seconds or seconds <= 0:
+        done = max(r["step"] for r in records)  # epochs or optimiser steps
+        used_images, used_seconds = last(records, "train/samples"), last(records, "train/seconds")
+        if used_images >= images and used_seconds >= seconds:
             return
-        more = math.ceil((seconds - used) / (used / done)) + 1
-        launch(plan, seed, run_dir, done + more, eval_every, extra, resume_force=True)
+        more = 0
+        if used_seconds < seconds:  # at the measured rate (a run without train/seconds, from before it was logged: x2)
+            more = math.ceil((seconds - used_seconds) / (used_seconds / done)) + 1 if used_seconds > 0 else done
+        launch(plan, seed, run_dir, max(steps, done + more), eval_every, extra, resume_force=True)
 
 
 # -------------------------------------------------------------------------------------------------------- reading

@@ -65,12 +65,12 @@ def test_tuning_score_reads_the_training_reward_of_the_last_quarter():
 
 @pytest.mark.slow
 def test_the_comparison_runs_end_to_end(tmp_path):
-    """Two methods, one seed, budgets of 2 epochs (or 16 ReFL steps) and 1 s: the runs are extended past the image
-    budget until their training seconds are used, and the table, json and plot are written."""
+    """Two methods, one seed, budgets of 2 NFT epochs (or 16 ReFL steps) and 30 s: each run is extended past its
+    image budget until its training seconds are used, and the table, json and plot are written."""
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "experiments.method_comparison", "--out", str(out), "--methods", "nft", "refl",
-         "--seeds", "0", "--images", "128", "--seconds", "1", "--evaluations", "2", "--",
+         "--seeds", "0", "--images", "128", "--seconds", "30", "--evaluations", "2", "--",
          f"model.world={tmp_path / 'world'}", "algo.eval.max_prompts=2", "algo.eval.images_per_prompt=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
     )
@@ -80,5 +80,5 @@ def test_the_comparison_runs_end_to_end(tmp_path):
     assert (out / "accuracy.png").stat().st_size > 0 and "| DiffusionNFT" in (out / "results.md").read_text()
     for method in ("nft", "refl"):
         logged = [json.loads(line) for line in (out / method / "seed_0" / "metrics.jsonl").read_text().splitlines()]
-        assert max(r.get("train/samples", 0) for r in logged) >= 128
-        assert max(r.get("train/seconds", 0) for r in logged) >= 1.0
+        assert max(r.get("train/samples", 0) for r in logged) > 128  # continued past the image budget ...
+        assert max(r.get("train/seconds", 0) for r in logged) >= 30.0  # ... until the seconds were used

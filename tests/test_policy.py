@@ -400,8 +400,15 @@ def test_mixgrpo_flash_regrids_after_the_window_and_trains_only_the_window(tmp_p
     last (L) keep their sigmas and the rest become int((8 - L) * 0.5) - 1 DPM-Solver++ steps from sigma[L + 1] to 0;
     only the window's steps are stochastic, scored and trained, and their stored transitions re-score to the sampled
     log-probabilities (the first PPO ratio is 1)."""
-    seen, ratios = [], []
+    import pipelines.pipeline_sd3_logprob as pipeline_module
+
+    seen, ratios, dpm_steps = [], [], []
     original_update, original_loss = rl.ppo.ppo_update, rl.ppo.ppo_clip_loss
+    original_dpm = pipeline_module.dpm_solver_pp_2m_step
+
+    def dpm(sample, x0, x0_previous, sigma_previous, sigma, sigma_next):
+        dpm_steps.append((sigma, x0_previous is not None))
+        return original_dpm(sample, x0, x0_previous, sigma_previous, sigma, sigma_next)
 
     def update(session, rollouts, *args, **kwargs):
         seen.append(rollouts)
@@ -413,6 +420,7 @@ def test_mixgrpo_flash_regrids_after_the_window_and_trains_only_the_window(tmp_p
 
     monkeypatch.setattr(grpo, "ppo_update", update)
     monkeypatch.setattr(rl.ppo, "ppo_clip_loss", loss)
+    monkeypatch.setattr(pipeline_module, "dpm_solver_pp_2m_step", dpm)
     configs = small_configs()
     configs["sampling"] = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=8,
                                          sde_window=2, sde_window_schedule="sliding", sde_window_every=1,
@@ -425,10 +433,14 @@ def test_mixgrpo_flash_regrids_after_the_window_and_trains_only_the_window(tmp_p
     for rollouts, window in zip(seen, [[0, 1], [1, 2]]):
         last = window[-1]
         assert rollouts.sde_steps == window
-        steps = last + 1 + int((8 - last) * 0.5) - 1  # 5 then 5: L = 1 -> 2 + 2; L = 2 -> 3 + 2
+        steps = last + 1 + int((8 - last) * 0.5) - 1  # 4 then 5: L = 1 -> 2 + 2; L = 2 -> 3 + 2
         assert len(rollouts.timesteps) == steps and rollouts.latents.shape[1] == steps + 1
         torch.testing.assert_close(rollouts.scheduler.sigmas[: last + 2], reference.sigmas[: last + 2])
         assert rollouts.log_probs.shape == (8, 2)
+    # DPM-Solver++ takes exactly the steps after the window (one sampling batch per epoch), the first of them with
+    # the window's last data prediction as its history; the evaluation (every=0: none) and the window use no DPM step
+    expected = [(float(s), True) for r in seen for s in r.scheduler.sigmas[r.sde_steps[-1] + 1 : -1]]
+    assert dpm_steps == expected
     # stored log-probs (recompute_old_log_probs=false) against the first optimiser step's training forward
     first_step = torch.cat(ratios[:2])  # 2 chunks x 2 steps in 2 optimiser steps: 2 micro-batches each
     torch.testing.assert_close(first_step, torch.ones_like(first_step), atol=1e-4, rtol=0)
