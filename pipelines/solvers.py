@@ -57,8 +57,11 @@ def flash_sigmas(sigmas: list[float], last_sde_step: int, ratio: float, shift: f
 
     `sigmas` is the sampling schedule (shifted, ending with 0) and `last_sde_step` the window's last step `L`. Steps
     `0 .. L` keep their sigmas; after them the trajectory is re-gridded to `n = int(max((T - L) ratio, 1))` points,
-    linear before the shift, from `sigmas[L + 1]` to 0, i.e. `n - 1` steps (MixGRPO's `dpm_post_compress_ratio`)."""
+    linear before the shift, from `sigmas[L + 1]` to 0, i.e. `n - 1` steps (MixGRPO's `dpm_post_compress_ratio`);
+    at least one step. A window that ends on the last step leaves the schedule as it is."""
     num_steps = len(sigmas) - 1
+    if last_sde_step >= num_steps - 1:  # the window reaches the last step: nothing follows it to re-grid
+        return [unshift(s, shift) for s in sigmas[:-1]]
     points = int(max((num_steps - last_sde_step) * ratio, 1))
     start = unshift(sigmas[last_sde_step + 1], shift)
     post = [start * (1 - k / (points - 1)) for k in range(points)] if points > 1 else [start]

@@ -44,6 +44,7 @@ def config_class(algo):
     return {nft: nft.NFT, awm: awm.AWM}[algo]
 
 
+@pytest.mark.slow  # the default suite runs both end to end in process (the resume tests below)
 @pytest.mark.parametrize("algo", ["nft", "awm"])
 def test_cli_runs_end_to_end_with_the_run_directory_contract(tmp_path, algo):
     result = subprocess.run(

@@ -39,7 +39,7 @@ SHORT = {
     "rl.ddpo.DDPO": [*TINY_POLICY, "algo.ppo.batch_size=4", "algo.ppo.optimizer_steps=1", "algo.checkpoint.every=1"],
     "rl.nft.NFT": [*TINY_POLICY, "algo.train.batch_size=4", "algo.train.optimizer_steps=1", "algo.checkpoint.every=1"],
     "rl.awm.AWM": [*TINY_POLICY, "algo.train.batch_size=4", "algo.train.optimizer_steps=1", "algo.checkpoint.every=1",
-                   "algo.train.stratified_steps=1"],
+                   "algo.train.stratified_steps=1", "algo.train.timestep_fraction=1.0"],
     "rl.dpo.OnlineDPO": [*TINY_POLICY, "algo.train.batch_size=2", "algo.train.optimizer_steps=1",
                          "algo.checkpoint.every=1"],
     "rl.dpo.OfflineDPO": ["algo.train.max_steps=2", "algo.train.batch_size=2", "algo.train.gradient_accumulation_steps=1",

@@ -102,3 +102,6 @@ def test_flash_schedule_regrids_the_steps_after_the_window():
         gaps = [a - b for a, b in zip(flash[4:], flash[5:] + [0.0])]
         assert gaps == pytest.approx([gaps[0]] * len(gaps))  # linear before the shift, down to 0
         assert time_shift(flash[4], 3.0) == pytest.approx(sigmas[4], abs=1e-6)
+    unchanged = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    unchanged.set_timesteps(sigmas=flash_sigmas(sigmas, 24, 0.4, 3.0))  # the window ends on the last step
+    assert unchanged.sigmas.tolist() == pytest.approx(sigmas, abs=1e-6)
