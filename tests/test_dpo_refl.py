@@ -101,7 +101,7 @@ def test_preference_folder_of_file_names_and_bad_input(tmp_path):
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("lora", ["lora", "full"])
+@pytest.mark.parametrize("lora", ["lora", pytest.param("full", marks=pytest.mark.slow)])  # full: the slow suite
 def test_offline_dpo_end_to_end(tmp_path, pairs, lora):
     result = run_cli(
         tmp_path, "algo=dpo", "data=preferences", f"data.path={pairs}", "data.resolution=32", "data.eval_pairs=8",

@@ -103,9 +103,9 @@ def test_nft_samples_with_the_old_policy(tmp_path):
     frozen_old = nft.OldPolicyDecay(rate=1.0, cap=1.0)  # eta = min(n, 1) = 1 from the first epoch on
     latest = nft.OldPolicyDecay(rate=0.0, cap=0.0)
     still = {**small_configs(nft), "optim": OptimConfig(lr=1e-12)}
-    nft.NFT(epochs=3, old_policy=frozen_old, **small_configs(nft))(context(tmp_path / "frozen"))
-    nft.NFT(epochs=3, old_policy=latest, **small_configs(nft))(context(tmp_path / "latest"))
-    nft.NFT(epochs=3, old_policy=latest, **still)(context(tmp_path / "still"))
+    nft.NFT(epochs=2, old_policy=frozen_old, **small_configs(nft))(context(tmp_path / "frozen"))
+    nft.NFT(epochs=2, old_policy=latest, **small_configs(nft))(context(tmp_path / "latest"))
+    nft.NFT(epochs=2, old_policy=latest, **still)(context(tmp_path / "still"))
 
     def rewards(name, key="train/reward_mean"):
         return [r[key] for r in records(tmp_path / name) if key in r]

@@ -80,7 +80,7 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ddpo"])
+@pytest.mark.parametrize("algo", ["grpo", pytest.param("ddpo", marks=pytest.mark.slow)])  # DDPO's: the slow suite
 def test_cli_runs_end_to_end_with_the_run_directory_contract(tmp_path, algo):
     result = subprocess.run(
         [sys.executable, "-m", "rl.run", f"algo={algo}", "reward=jpeg_compressibility", "model=tiny", *SMALL,
