@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -81,12 +82,20 @@ def plan(method: str) -> Plan:
 
 
 def launch(plan: Plan, seed: int, run_dir: Path, steps: int, eval_every: int, extra: list[str],
-           resume_force: bool) -> None:
+           resume_force: bool, threads: int | None = None) -> None:
     command = [sys.executable, "-m", "rl.run", f"experiment={plan.preset}", f"seed={seed}", f"hydra.run.dir={run_dir}",
                f"{plan.steps_option}={steps}", f"algo.eval.every={eval_every}", *extra]
     if resume_force:  # more steps than the run was started with: continue it
         command.append("algo.checkpoint.resume=force")
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=child_env(threads))
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """The environment of a run: this one, with `OMP_NUM_THREADS=threads` (torch's intra-op threads) when given."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
 def last(records: list[dict], key: str) -> float:
@@ -95,12 +104,12 @@ def last(records: list[dict], key: str) -> float:
 
 
 def run_to_budgets(plan: Plan, seed: int, run_dir: Path, images: int, seconds: float, evaluations: int,
-                   extra: list[str]) -> None:
+                   extra: list[str], threads: int | None = None) -> None:
     """Run (or resume, or continue) one seed until it has sampled `images` and trained `seconds`."""
     steps = math.ceil(images / plan.images_per_step)
     eval_every = max(1, round(steps / evaluations))
     if not (run_dir / "final").exists():  # a new run, or one interrupted before its first end: run (or resume) it
-        launch(plan, seed, run_dir, steps, eval_every, extra, resume_force=False)
+        launch(plan, seed, run_dir, steps, eval_every, extra, resume_force=False, threads=threads)
     for _ in range(5):  # continue until both budgets are used (the rate is measured, so this rarely loops twice)
         records = read_metrics(run_dir)
         done = max(r["step"] for r in records)  # epochs or optimiser steps
@@ -110,7 +119,7 @@ def run_to_budgets(plan: Plan, seed: int, run_dir: Path, images: int, seconds: f
         more = 0
         if used_seconds < seconds:  # at the measured rate (a run without train/seconds, from before it was logged: x2)
             more = math.ceil((seconds - used_seconds) / (used_seconds / done)) + 1 if used_seconds > 0 else done
-        launch(plan, seed, run_dir, max(steps, done + more), eval_every, extra, resume_force=True)
+        launch(plan, seed, run_dir, max(steps, done + more), eval_every, extra, resume_force=True, threads=threads)
 
 
 # -------------------------------------------------------------------------------------------------------- reading
@@ -198,7 +207,7 @@ def markdown(rows: list[tuple[str, dict, dict, str]], images: int, seconds: floa
     return "\n".join(lines)
 
 
-def plot(path: Path, by_images: list[dict], by_seconds: list[dict]) -> None:
+def plot(path: Path, by_images: list[dict], by_seconds: list[dict], cores: str = "2 CPU cores") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +215,7 @@ def plot(path: Path, by_images: list[dict], by_seconds: list[dict]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, summaries, xlabel in ((axes[0], by_images, "sampled training images"),
-                                  (axes[1], by_seconds, "training seconds (2 CPU cores)")):
+                                  (axes[1], by_seconds, f"training seconds ({cores})")):
         for s in summaries:
             c = s["curve"]
             line, = ax.plot(c["x"], c["mean"], label=s["label"])
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=3200, help="sampled training images per run")
     parser.add_argument("--seconds", type=float, default=600.0, help="training seconds per run")
     parser.add_argument("--evaluations", type=int, default=10, help="held-out evaluations per image budget")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of every run (default: inherited; 1 lets two comparisons share 2 cores)")
     parser.add_argument("--tune", action="store_true", help="choose each method's learning rate first (see above)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every rl.run (after --)")
     args = parser.parse_args(argv)
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                 lr = method_plan.lr * factor
                 run_dir = args.out / "tuning" / method / f"lr_{lr:.3g}"
                 run_to_budgets(method_plan, TUNING_SEED, run_dir, args.images, 0, args.evaluations,
-                               [*extra, f"algo.optim.lr={lr}"])
+                               [*extra, f"algo.optim.lr={lr}"], args.threads)
                 scores[lr] = tuning_score(read_metrics(run_dir), args.images)
             best_lr = max(scores, key=scores.get)
             extra, settings = [*extra, f"algo.optim.lr={best_lr}"], f"lr {best_lr:.3g}"
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for seed in args.seeds:
             run_dir = args.out / method / f"seed_{seed}"
-            run_to_budgets(method_plan, seed, run_dir, args.images, args.seconds, args.evaluations, extra)
+            run_to_budgets(method_plan, seed, run_dir, args.images, args.seconds, args.evaluations, extra, args.threads)
             runs.append(evaluations_of(read_metrics(run_dir)))
         label = METHODS[method][1]
         by_images.append(summarise(label, runs, 0, args.images))
@@ -265,9 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps(
-        {"images": args.images, "seconds": args.seconds, "seeds": args.seeds, "tuned": chosen,
+        {"images": args.images, "seconds": args.seconds, "seeds": args.seeds, "threads": args.threads, "tuned": chosen,
          "by_images": by_images, "by_seconds": by_seconds}, indent=1))
-    plot(args.out / "accuracy.png", by_images, by_seconds)
+    cores = "2 CPU cores" if args.threads is None else f"{args.threads} thread{'s' * (args.threads > 1)} per run"
+    plot(args.out / "accuracy.png", by_images, by_seconds, cores)
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {args.out / 'accuracy.png'}")
 
 

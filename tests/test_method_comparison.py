@@ -63,6 +63,18 @@ def test_tuning_score_reads_the_training_reward_of_the_last_quarter():
     assert mc.tuning_score(logged, 320) == pytest.approx(0.6)  # samples 256 and 320 are past 0.75 * 320 = 240
 
 
+def test_threads_reach_the_runs_environment(monkeypatch, tmp_path):
+    """--threads sets OMP_NUM_THREADS for every run (torch's intra-op threads); without it the environment is kept."""
+    seen = []
+    monkeypatch.setattr(mc.subprocess, "run", lambda command, check, env: seen.append((command, env)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    plan = mc.Plan("nft", "nft_digits", 32, "algo.epochs", 3e-3)
+    mc.launch(plan, 0, tmp_path, 4, 2, [], resume_force=False, threads=1)
+    mc.launch(plan, 0, tmp_path, 4, 2, [], resume_force=True)
+    assert [env["OMP_NUM_THREADS"] for _, env in seen] == ["1", "7"]
+    assert seen[1][0][-1] == "algo.checkpoint.resume=force" and "algo.epochs=4" in seen[0][0]
+
+
 @pytest.mark.slow
 def test_the_comparison_runs_end_to_end(tmp_path):
     """Two methods, one seed, budgets of 2 NFT epochs (or 16 ReFL steps) and 30 s: each run is extended past its
