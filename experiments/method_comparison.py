@@ -4,6 +4,7 @@ training seconds, over seeds: the compute-matched comparison the papers do not p
     python -m experiments.method_comparison --out outputs/method_comparison            # 10 methods x seeds 0 1 2
     python -m experiments.method_comparison --out DIR --methods nft refl --seeds 0      # a part of it
     python -m experiments.method_comparison --out DIR --tune                            # tune each first, then compare
+    python -m experiments.method_comparison --out DIR --tune-only --threads 1 --methods grpo ddpo   # tuning runs only
 
 Each (method, seed) runs its digits preset (`python -m rl.run experiment=<preset> seed=<s>
 hydra.run.dir=<out>/<method>/seed_<s>`), one run at a time so that seconds compare, until it has used both budgets:
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of every run (default: inherited; 1 lets two comparisons share 2 cores)")
     parser.add_argument("--tune", action="store_true", help="choose each method's learning rate first (see above)")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="only the tuning runs (their images, not their seconds, count: they may share the CPU); "
+                             "a later --tune reuses them")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every rl.run (after --)")
     args = parser.parse_args(argv)
 
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         method_plan = plan(method)
         extra, settings = list(args.overrides), "preset"
-        if args.tune:
+        if args.tune or args.tune_only:
             scores = {}
             for factor in LR_FACTORS:
                 lr = method_plan.lr * factor
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             best_lr = max(scores, key=scores.get)
             extra, settings = [*extra, f"algo.optim.lr={best_lr}"], f"lr {best_lr:.3g}"
             chosen[method] = {"lr": best_lr, "training_reward_by_lr": {f"{k:.3g}": v for k, v in scores.items()}}
+        if args.tune_only:
+            continue
         runs = []
         for seed in args.seeds:
             run_dir = args.out / method / f"seed_{seed}"
@@ -271,6 +277,13 @@ def main(argv: list[str] | None = None) -> None:
         by_seconds.append(summarise(label, runs, 1, args.seconds))
         rows.append((f"{label}, `experiment={method_plan.preset}`", by_images[-1], by_seconds[-1], settings))
 
+    if args.tune_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = args.out / "tuning" / "tuned.json"  # merged: several --tune-only runs may share one --out
+        merged = {**(json.loads(record.read_text()) if record.exists() else {}), **chosen}
+        record.write_text(json.dumps(merged, indent=1))
+        print(json.dumps(chosen, indent=1))
+        return
     text = markdown(rows, args.images, args.seconds)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

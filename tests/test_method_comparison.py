@@ -75,6 +75,24 @@ def test_threads_reach_the_runs_environment(monkeypatch, tmp_path):
     assert seen[1][0][-1] == "algo.checkpoint.resume=force" and "algo.epochs=4" in seen[0][0]
 
 
+def test_tune_only_runs_the_tuning_seed_and_records_the_best_lr(monkeypatch, tmp_path):
+    """--tune-only: the three learning rates on the tuning seed under the image budget alone, nothing else; the
+    choice (highest training reward) merged into tuning/tuned.json."""
+    calls = []
+    monkeypatch.setattr(mc, "run_to_budgets", lambda plan, seed, run_dir, images, seconds, *rest: calls.append(
+        (seed, run_dir.name, images, seconds)))
+    reward = {"lr_0.001": 0.6, "lr_0.003": 0.9, "lr_0.009": 0.7}  # nft_digits' lr is 3e-3
+    monkeypatch.setattr(mc, "read_metrics", lambda run_dir: [
+        {"step": 50, "train/samples": 3200, "train/reward_mean": reward[run_dir.name]}])
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "tuned.json").write_text(json.dumps({"refl": {"lr": 1.0}}))
+    mc.main(["--out", str(tmp_path), "--methods", "nft", "--tune-only"])
+    assert calls == [(mc.TUNING_SEED, name, 3200, 0) for name in reward]
+    tuned = json.loads((tmp_path / "tuning" / "tuned.json").read_text())
+    assert tuned["nft"]["lr"] == pytest.approx(3e-3) and tuned["refl"] == {"lr": 1.0}
+    assert not (tmp_path / "results.md").exists()
+
+
 @pytest.mark.slow
 def test_the_comparison_runs_end_to_end(tmp_path):
     """Two methods, one seed, budgets of 2 NFT epochs (or 16 ReFL steps) and 30 s: each run is extended past its
