@@ -55,7 +55,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 
 from pipelines.errors import UserError, build, exit_on_user_error  # noqa: E402
-from pipelines.loading import resolve_source  # noqa: E402
+from pipelines.loading import check_model_source  # noqa: E402
 from rl.checkpoints import complete_checkpoints, has_ema, read_ema  # noqa: E402
 from rl.evaluation import EvalConfig, eval_metrics, evaluate, held_out_prompts  # noqa: E402
 from rl.legacy import upgrade_config  # noqa: E402
@@ -447,8 +447,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         named_rewards = choose_rewards(run_cfg, run_dir, args.overrides)
         ema_enabled = bool(OmegaConf.select(run_cfg, "algo.ema.enabled", default=False))
         use_ema = ema_enabled and not args.no_ema and any(checkpoint_has_ema(c) for c in checkpoints)
-        if run_cfg.model.get("path"):
-            resolve_source(str(run_cfg.model.path), revision=run_cfg.model.get("revision"))
+        if any(run_cfg.model.get(option) for option in ("path", "config", "transformer_file")):
+            check_model_source(OmegaConf.to_container(run_cfg.model, resolve=True))
         out = args.out or run_dir / "evaluation"
         settings = settings_record(prompts, config, seed, named_rewards, use_ema, run_cfg)
         done = {} if args.recompute else reusable_rows(out, settings)

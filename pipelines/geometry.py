@@ -72,12 +72,23 @@ def hub_geometry(repo_id: str, revision: str | None = None) -> ModelGeometry | N
     return ModelGeometry.from_configs(transformer, vae)
 
 
-def pipeline_geometry(path: str | None = None, revision: str | None = None, **_: Any) -> ModelGeometry | None:
-    """The geometry of what `pipelines.load_pipeline(path, ...)` loads: the tiny model, a folder or a hub id."""
+def pipeline_geometry(path: str | None = None, revision: str | None = None, config: str | None = None,
+                      **_: Any) -> ModelGeometry | None:
+    """The geometry of what `pipelines.load_pipeline(path, ...)` loads: the tiny model, a folder, a hub id, or a
+    single file (that of the diffusers config completing it)."""
     if path is None:
         from pipelines.tiny import TRANSFORMER_CONFIG, VAE_CONFIG
 
         return ModelGeometry.from_configs(TRANSFORMER_CONFIG, VAE_CONFIG)
+    from pipelines.single_file import inspect_file, is_single_file, locate
+
+    if is_single_file(str(path)):
+        if config is None:
+            try:
+                config = inspect_file(locate(str(path))).default_config
+            except Exception:  # a file that cannot be read or had: loading says why, in one line
+                return None
+        return None if config is None else pipeline_geometry(str(config), revision)
     local = Path(str(path)).expanduser()
     if local.is_dir():
         return folder_geometry(local)

@@ -141,11 +141,15 @@ def build_t5_tokenizer(vocab_size: int = T5_VOCAB_SIZE) -> T5Tokenizer:
     return T5Tokenizer(vocab=list(_t5_vocab(vocab_size)), extra_ids=0, model_max_length=512)
 
 
-def build_tiny_components(seed: int = 0) -> dict:
+def build_tiny_components(seed: int = 0, clip_widths: tuple[int, int] = (CLIP_WIDTH, CLIP_WIDTH)) -> dict:
     """The components of a tiny SD3.5-style pipeline, as `StableDiffusion3Pipeline(**components)` expects.
 
-    The weights depend only on `seed`; the global RNG state is left untouched.
+    The weights depend only on `seed`; the global RNG state is left untouched. `clip_widths` are the two CLIP
+    encoders' widths (summing to 2 x CLIP_WIDTH, the transformer's pooled width): unequal ones, as SD3's 768 and 1280,
+    let a single-file checkpoint tell CLIP-L from CLIP-G by width, as diffusers' `from_single_file` does.
     """
+    if sum(clip_widths) != 2 * CLIP_WIDTH:
+        raise ValueError(f"the CLIP widths must sum to {2 * CLIP_WIDTH} (the pooled width), got {clip_widths}")
     clip_tokenizer = build_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -153,12 +157,12 @@ def build_tiny_components(seed: int = 0) -> dict:
         transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)
         text_encoders = []
-        for _ in range(2):
+        for width in clip_widths:
             config = CLIPTextConfig(
                 vocab_size=clip_tokenizer.vocab_size,
-                hidden_size=CLIP_WIDTH,
+                hidden_size=width,
                 intermediate_size=64,
-                projection_dim=CLIP_WIDTH,
+                projection_dim=width,
                 num_hidden_layers=2,
                 num_attention_heads=2,
                 max_position_embeddings=77,

@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from pipelines.errors import ConfigError, build, exit_on_user_error  # noqa: E402
 from pipelines.geometry import ModelGeometry, model_geometry  # noqa: E402
-from pipelines.loading import resolve_source  # noqa: E402
+from pipelines.loading import check_model_source  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
 from rl.context import RunContext  # noqa: E402
 
@@ -50,8 +50,8 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
     algorithm = build(cfg.algo)
     check_precision(cfg, algorithm)
     build(cfg.prompts.train), build(cfg.prompts.eval)
-    if cfg.model.get("path"):
-        resolve_source(str(cfg.model.path), revision=cfg.model.get("revision"))
+    if any(cfg.model.get(option) for option in ("path", "config", "transformer_file")):
+        check_model_source(OmegaConf.to_container(cfg.model, resolve=True))
     geometry = set_native_resolution(cfg)
     if geometry is not None:
         for option, value in resolution_options(algorithm, "algo"):

@@ -354,6 +354,11 @@ BAD_INPUTS = [  # (command line, what its one line says): each stops before Hydr
     ([*RUN, "model.path=/nonexistent/sd35"], "model.path=/nonexistent/sd35: no such folder"),
     (["algo=sample", "model=checkpoint", "model.path=no-such-org/no-such-model"], "no-such-org/no-such-model is not "
                                                                                   "in the local Hugging Face cache"),
+    ([*RUN, "model.path=/nonexistent/sd3.5_medium.safetensors"], "sd3.5_medium.safetensors: no such file"),
+    (["algo=sample", "model=checkpoint", "model.path=no-org/no-repo/sd3.5_medium.safetensors"],
+     "no-org/no-repo is not in the local Hugging Face cache"),
+    ([*RUN, "model.transformer_file=/data/sd3.5_medium.safetensors"], "model.transformer_file replaces the "
+                                                                      "transformer of model.path"),
     ([*RUN, "prompts.train.file=/nonexistent.txt"], "/nonexistent.txt"),
     # a resume whose options differ from the run directory's
     ([*RUN, "algo.lora.rank=8"], "algo.lora.rank: 32 -> 8"),
