@@ -19,8 +19,10 @@ import PIL.Image
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from pipelines.sde import SdeType, sde_step_with_logprob
 from pipelines.solvers import dpm_solver_pp_2m_step
@@ -210,6 +212,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         sde_steps: Sequence[int] | None = None,
         solver: str = "euler",
         solver_from: int = 0,
+        image: PipelineImageInput | None = None,
+        strength: float = 0.6,
     ) -> StableDiffusion3LogProbPipelineOutput | tuple:
         """Generate images; the stock arguments mean what they mean for `StableDiffusion3Pipeline`.
 
@@ -225,6 +229,11 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                 `solver_from` on; its history is every step's data prediction `x - s v`, whatever solver took the
                 step (as MixGRPO-Flash keeps it).
             max_sequence_length: T5 tokens; None: the pipeline's `max_sequence_length`.
+            image, strength: image-to-image, as `StableDiffusion3Img2ImgPipeline`: the images (one per prompt, or one
+                for all) are encoded with the VAE, noised to the schedule's sigma at step `N - int(N * strength)`, and
+                sampled from there; the trajectory, log-probabilities, `timesteps`, `sigmas` and `sde_steps` then cover
+                only the steps taken (step 0 is the first one taken). `strength` is in (0, 1]; 1 starts from pure noise
+                (with the image's encoding drawn all the same, as the stock pipeline does).
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
         """
@@ -252,6 +261,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         )
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        if image is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
@@ -296,21 +307,22 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         if not self.do_classifier_free_guidance:
             negative_prompt_embeds = negative_pooled_prompt_embeds = None
 
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            self.transformer.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
+        if image is None:
+            latents = self.prepare_latents(
+                batch_size * num_images_per_prompt,
+                self.transformer.config.in_channels,
+                height,
+                width,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
 
         scheduler_kwargs = {}
         if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
-            image_seq_len = (latents.shape[2] // self.transformer.config.patch_size) * (
-                latents.shape[3] // self.transformer.config.patch_size
+            image_seq_len = (int(height) // self.vae_scale_factor // self.transformer.config.patch_size) * (
+                int(width) // self.vae_scale_factor // self.transformer.config.patch_size
             )
             mu = calculate_shift(
                 image_seq_len,
@@ -324,6 +336,13 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs
         )
+        first = 0  # the first step taken: image-to-image skips the noisiest ones
+        if image is not None:
+            first = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+            timesteps, num_inference_steps = timesteps[first:], num_inference_steps - first
+            if latents is None:
+                latents = self.image_latents(image, timesteps[:1], height, width, batch_size * num_images_per_prompt,
+                                             prompt_embeds.dtype, device, generator)
         self._num_timesteps = len(timesteps)
 
         if (ip_adapter_image is not None and self.is_ip_adapter_active) or ip_adapter_image_embeds is not None:
@@ -343,8 +362,9 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         latents = latents.float()
         trajectory = [latents]
         log_probs = []
-        stochastic = stochastic_steps(self.scheduler.sigmas, noise_level, sde_type, sde_steps)
-        sigmas_list = self.scheduler.sigmas.tolist()
+        schedule = self.scheduler.sigmas[first:]  # the sigmas of the steps taken, and the final 0
+        stochastic = stochastic_steps(schedule, noise_level, sde_type, sde_steps)
+        sigmas_list = schedule.tolist()
         x0_previous = None  # the previous step's data prediction (DPM-Solver's history)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -420,12 +440,34 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             log_probs=log_probs,
             sde_steps=stochastic,
             timesteps=timesteps,
-            sigmas=self.scheduler.sigmas.clone(),
+            sigmas=schedule.clone(),
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
+
+    def image_latents(self, image: PipelineImageInput, timestep: torch.Tensor, height: int, width: int, batch: int,
+                      dtype: torch.dtype, device: torch.device,
+                      generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+        """Image-to-image's starting latents, drawn as `StableDiffusion3Img2ImgPipeline` draws them (the same random
+        numbers in the same order): the VAE encoding sampled with `generator` (one generator per image when a list),
+        shifted and scaled, repeated to `batch`, then `scheduler.scale_noise` to `timestep` with noise from
+        `generator`."""
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(device=device, dtype=dtype)
+        if isinstance(generator, list):
+            if len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for a batch of {batch} images")
+            encoded = torch.cat([self.vae.encode(pixels[i:i + 1]).latent_dist.sample(generator[i])
+                                 for i in range(batch)])
+        else:
+            encoded = self.vae.encode(pixels).latent_dist.sample(generator)
+        encoded = (encoded - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        if batch % encoded.shape[0]:
+            raise ValueError(f"cannot repeat {encoded.shape[0]} images to a batch of {batch}")
+        encoded = torch.cat([encoded] * (batch // encoded.shape[0]), dim=0)
+        noise = randn_tensor(encoded.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.scale_noise(encoded, timestep.repeat(batch), noise).to(device=device, dtype=dtype)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pt"):
         """Decode final latents to images as the stock pipeline does (unscale, unshift, VAE decode, postprocess).

@@ -129,48 +129,55 @@ def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def transformer_modules(layers: int) -> list[tuple[str, tuple[str, ...], bool]]:
+    """Every linear (or parameter group) of an SD3 transformer with `layers` blocks, as `(original module name,
+    diffusers module names (several when the original fuses them: q, k and v into qkv), whether the two halves of its
+    output are swapped (the modulations diffusers reorders))`. Modules a model lacks (SD3.5's attn2 in later blocks,
+    the last block's context stream) are in the table; users skip what is absent."""
+    table = [("x_embedder.proj", ("pos_embed.proj",), False),
+             ("t_embedder.mlp.0", ("time_text_embed.timestep_embedder.linear_1",), False),
+             ("t_embedder.mlp.2", ("time_text_embed.timestep_embedder.linear_2",), False),
+             ("y_embedder.mlp.0", ("time_text_embed.text_embedder.linear_1",), False),
+             ("y_embedder.mlp.2", ("time_text_embed.text_embedder.linear_2",), False),
+             ("context_embedder", ("context_embedder",), False)]
+    for i in range(layers):
+        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        table += [(o + "x_block.attn.qkv", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"), False),
+                  (o + "context_block.attn.qkv", (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"),
+                   False),
+                  (o + "x_block.attn2.qkv", (d + "attn2.to_q", d + "attn2.to_k", d + "attn2.to_v"), False)]
+        table += [(o + original, (d + name,), False) for original, name in (
+            ("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+            ("context_block.attn.ln_q", "attn.norm_added_q"), ("context_block.attn.ln_k", "attn.norm_added_k"),
+            ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k"),
+            ("x_block.attn.proj", "attn.to_out.0"), ("context_block.attn.proj", "attn.to_add_out"),
+            ("x_block.attn2.proj", "attn2.to_out.0"), ("x_block.adaLN_modulation.1", "norm1.linear"),
+            ("x_block.mlp.fc1", "ff.net.0.proj"), ("x_block.mlp.fc2", "ff.net.2"),
+            ("context_block.mlp.fc1", "ff_context.net.0.proj"), ("context_block.mlp.fc2", "ff_context.net.2"))]
+        # the last block's context stream only feeds the joint attention: its modulation is diffusers'
+        # AdaLayerNormContinuous, whose (shift, scale) halves are in the other order
+        table.append((o + "context_block.adaLN_modulation.1", (d + "norm1_context.linear",), i == layers - 1))
+    table += [("final_layer.linear", ("proj_out",), False),
+              ("final_layer.adaLN_modulation.1", ("norm_out.linear",), True)]
+    return table
+
+
+def block_count(names) -> int:
+    return 1 + max(int(k.split(".")[1]) for k in names if k.startswith("transformer_blocks."))
+
+
 def transformer_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An `SD3Transformer2DModel` state dict in the original MMDiT names (no prefix): q, k and v fused into `qkv`,
     the context-only last block and the final layer's modulation halves swapped back."""
     state = dict(state)
-    out: dict[str, torch.Tensor] = {}
-
-    def move(original: str, *diffusers: str, swap: bool = False) -> None:
+    out: dict[str, torch.Tensor] = {"pos_embed": state.pop("pos_embed.pos_embed")}
+    for original, diffusers, swap in transformer_modules(block_count(state)):
         for suffix in (".weight", ".bias"):
             names = [d + suffix for d in diffusers]
             if not all(n in state for n in names):
                 continue
-            tensor = torch.cat([state.pop(n) for n in names], dim=0) if len(names) > 1 else state.pop(names[0])
+            tensor = torch.cat([state.pop(n) for n in names], dim=0)
             out[original + suffix] = _swap_halves(tensor) if swap else tensor
-
-    out["pos_embed"] = state.pop("pos_embed.pos_embed")
-    move("x_embedder.proj", "pos_embed.proj")
-    move("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
-    move("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
-    move("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
-    move("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
-    move("context_embedder", "context_embedder")
-    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks."))
-    for i in range(layers):
-        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        last = i == layers - 1  # the last block's context stream only feeds the joint attention
-        move(o + "x_block.attn.qkv", d + "attn.to_q", d + "attn.to_k", d + "attn.to_v")
-        move(o + "context_block.attn.qkv", d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj")
-        move(o + "x_block.attn2.qkv", d + "attn2.to_q", d + "attn2.to_k", d + "attn2.to_v")
-        for original, name in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
-                               ("context_block.attn.ln_q", "attn.norm_added_q"),
-                               ("context_block.attn.ln_k", "attn.norm_added_k"),
-                               ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k"),
-                               ("x_block.attn.proj", "attn.to_out.0"), ("context_block.attn.proj", "attn.to_add_out"),
-                               ("x_block.attn2.proj", "attn2.to_out.0"),
-                               ("x_block.adaLN_modulation.1", "norm1.linear"),
-                               ("x_block.mlp.fc1", "ff.net.0.proj"), ("x_block.mlp.fc2", "ff.net.2"),
-                               ("context_block.mlp.fc1", "ff_context.net.0.proj"),
-                               ("context_block.mlp.fc2", "ff_context.net.2")):
-            move(o + original, d + name)
-        move(o + "context_block.adaLN_modulation.1", d + "norm1_context.linear", swap=last)
-    move("final_layer.linear", "proj_out")
-    move("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
     if state:
         raise ValueError(f"transformer weights without an original name: {sorted(state)[:5]}")
     return out

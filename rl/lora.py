@@ -92,13 +92,23 @@ def save_lora(
     text_encoder: torch.nn.Module | None = None,
     text_encoder_2: torch.nn.Module | None = None,
 ) -> None:
-    """Write the adapters in diffusers' format (`pytorch_lora_weights.safetensors`)."""
+    """Write the adapters in diffusers' format (`pytorch_lora_weights.safetensors`), each with its peft config in the
+    file's metadata: without it a stock `load_lora_weights` takes alpha = rank, and any other alpha (Flow-GRPO's 64 for
+    rank 32) would load at the wrong scale."""
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     StableDiffusion3Pipeline.save_lora_weights(
         directory,
         transformer_lora_layers=get_peft_model_state_dict(transformer),
-        text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text_encoder is not None else None,
-        text_encoder_2_lora_layers=get_peft_model_state_dict(text_encoder_2) if text_encoder_2 is not None else None,
+        transformer_lora_adapter_metadata=adapter_metadata(transformer),
+        **{f"{name}_lora_layers": get_peft_model_state_dict(m) for name, m in encoders.items() if m is not None},
+        **{f"{name}_lora_adapter_metadata": adapter_metadata(m) for name, m in encoders.items() if m is not None},
     )
+
+
+def adapter_metadata(module: torch.nn.Module) -> dict:
+    """The adapter's peft config as diffusers stores it in a LoRA file (rank, alpha, targets)."""
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
 def load_lora(

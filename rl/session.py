@@ -41,11 +41,13 @@ from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline
 from pipelines.errors import ConfigError, UserError, check_values
+from pipelines.lora_layout import write_original
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
 from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
 from rl.context import RunContext
 from rl.lora import LoraSpec, add_text_encoder_lora, add_transformer_lora, save_lora
+from rl.model_card import write_model_card
 from rl.tracking import plot_eval_curves
 
 logger = logging.getLogger(__name__)
@@ -182,7 +184,8 @@ def save_final(
     directory, pipe: StableDiffusion3LogProbPipeline, lora: LoraSpec | None, modules: list[torch.nn.Module],
     accelerator: Accelerator,
 ) -> None:
-    """Write `<run dir>/final/`: the LoRA in diffusers' format, or a full `StableDiffusion3Pipeline` folder."""
+    """Write `<run dir>/final/`: the LoRA in diffusers' format and in the layout ComfyUI reads
+    (pipelines/lora_layout.py), or a full `StableDiffusion3Pipeline` folder."""
     if not accelerator.is_main_process:
         return
     directory.mkdir(parents=True, exist_ok=True)
@@ -190,6 +193,7 @@ def save_final(
     if lora is not None:
         encoders = unwrapped[1:] if lora.text_encoders else [None, None]
         save_lora(directory, unwrapped[0], *encoders)
+        write_original(directory)
     else:
         components = {**pipe.components, "transformer": unwrapped[0]}
         StableDiffusion3Pipeline(**components).save_pretrained(directory)
@@ -423,12 +427,15 @@ class Session:
         return stop
 
     def finish(self) -> None:
-        """Save the adapters (or weights), the EMA weights when kept, in diffusers' format into `final/`; plot the
-        held-out curves (`curves.png`); close the trackers."""
+        """Save the adapters (or weights), the EMA weights when kept, in diffusers' format into `final/` (with the
+        LoRA in ComfyUI's layout and a model card); plot the held-out curves (`curves.png`); close the trackers."""
         if self.ema is not None:
             self.ema.copy_to(self.parameters)
         run_dir = self.ctx.run_dir
         save_final(run_dir / "final", self.pipe, self.lora, self.modules, self.accelerator)
+        if self.accelerator.is_main_process:  # final/README.md: the hub model card (rl/model_card.py)
+            prompts = self.ctx.eval_prompts or self.ctx.train_prompts
+            write_model_card(run_dir, self.ctx.config, example_prompt=prompts[0].text if prompts else "a photo")
         if self.accelerator.is_main_process and plot_eval_curves(run_dir) is not None:
             logger.info("held-out curves: %s; image grids: %s", run_dir / "curves.png", run_dir / "samples")
         self.accelerator.end_training()

@@ -131,3 +131,82 @@ def test_sde_window_is_stochastic_only_inside(tiny_pipe):
     assert not torch.allclose(window.latents[:, 3], ode.latents[:, 3])
     assert tiny_pipe(noise_level=0.7, **kwargs).sde_steps == list(range(6))
     assert ode.sde_steps == []
+
+
+def source_images(n: int = 2) -> torch.Tensor:
+    """Real photographs (scikit-image), 32x32, in [0, 1]: the tiny model's size."""
+    import numpy as np
+    import PIL.Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee()][:n]
+    return torch.stack([torch.from_numpy(np.asarray(PIL.Image.fromarray(p).resize((32, 32)))).permute(2, 0, 1)
+                        for p in photos]).float() / 255
+
+
+@pytest.mark.parametrize("strength, steps, guidance_scale, per_image", [
+    (0.6, 5, 4.5, False), (1.0, 3, 1.0, False), (0.3, 10, 7.0, True), (0.5, 4, 4.5, False)])
+def test_image_to_image_at_zero_noise_reproduces_the_stock_img2img_pipeline(tiny_pipe, strength, steps,
+                                                                           guidance_scale, per_image):
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    stock = StableDiffusion3Img2ImgPipeline(**tiny_pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    images = source_images()
+    kwargs = dict(prompt=PROMPTS[:2], image=images, strength=strength, num_inference_steps=steps,
+                  guidance_scale=guidance_scale, output_type="pt")
+
+    def generator():
+        return [torch.Generator().manual_seed(s) for s in (5, 6)] if per_image else torch.Generator().manual_seed(5)
+
+    expected = stock(generator=generator(), **kwargs).images
+    out = tiny_pipe(generator=generator(), noise_level=0.0, **kwargs)
+    assert (out.images - expected).abs().max().item() <= 1e-5
+    taken = steps - int(max(steps - steps * strength, 0))
+    assert out.latents.shape[1] == taken + 1 and out.timesteps.shape == (taken,) and out.sigmas.shape == (taken + 1,)
+    tiny_pipe.scheduler.set_timesteps(steps)
+    assert torch.equal(out.timesteps, tiny_pipe.scheduler.timesteps[steps - taken:])
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_image_to_image_sde_rescores_its_stored_transitions(tiny_pipe, sde_type):
+    out = tiny_pipe(PROMPTS[:2], image=source_images(), strength=0.5, num_inference_steps=8, guidance_scale=4.5,
+                    noise_level=0.7, sde_type=sde_type, generator=torch.Generator().manual_seed(3),
+                    output_type="latent")
+    assert out.latents.shape[1] == 5 and out.log_probs.shape == (2, len(out.sde_steps))
+    assert out.sde_steps == ([0, 1, 2, 3] if sde_type == "sde" else [0, 1, 2])
+    batch = torch.arange(2)
+    for column, step in enumerate(out.sde_steps):
+        steps = torch.full((2,), step)
+        with torch.no_grad():
+            log_prob, _, _ = transition_log_probs(
+                tiny_pipe.transformer, tiny_pipe.scheduler,
+                latents=out.latents[batch, steps], next_latents=out.latents[batch, steps + 1],
+                timesteps=out.timesteps[steps],
+                prompt_embeds=out.prompt_embeds, pooled_prompt_embeds=out.pooled_prompt_embeds,
+                negative_prompt_embeds=out.negative_prompt_embeds,
+                negative_pooled_prompt_embeds=out.negative_pooled_prompt_embeds,
+                guidance_scale=4.5, noise_level=0.7, sde_type=sde_type,
+            )
+        torch.testing.assert_close(log_prob, out.log_probs[:, column], atol=1e-4, rtol=1e-4)
+
+
+def test_image_to_image_starts_from_the_noised_source_and_checks_strength(tiny_pipe):
+    """The first latents are `s x_noise + (1 - s) x_source` at the first step's sigma s (by hand, with the same random
+    numbers: the encoding's sample first, then the noise)."""
+    images = source_images()
+    out = tiny_pipe(PROMPTS[:2], image=images, strength=0.3, num_inference_steps=10, output_type="latent",
+                    generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    pixels = tiny_pipe.image_processor.preprocess(images, height=32, width=32)
+    with torch.no_grad():
+        source = tiny_pipe.vae.encode(pixels).latent_dist.sample(generator)
+    source = (source - tiny_pipe.vae.config.shift_factor) * tiny_pipe.vae.config.scaling_factor
+    noise = torch.randn(source.shape, generator=generator)
+    sigma = out.sigmas[0]
+    tiny_pipe.scheduler.set_timesteps(10)
+    assert sigma == tiny_pipe.scheduler.sigmas[7] and out.latents.shape[1] == 4  # int(10 * 0.3) = 3 steps taken
+    torch.testing.assert_close(out.latents[:, 0], sigma * noise + (1 - sigma) * source)
+    for strength in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+            tiny_pipe(PROMPTS[:1], image=images[:1], strength=strength, num_inference_steps=2)

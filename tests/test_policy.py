@@ -7,6 +7,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import huggingface_hub
 import PIL.Image
 import pytest
 import torch
@@ -98,6 +99,14 @@ def test_cli_runs_end_to_end_with_the_run_directory_contract(tmp_path, algo):
     assert (tmp_path / "samples" / "step_000002.png").exists()
     assert (tmp_path / "checkpoints" / "step_000002" / "done").exists()
     assert PIL.Image.open(tmp_path / "curves.png").size[0] > 0  # the held-out curves, plotted at the end
+    # What final/ publishes: the LoRA in ComfyUI's layout, a hub model card, the last sample grid.
+    assert (tmp_path / "final" / "comfyui_lora.safetensors").stat().st_size > 0
+    card = huggingface_hub.ModelCard.load(tmp_path / "final" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "apache-2.0" and "lora" in card.data.tags
+    assert card.data.algorithm == algo and card.data.reward == "jpeg_compressibility"
+    start, end = (logged[0]["eval/reward_mean"], [r for r in logged if "eval/reward_mean" in r][-1]["eval/reward_mean"])
+    assert f"| eval/reward_mean | {start:.4f} | {end:.4f} |" in card.text
+    assert (tmp_path / "final" / "samples.png").read_bytes() == (tmp_path / "samples" / "step_000002.png").read_bytes()
 
 
 @pytest.mark.parametrize("recompute", [True, False])
