@@ -321,8 +321,10 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
 
         scheduler_kwargs = {}
         if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
-            image_seq_len = (int(height) // self.vae_scale_factor // self.transformer.config.patch_size) * (
-                int(width) // self.vae_scale_factor // self.transformer.config.patch_size
+            latent_size = latents.shape[2:] if latents is not None else (
+                int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)  # img2img: not drawn yet
+            image_seq_len = (latent_size[0] // self.transformer.config.patch_size) * (
+                latent_size[1] // self.transformer.config.patch_size
             )
             mu = calculate_shift(
                 image_seq_len,
