@@ -214,6 +214,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         solver_from: int = 0,
         image: PipelineImageInput | None = None,
         strength: float = 0.6,
+        image_noise: torch.Tensor | None = None,
     ) -> StableDiffusion3LogProbPipelineOutput | tuple:
         """Generate images; the stock arguments mean what they mean for `StableDiffusion3Pipeline`.
 
@@ -230,10 +231,11 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                 step (as MixGRPO-Flash keeps it).
             max_sequence_length: T5 tokens; None: the pipeline's `max_sequence_length`.
             image, strength: image-to-image, as `StableDiffusion3Img2ImgPipeline`: the images (one per prompt, or one
-                for all) are encoded with the VAE, noised to the schedule's sigma at step `N - int(N * strength)`, and
+                for all) are encoded with the VAE, noised to the schedule's sigma at step `int(N - N strength)`, and
                 sampled from there; the trajectory, log-probabilities, `timesteps`, `sigmas` and `sde_steps` then cover
                 only the steps taken (step 0 is the first one taken). `strength` is in (0, 1]; 1 starts from pure noise
-                (with the image's encoding drawn all the same, as the stock pipeline does).
+                (with the image's encoding drawn all the same, as the stock pipeline does). `image_noise`: the noise
+                to mix with the source (training draws it from each sample's seed) instead of drawing it.
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
         """
@@ -344,7 +346,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             timesteps, num_inference_steps = timesteps[first:], num_inference_steps - first
             if latents is None:
                 latents = self.image_latents(image, timesteps[:1], height, width, batch_size * num_images_per_prompt,
-                                             prompt_embeds.dtype, device, generator)
+                                             prompt_embeds.dtype, device, generator, image_noise)
         self._num_timesteps = len(timesteps)
 
         if (ip_adapter_image is not None and self.is_ip_adapter_active) or ip_adapter_image_embeds is not None:
@@ -451,11 +453,12 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
 
     def image_latents(self, image: PipelineImageInput, timestep: torch.Tensor, height: int, width: int, batch: int,
                       dtype: torch.dtype, device: torch.device,
-                      generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+                      generator: torch.Generator | list[torch.Generator] | None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
         """Image-to-image's starting latents, drawn as `StableDiffusion3Img2ImgPipeline` draws them (the same random
         numbers in the same order): the VAE encoding sampled with `generator` (one generator per image when a list),
         shifted and scaled, repeated to `batch`, then `scheduler.scale_noise` to `timestep` with noise from
-        `generator`."""
+        `generator` (or `noise`)."""
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device=device, dtype=dtype)
         if isinstance(generator, list):
             if len(generator) != batch:
@@ -468,7 +471,10 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         if batch % encoded.shape[0]:
             raise ValueError(f"cannot repeat {encoded.shape[0]} images to a batch of {batch}")
         encoded = torch.cat([encoded] * (batch // encoded.shape[0]), dim=0)
-        noise = randn_tensor(encoded.shape, generator=generator, device=device, dtype=dtype)
+        if noise is None:
+            noise = randn_tensor(encoded.shape, generator=generator, device=device, dtype=dtype)
+        elif noise.shape != encoded.shape:
+            raise ValueError(f"image_noise has shape {tuple(noise.shape)}, the images' latents {tuple(encoded.shape)}")
         return self.scheduler.scale_noise(encoded, timestep.repeat(batch), noise).to(device=device, dtype=dtype)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pt"):

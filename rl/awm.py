@@ -84,7 +84,7 @@ def run(ctx: RunContext, config: AWM) -> None:
     """Train with AWM for `config.epochs` epochs."""
     sampling, train, eval, ema_policy = config.sampling, config.train, config.eval, config.ema_policy
     ctx.require_reward("awm")
-    steps_per_sample = train.steps_per_sample(sampling.num_inference_steps)
+    steps_per_sample = train.steps_per_sample(sampling.steps_taken)
     layout = update_layout(sampling, train, config.epochs, steps_per_sample, "train")
     trailing = PolicyCopy() if ema_policy.beta > 0 else None
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,

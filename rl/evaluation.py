@@ -19,8 +19,8 @@ from pipelines.errors import check_values
 from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
-from rl.prompts import Prompt
-from rl.rollouts import score
+from rl.prompts import Prompt, source_image
+from rl.rollouts import check_strength, score
 from rl.tracking import image_grid, log_image, metric_name
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,14 @@ class EvalConfig:
     guidance_scale: float = 4.5
     resolution: int | None = None
     batch_size: int = 8
+    strength: float | None = None  # image-to-image (held-out prompts with an `image`): the source's noising strength
 
     def __post_init__(self):
         check_values("algo.eval", self, positive=("max_prompts", "images_per_prompt", "num_inference_steps",
                                                  "batch_size"), at_least_zero=("every", "guidance_scale"),
                      resolution=("resolution",))
+        if self.strength is not None:
+            check_strength("algo.eval.strength", self.strength)
 
     def due(self, step: int, last: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == last)
@@ -74,10 +77,12 @@ def sample_images(
     batch_size: int = 8,
     text: PromptEncoder | None = None,
     first_index: int = 0,
+    strength: float | None = None,
 ) -> torch.Tensor:
     """ODE samples for `prompts`, image `i` from seed `seed + first_index + i` (the same at every evaluation, and for
     a shard of a longer list that starts at `first_index`), as NCHW in [0, 1]. The prompts' embeddings come from
-    `text` (kept for the run: computed at the first evaluation only)."""
+    `text` (kept for the run: computed at the first evaluation only). With `strength`, image-to-image from each
+    prompt's source image."""
     device = pipe.transformer.device
     text = text or PromptEncoder(pipe)
     guided = guidance_scale > 1
@@ -87,8 +92,10 @@ def sample_images(
         generators = [seeds.generator(seed + first_index + start + i, device) for i in range(len(chunk))]
         embeds, pooled = text([p.text for p in chunk], keep=True)
         negative, negative_pooled = text.negative(len(chunk)) if guided else (None, None)
+        start = {} if strength is None else dict(image=[source_image(p.image) for p in chunk], strength=strength)
         images.append(
             pipe(
+                **start,
                 prompt_embeds=embeds,
                 pooled_prompt_embeds=pooled,
                 negative_prompt_embeds=negative,
@@ -138,7 +145,7 @@ def evaluate(
     if mine:
         images = sample_images(pipe, mine, seeds.held_out(seed), num_inference_steps=config.num_inference_steps,
                                guidance_scale=config.guidance_scale, resolution=config.resolution,
-                               batch_size=config.batch_size, text=text, first_index=first)
+                               batch_size=config.batch_size, text=text, first_index=first, strength=config.strength)
         scores, info = score(reward, images.to(device), [p.text for p in mine], [p.metadata for p in mine])
     else:
         images, scores, info = torch.empty(0), torch.empty(0), {}

@@ -97,8 +97,9 @@ def matching_update(
     accelerator, transformer, seed = session.accelerator, session.transformer, session.ctx.seed
     final = rollouts.latents[:, -1]
     timesteps = rollouts.timesteps
-    sigmas = rollouts.scheduler.sigmas.to(timesteps.device, torch.float32)
     num_steps = len(timesteps)
+    # the steps taken are the schedule's last ones (image-to-image skips the first): step i's sigma is this [i]
+    sigmas = rollouts.scheduler.sigmas[-(num_steps + 1):].to(timesteps.device, torch.float32)
     total = sampling.prompts_per_epoch * sampling.images_per_prompt
     row = {index: position for position, index in enumerate(indices)}
     negatives = rollouts.negative_prompt_embeds

@@ -79,7 +79,7 @@ def run(ctx: RunContext, config: NFT) -> None:
     """Train with DiffusionNFT for `config.epochs` epochs."""
     sampling, train, eval = config.sampling, config.train, config.eval
     ctx.require_reward("nft")
-    steps_per_sample = train.steps_per_sample(sampling.num_inference_steps)
+    steps_per_sample = train.steps_per_sample(sampling.steps_taken)
     layout = update_layout(sampling, train, config.epochs, steps_per_sample, "train")
     old = PolicyCopy()
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,

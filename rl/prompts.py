@@ -1,4 +1,5 @@
-"""Prompt sets: plain-text files (one prompt per line) and JSONL files (a `prompt` key plus metadata per line).
+"""Prompt sets: plain-text files (one prompt per line) and JSONL files (a `prompt` key plus metadata per line; an
+`image` key makes it an image-to-image prompt: the source image's path, relative to the file's folder).
 
 The sets that ship with the project live in `assets/prompts/` and are named by file name (`simple_animals.txt`); any
 other file is named by its path. Configs in `conf/prompts/` pick a train slice and a held-out evaluation slice.
@@ -6,12 +7,16 @@ other file is named by its path. Configs in `conf/prompts/` pick a train slice a
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
 
@@ -26,6 +31,39 @@ class Prompt:
 
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> str | None:
+        """The source image of an image-to-image prompt (a path), None for text-to-image."""
+        return self.metadata.get("image")
+
+
+def check_source_image(prompt_file: Path, line: int, image: Any) -> Path:
+    """The path of a prompt's source image (relative paths are relative to the prompt file's folder), checked to be a
+    readable image; `PromptSetError` (one line) otherwise."""
+    if not isinstance(image, str) or not image:
+        raise PromptSetError(f"{prompt_file}:{line}: 'image' must be a path, got {image!r}")
+    path = Path(image).expanduser()
+    path = path if path.is_absolute() else prompt_file.parent / path
+    if not path.is_file():
+        raise PromptSetError(f"{prompt_file}:{line}: image {image} not found (looked for {path})")
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.verify()
+    except Exception as error:  # PIL raises several types for truncated or foreign files
+        raise PromptSetError(f"{prompt_file}:{line}: image {image} is not a readable image ({error})") from None
+    return path.resolve()
+
+
+@functools.lru_cache(maxsize=4096)
+def source_image(path: str) -> PIL.Image.Image:
+    """A prompt's source image as RGB (read once per process)."""
+    import PIL.Image
+
+    with PIL.Image.open(path) as opened:
+        return opened.convert("RGB")
 
 
 def resolve_prompt_file(file: str) -> Path:
@@ -62,12 +100,14 @@ def load_prompts(
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise PromptSetError(f"{path}:{number}: each line needs a string 'prompt' key")
             text = record.pop("prompt")
+            if "image" in record:  # image-to-image: the source image, relative to the file's folder
+                record["image"] = str(check_source_image(path, number, record["image"]))
             prompts.append(Prompt(template.format(text), record))
     else:
         prompts = [Prompt(template.format(line)) for line in lines]
-    if unique:
+    if unique:  # a prompt is its text and, for image-to-image, its source image
         seen = set()
-        prompts = [p for p in prompts if not (p.text in seen or seen.add(p.text))]
+        prompts = [p for p in prompts if not ((p.text, p.image) in seen or seen.add((p.text, p.image)))]
     if not prompts:
         raise PromptSetError(f"prompt file {path} holds no prompts")
     selected = prompts[start:stop]

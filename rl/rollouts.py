@@ -24,7 +24,7 @@ from pipelines.errors import ConfigError, check_values
 from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
-from rl.prompts import Prompt
+from rl.prompts import Prompt, source_image
 
 
 @dataclass
@@ -47,6 +47,7 @@ class SamplingConfig:
     sde_window_stride: int = 1  # sliding: steps it moves by (0: a fixed window at the start, MixGRPO-Flash*)
     solver: str = "euler"  # the ODE steps' solver: euler, or dpm2 (DPM-Solver++ 2M: DiffusionNFT)
     flash_ratio: float | None = None  # MixGRPO-Flash: after the window, this fraction of the steps, DPM-Solver++ 2M
+    strength: float | None = None  # image-to-image (prompts with an `image`): the source is noised to this strength
     overlap_scoring: str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
     rollouts_on_cpu: bool = False  # keep the trajectories in (pinned) CPU memory; training copies each micro-batch
 
@@ -64,11 +65,21 @@ class SamplingConfig:
                               "algo.sampling.sde_window too")
         if self.solver not in SOLVERS:
             raise ConfigError(f"algo.sampling.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
+        if self.strength is not None:
+            check_strength("algo.sampling.strength", self.strength)
+            if self.sde_window is not None:
+                raise ConfigError("algo.sampling.strength (image-to-image) trains every step it takes: set "
+                                  "algo.sampling.sde_window (and flash_ratio) to null")
         if self.sde_type not in ("sde", "cps"):
             raise ConfigError(f"algo.sampling.sde_type must be sde or cps, got {self.sde_type!r}")
         if str(self.overlap_scoring).lower() not in ("auto", "true", "false"):
             raise ConfigError(f"algo.sampling.overlap_scoring must be auto, true or false, "
                               f"got {self.overlap_scoring!r}")
+
+    @property
+    def steps_taken(self) -> int:
+        """The steps a trajectory takes: all N, or image-to-image's last `N - int(N - N strength)` (at least one)."""
+        return steps_taken(self.num_inference_steps, self.strength)
 
     def overlaps_scoring(self, device: torch.device) -> bool:
         """Whether rewards are computed in a worker thread while the next batch samples. On a CPU the two would share
@@ -185,11 +196,25 @@ def sliding_window_start(epoch: int, every: int, stride: int, last_start: int) -
 
 
 def stochastic_step_count(sampling: SamplingConfig) -> int:
-    """How many steps of a trajectory are stochastic (and can be trained): the window's, or every step but, under CPS,
-    the deterministic last one."""
+    """How many steps of a trajectory are stochastic (and can be trained): the window's, or every step taken but,
+    under CPS, the deterministic last one."""
     if sampling.sde_window is not None:
         return min(sampling.sde_window, sampling.num_inference_steps)
-    return sampling.num_inference_steps - (1 if sampling.sde_type == "cps" else 0)
+    return sampling.steps_taken - (1 if sampling.sde_type == "cps" else 0)
+
+
+def steps_taken(num_inference_steps: int, strength: float | None) -> int:
+    """As `StableDiffusion3Img2ImgPipeline`: of N steps, image-to-image skips the first `int(N - N strength)`."""
+    if strength is None:
+        return num_inference_steps
+    return num_inference_steps - int(max(num_inference_steps - min(num_inference_steps * strength,
+                                                                   num_inference_steps), 0))
+
+
+def check_strength(option: str, strength: float) -> None:
+    if not 0 < strength <= 1:
+        raise ConfigError(f"{option} must be in (0, 1] (the fraction of the schedule image-to-image takes), "
+                          f"got {strength!r}")
 
 
 class Scorer:
@@ -264,6 +289,10 @@ def sample_rollouts(
         texts = [prompts[job.prompt_id].text for job in batch]
         embeds, pooled = text(texts)
         negative, negative_pooled = text.negative(len(batch)) if guided else (None, None)
+        start = dict(latents=initial)
+        if sampling.strength is not None:  # image-to-image: the same noise, mixed with each prompt's source image
+            start = dict(image=[source_image(prompts[job.prompt_id].image) for job in batch],
+                         strength=sampling.strength, image_noise=initial)
         out = pipe(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
@@ -272,7 +301,7 @@ def sample_rollouts(
             guidance_scale=sampling.guidance_scale,
             height=sampling.resolution,
             width=sampling.resolution,
-            latents=initial,
+            **start,
             noise_level=sampling.noise_level,
             sde_type=sampling.sde_type,
             sde_steps=sde_steps,

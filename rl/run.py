@@ -49,7 +49,7 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
     Returns the algorithm."""
     algorithm = build(cfg.algo)
     check_precision(cfg, algorithm)
-    build(cfg.prompts.train), build(cfg.prompts.eval)
+    check_image_prompts(algorithm, build(cfg.prompts.train), build(cfg.prompts.eval))
     if any(cfg.model.get(option) for option in ("path", "config", "transformer_file")):
         check_model_source(OmegaConf.to_container(cfg.model, resolve=True))
     geometry = set_native_resolution(cfg)
@@ -61,6 +61,31 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
     check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))
     check_writable(run_dir)
     return algorithm
+
+
+def check_image_prompts(algorithm: object, train: list, held_out: list) -> None:
+    """Image-to-image prompts (a source `image` each) and `strength` go together: the training prompts with the
+    algorithm's `sampling.strength`, the held-out ones with `eval.strength`; algorithms that do not sample rollouts
+    take text prompts only."""
+    sampling, evaluation = getattr(algorithm, "sampling", None), getattr(algorithm, "eval", None)
+    for prompts, config, option in ((train, sampling, "algo.sampling.strength"),
+                                    (held_out, evaluation, "algo.eval.strength")):
+        with_image = sum(p.image is not None for p in prompts)
+        strength = getattr(config, "strength", None)
+        if with_image:
+            if with_image < len(prompts):
+                raise ConfigError(f"{with_image} of {len(prompts)} prompts of a set carry an image: image-to-image "
+                                  f"needs one for every prompt")
+            if not hasattr(config, "strength"):
+                raise ConfigError("this algorithm samples from text only; prompts with an 'image' (image-to-image) "
+                                  "work with grpo, ddpo, dpo_online, nft and awm")
+            if strength is None:
+                kind = "training" if option.startswith("algo.sampling") else "held-out"
+                raise ConfigError(f"the {kind} prompts carry source images: set {option} (image-to-image: the "
+                                  f"fraction of the schedule to take, e.g. 0.6)")
+        elif strength is not None:
+            raise ConfigError(f"{option}={strength} is image-to-image: it needs a prompt set with an 'image' per "
+                              f"prompt (a .jsonl with prompt and image keys)")
 
 
 def check_precision(cfg: DictConfig, algorithm: object) -> None:
