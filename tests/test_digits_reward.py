@@ -75,3 +75,31 @@ def test_reward_is_differentiable_in_the_images():
 def test_missing_weights_are_reported(tmp_path):
     with pytest.raises(RewardInputError, match="train_digit_classifier"):
         DigitReward(weights=str(tmp_path / "missing.pt"))
+
+
+def test_bolder_digit_rewards_the_ink_added_to_the_source_and_keeps_the_digit(tmp_path):
+    """reward=digits_bolder: p(asked digit) + weight x (mean brightness of the image - of its source), by hand."""
+    from rewards.edit import BolderDigit
+
+    images, labels = digits_split("held_out")
+    sources = as_generated_images(images[:4])
+    paths = []
+    for i, source in enumerate(sources):
+        path = tmp_path / f"source_{i}.png"
+        PIL.Image.fromarray((source.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        paths.append({"image": str(path)})
+    stored = torch.stack([torch.from_numpy(np.asarray(PIL.Image.open(p["image"]))).permute(2, 0, 1).float() / 255
+                          for p in paths])
+    bolder = (sources * 1.5).clamp(0, 1)  # brighter strokes: more ink
+    prompts = [f"a handwritten digit {n}" for n in labels[:4]]
+    reward = BolderDigit(weight=3.0)
+    scores, info = reward(bolder, prompts, paths)
+    keep, _ = DigitReward()(bolder, prompts)
+    gain = bolder.mean(dim=(1, 2, 3)) - stored.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(scores, keep + 3.0 * gain)
+    torch.testing.assert_close(info["ink_gain"], gain)
+    assert (gain > 0.02).all() and set(info) == {"correct", "ink_gain", "keep"}
+    same, same_info = reward(stored, prompts, paths)  # the source itself gains nothing
+    assert same_info["ink_gain"].abs().max() < 1e-6
+    with pytest.raises(RewardInputError, match="compares each image with its prompt's source image"):
+        reward(bolder, prompts, [{}] * 4)
