@@ -57,7 +57,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa:
 from pipelines.errors import UserError, build, exit_on_user_error  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
 from rl.checkpoints import complete_checkpoints, has_ema, read_ema  # noqa: E402
-from rl.evaluation import EvalConfig, eval_metrics, evaluate, held_out_prompts  # noqa: E402
+from rl.evaluation import EvalConfig, check_prompt_images, eval_metrics, evaluate, held_out_prompts  # noqa: E402
 from rl.legacy import upgrade_config  # noqa: E402
 from rl.lora import load_lora  # noqa: E402
 from rl.prompts import Prompt, load_prompts  # noqa: E402
@@ -248,6 +248,7 @@ def eval_config(algo: DictConfig, args: argparse.Namespace, num_prompts: int) ->
         "guidance_scale": args.guidance_scale,
         "resolution": args.resolution,
         "batch_size": args.batch_size,
+        "strength": args.strength,
     }
     return dataclasses.replace(run_eval_config(algo), **{k: v for k, v in changes.items() if v is not None})
 
@@ -257,7 +258,7 @@ def settings_record(prompts: list[Prompt], config: EvalConfig, seed: int, reward
     """What determines the numbers: rows computed under equal settings can be reused."""
     return {
         "prompts": [{"text": p.text, "metadata": p.metadata} for p in prompts[: config.max_prompts]],
-        "eval": dataclasses.asdict(config),
+        "eval": {k: v for k, v in dataclasses.asdict(config).items() if not (k == "strength" and v is None)},
         "seed": seed,
         "rewards": [{"name": r.name, "config": OmegaConf.to_container(r.config, resolve=True)} for r in rewards],
         "ema": use_ema,
@@ -423,6 +424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance")
     parser.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
     parser.add_argument("--batch-size", type=int, help="images per sampling forward pass")
+    parser.add_argument("--strength", type=float, help="image-to-image prompts (an 'image' each): the noising strength "
+                                                       "(default: the run's algo.eval.strength)")
     parser.add_argument("--seed", type=int, help="base seed of the images (default: the run's seed)")
     parser.add_argument("--no-ema", action="store_true", help="the raw trained weights, not the run's EMA")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/evaluation)")
@@ -443,6 +446,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             set_cpu_threads(run_cfg.get("cpu_threads", "auto"))
         prompts = load_prompts(args.prompts_file) if args.prompts_file else build(run_cfg.prompts.eval)
         config = eval_config(run_cfg.algo, args, len(prompts))
+        check_prompt_images(prompts, config.strength, "--strength" if args.strength else "algo.eval.strength",
+                            "evaluation")
         seed = args.seed if args.seed is not None else int(run_cfg.seed)
         named_rewards = choose_rewards(run_cfg, run_dir, args.overrides)
         ema_enabled = bool(OmegaConf.select(run_cfg, "algo.ema.enabled", default=False))

@@ -28,6 +28,7 @@ each method's mean with a band of one std over seeds).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -278,10 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((f"{label}, `experiment={method_plan.preset}`", by_images[-1], by_seconds[-1], settings))
 
     if args.tune_only:
-        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tuning").mkdir(parents=True, exist_ok=True)
         record = args.out / "tuning" / "tuned.json"  # merged: several --tune-only runs may share one --out
-        merged = {**(json.loads(record.read_text()) if record.exists() else {}), **chosen}
-        record.write_text(json.dumps(merged, indent=1))
+        with open(args.out / "tuning" / ".tuned.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time, so that no run's choices are lost
+            merged = {**(json.loads(record.read_text()) if record.exists() else {}), **chosen}
+            record.write_text(json.dumps(merged, indent=1))
         print(json.dumps(chosen, indent=1))
         return
     text = markdown(rows, args.images, args.seconds)

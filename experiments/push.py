@@ -64,8 +64,12 @@ def push(run_dir: Path, repo: str, private: bool = False) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    url = api.create_repo(repo, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(final), repo_id=repo, commit_message=f"sd3-rl: {run_dir.name}/final")
+    try:
+        url = api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(final), repo_id=repo, commit_message=f"sd3-rl: {run_dir.name}/final")
+    except Exception as error:  # a read-only token (403), a repository of someone else, a dropped connection
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PushError(f"uploading to {repo} failed ({reason})") from None
     return str(url)
 
 

@@ -85,7 +85,8 @@ def pipeline_geometry(path: str | None = None, revision: str | None = None, conf
     if is_single_file(str(path)):
         if config is None:
             try:
-                config = inspect_file(locate(str(path))).default_config
+                file = locate(str(path), download=False)  # a hub file not cached yet: read when it loads
+                config = inspect_file(file).default_config if file is not None else None
             except Exception:  # a file that cannot be read or had: loading says why, in one line
                 return None
         return None if config is None else pipeline_geometry(str(config), revision)

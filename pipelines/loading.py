@@ -93,8 +93,12 @@ def load_pipeline(
         kwargs = {"config": config, "torch_dtype": torch_dtype}
         if drop_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
-        kwargs.update(missing_parts(contents, config, drop_t5, revision, torch_dtype))
-        pipe = StableDiffusion3LogProbPipeline.from_single_file(str(file), **kwargs)
+        try:
+            kwargs.update(missing_parts(contents, config, drop_t5, revision, torch_dtype))
+            pipe = StableDiffusion3LogProbPipeline.from_single_file(str(file), revision=revision, **kwargs)
+        except OSError as error:  # a missing or corrupt file of the config, in many wordings
+            reason = " ".join(str(error).split())
+            raise ModelLoadError(f"cannot load {path} with the configs of {config}: {reason}") from None
         for component in pipe.components.values():  # diffusers leaves a T5 read from a single file in training
             if isinstance(component, torch.nn.Module):  # mode (dropout on); from_pretrained returns eval mode
                 component.eval()
@@ -146,7 +150,7 @@ def check_model_source(model: dict) -> None:
     weights (folders, files' headers, the hub cache); raises `ModelLoadError` with a one-line message."""
     path, revision = model.get("path"), model.get("revision")
     if path and is_single_file(str(path)):
-        resolve_single_file(str(path), model.get("config"), bool(model.get("drop_t5")), revision)
+        resolve_single_file(str(path), model.get("config"), bool(model.get("drop_t5")), revision, download=False)
     elif path:
         resolve_source(str(path), revision=revision)
     elif model.get("config"):
@@ -155,37 +159,51 @@ def check_model_source(model: dict) -> None:
         check_transformer_file(str(model["transformer_file"]), path)
 
 
-def resolve_single_file(path: str, config: str | None, drop_t5: bool, revision: str | None = None
-                        ) -> tuple[Path, SingleFileContents, str]:
+def resolve_single_file(path: str, config: str | None, drop_t5: bool, revision: str | None = None,
+                        download: bool = True) -> tuple[Path | None, SingleFileContents | None, str | None]:
     """A single-file checkpoint's local path, what it holds and the diffusers config to complete it with, checked:
     an SD3 file, a config that exists (a folder or a reachable / cached hub id), and weights for every part the file
-    lacks (the SD3.5 files hold the transformer and VAE only; SD3's `*_incl_clips` leave T5 out)."""
-    file = locate(path)
-    contents = inspect_file(file)
+    lacks (the SD3.5 files hold the transformer and VAE only; SD3's `*_incl_clips` leave T5 out). Without `download`
+    (the checks before a run starts) a hub file that is not cached yet is only checked to exist: its header is read
+    when it loads (then the path and contents are None, and so is the config when it is to be read from the file)."""
+    file = locate(path, download=download)
+    contents = inspect_file(file) if file is not None else None
     if config is None:
+        if contents is None:
+            return None, None, None
         config = contents.default_config
         if config is None:
             raise ModelLoadError(f"model.path={path} is an SD3-layout checkpoint of no published size: set "
                                  f"model.config to the diffusers folder whose configs it fits")
+    missing = [] if contents is None else [name for name, present in (
+        ("vae", contents.vae), ("text_encoder", contents.clip_l), ("text_encoder_2", contents.clip_g),
+        ("text_encoder_3", contents.t5 or drop_t5)) if not present]
+
+    def refuse(name: str) -> None:
+        hint = (" (or model.drop_t5=true: SD3's *_incl_clips files are meant to run without T5)"
+                if name == "text_encoder_3" else "")
+        raise ModelLoadError(f"model.path={path} holds no {name} and model.config={config} has no weights for it: "
+                             f"point model.config at a full diffusers folder or hub id{hint}")
+
     config_folder = Path(str(config)).expanduser()
     if config_folder.is_dir():
         check_sd3_folder(config_folder)
-        missing = [name for name, present in (("vae", contents.vae), ("text_encoder", contents.clip_l),
-                                              ("text_encoder_2", contents.clip_g)) if not present]
-        if not contents.t5 and not drop_t5:
-            missing.append("text_encoder_3")
         for name in missing:
             if not any((config_folder / name).glob("*.safetensors")) and not any((config_folder / name).glob("*.bin")):
-                hint = (" (or model.drop_t5=true: SD3's *_incl_clips files are meant to run without T5)"
-                        if name == "text_encoder_3" else "")
-                raise ModelLoadError(f"model.path={path} holds no {name} and model.config={config} has no weights "
-                                     f"for it: point model.config at a full diffusers folder{hint}")
+                refuse(name)
         return file, contents, str(config_folder)
     if not looks_like_hub_id(str(config)):
         raise ModelLoadError(f"model.config={config}: no such folder (and not a hub id of the form 'org/name'); it "
                              f"names the diffusers configs that complete the single-file model.path={path}")
     check_hub_file(str(config), "model_index.json", "set model.config=DIR (a diffusers folder of the same model)",
                    revision=revision)
+    for name in missing:
+        weights = [f"{name}/{stem}{suffix}" for stem in ("model", "diffusion_pytorch_model")
+                   for suffix in (".safetensors", ".safetensors.index.json")]
+        try:
+            check_hub_file(str(config), weights, "set model.config=DIR", revision=revision)
+        except ModelLoadError:
+            refuse(name)
     return file, contents, str(config)
 
 

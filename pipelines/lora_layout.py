@@ -1,4 +1,4 @@
-"""A LoRA in the layout ComfyUI, Forge / A1111-style tools and kohya's sd-scripts read for SD3: the original
+"""A LoRA in the layout ComfyUI reads for SD3 (kohya-style names): the original
 checkpoint's module names (`lora_unet_joint_blocks_0_x_block_attn_qkv`), `lora_down` / `lora_up` / `alpha`.
 
 Diffusers trains LoRA on separate q, k and v projections; the original model fuses them into one `qkv` linear. The
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -35,23 +36,32 @@ def _scales(metadata: dict, component: str) -> tuple[float, int]:
                          f"(or diffusers' save_lora_weights with *_lora_adapter_metadata)")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{component}'s adapter has per-module ranks or alphas; only uniform adapters are converted")
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise ValueError(f"{component}'s adapter is rsLoRA or DoRA, whose scale or form these tools do not apply")
     return float(config["lora_alpha"]), int(config["r"])
 
 
-def to_original(state: dict[str, torch.Tensor], metadata: dict) -> dict[str, torch.Tensor]:
-    """A diffusers SD3 LoRA state dict (`transformer.<module>.lora_A.weight`, ...) in the original layout."""
+def to_original(state: dict[str, torch.Tensor], metadata: dict, layers: int | None = None) -> dict[str, torch.Tensor]:
+    """A diffusers SD3 LoRA state dict (`transformer.<module>.lora_A.weight`, ...) in the original layout, for a
+    transformer of `layers` blocks (needed when the last block's context modulation is adapted: its halves are
+    swapped; None: the last adapted block is taken for the last). Of q, k and v, a projection without an adapter
+    takes a zero block: the fused adapter is still exactly the others'."""
     out: dict[str, torch.Tensor] = {}
     transformer = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
     if transformer:
         alpha, rank = _scales(metadata, "transformer")
-        layers = 1 + max(int(k.split(".")[1]) for k in transformer if k.startswith("transformer_blocks."))
-        for original, modules, swap in transformer_modules(layers):
+        adapted = 1 + max(int(k.split(".")[1]) for k in transformer if k.startswith("transformer_blocks."))
+        if layers is None and any("norm1_context" in k for k in transformer):
+            raise ValueError("the context modulation is adapted: give the transformer's block count (--layers)")
+        for original, modules, swap in transformer_modules(layers or adapted):
             downs = [transformer.pop(f"{m}.lora_A.weight", None) for m in modules]
             ups = [transformer.pop(f"{m}.lora_B.weight", None) for m in modules]
-            if all(d is None for d in downs):
+            present = [i for i, d in enumerate(downs) if d is not None]
+            if not present:
                 continue
-            if any(d is None for d in downs):
-                raise ValueError(f"{original} fuses {modules}: every one needs an adapter, or none")
+            down_shape, up_shape = downs[present[0]].shape, ups[present[0]].shape
+            downs = [d if d is not None else downs[present[0]].new_zeros(down_shape) for d in downs]
+            ups = [u if u is not None else ups[present[0]].new_zeros(up_shape) for u in ups]
             up = torch.block_diag(*ups)
             name = "lora_unet_" + original.replace(".", "_")
             out[f"{name}.lora_down.weight"] = torch.cat(downs, dim=0)
@@ -80,7 +90,13 @@ def from_original(state: dict[str, torch.Tensor], layers: int) -> tuple[dict[str
              for original, modules, swap in transformer_modules(layers)}
     names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state})
     for name in names:
-        down, up, alpha = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"], state[f"{name}.alpha"]
+        if f"{name}.lora_down.weight" not in state or f"{name}.lora_up.weight" not in state:
+            raise ValueError(f"{name} has no lora_down / lora_up pair (a LoCon, LoHa or other network?)")
+        down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+        alpha = state.get(f"{name}.alpha", torch.tensor(float(down.shape[0])))  # kohya: no alpha means alpha = rank
+        if not name.startswith(("lora_unet_", *TEXT_ENCODERS.values())):
+            raise ValueError(f"{name}: not an SD3 transformer (lora_unet_) or CLIP-L / CLIP-G (lora_te1_ / lora_te2_) "
+                             f"module")
         if name.startswith("lora_unet_"):
             if name not in table:
                 raise ValueError(f"{name} is not a module of an SD3 transformer with {layers} blocks")
@@ -92,8 +108,11 @@ def from_original(state: dict[str, torch.Tensor], layers: int) -> tuple[dict[str
                 block = up[i * rows:(i + 1) * rows]
                 if torch.count_nonzero(block[:, :i * rank]) or torch.count_nonzero(block[:, (i + 1) * rank:]):
                     raise ValueError(f"{name} is not block-diagonal: it cannot be split into {modules} exactly")
-                out[f"transformer.{module}.lora_A.weight"] = down[i * rank:(i + 1) * rank]
-                out[f"transformer.{module}.lora_B.weight"] = block[:, i * rank:(i + 1) * rank]
+                a, b = down[i * rank:(i + 1) * rank], block[:, i * rank:(i + 1) * rank]
+                if k > 1 and not torch.count_nonzero(a) and not torch.count_nonzero(b):
+                    continue  # a projection without an adapter (a zero block)
+                out[f"transformer.{module}.lora_A.weight"] = a
+                out[f"transformer.{module}.lora_B.weight"] = b
             scales["transformer"] = (float(alpha) / k, rank)
         else:
             component = next(c for c, p in TEXT_ENCODERS.items() if name.startswith(p))
@@ -117,8 +136,9 @@ def _text_module(flat: str) -> str:
     return f"text_model.encoder.layers.{layer}.{names[module]}"
 
 
-def write_original(final: Path) -> Path:
-    """Write `final/comfyui_lora.safetensors` beside diffusers' `pytorch_lora_weights.safetensors`."""
+def write_original(final: Path, layers: int | None = None) -> Path:
+    """Write `final/comfyui_lora.safetensors` beside diffusers' `pytorch_lora_weights.safetensors` (`layers`: the
+    transformer's block count, see `to_original`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -134,7 +154,7 @@ def write_original(final: Path) -> Path:
     if not metadata:  # a file saved before the metadata was written: the run's config.yaml has the adapter's size
         metadata = _metadata_from_run(Path(final).parent / "config.yaml", state)
     target = Path(final) / ORIGINAL_FILE
-    save_file({k: v.contiguous() for k, v in to_original(state, metadata).items()}, str(target),
+    save_file({k: v.contiguous() for k, v in to_original(state, metadata, layers).items()}, str(target),
               metadata={"format": "pt", "ss_network_module": "networks.lora", "modelspec.architecture":
                         "stable-diffusion-v3/lora"})
     return target
@@ -157,8 +177,16 @@ def _metadata_from_run(config_file: Path, state: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a run's diffusers LoRA in the layout ComfyUI reads")
     parser.add_argument("final", type=Path, help="a folder holding pytorch_lora_weights.safetensors (a run's final/)")
+    parser.add_argument("--layers", type=int, help="the transformer's block count (SD3 Medium 24, SD3.5 Medium 24, "
+                                                   "SD3.5 Large 38); needed only when the context modulation is adapted")
     args = parser.parse_args(argv)
-    print(f"wrote {write_original(args.final)}")
+    try:
+        if not (args.final / DIFFUSERS_FILE).is_file():
+            raise ValueError(f"{args.final} holds no {DIFFUSERS_FILE}")
+        print(f"wrote {write_original(args.final, args.layers)}")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                 sampled from there; the trajectory, log-probabilities, `timesteps`, `sigmas` and `sde_steps` then cover
                 only the steps taken (step 0 is the first one taken). `strength` is in (0, 1]; 1 starts from pure noise
                 (with the image's encoding drawn all the same, as the stock pipeline does). `image_noise`: the noise
-                to mix with the source (training draws it from each sample's seed) instead of drawing it.
+                to mix with the source (training draws it from each sample's seed) instead of drawing it; the
+                source's encoding is then its latent distribution's mean.
 
         With `return_dict=False`, returns `(images, latents, log_probs)`.
         """
@@ -458,9 +459,12 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         """Image-to-image's starting latents, drawn as `StableDiffusion3Img2ImgPipeline` draws them (the same random
         numbers in the same order): the VAE encoding sampled with `generator` (one generator per image when a list),
         shifted and scaled, repeated to `batch`, then `scheduler.scale_noise` to `timestep` with noise from
-        `generator` (or `noise`)."""
+        `generator`. With `noise` given (training draws it from each sample's seed) the encoding is the latent
+        distribution's mean and `noise` the only randomness of the start."""
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device=device, dtype=dtype)
-        if isinstance(generator, list):
+        if noise is not None:  # the given noise is the start's only randomness: a group sharing it shares its start
+            encoded = self.vae.encode(pixels).latent_dist.mode()
+        elif isinstance(generator, list):
             if len(generator) != batch:
                 raise ValueError(f"got {len(generator)} generators for a batch of {batch} images")
             encoded = torch.cat([self.vae.encode(pixels[i:i + 1]).latent_dist.sample(generator[i])

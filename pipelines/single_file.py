@@ -44,25 +44,39 @@ def is_single_file(path: str) -> bool:
     return str(path).endswith(SUFFIXES) or HUB_URL.match(str(path)) is not None
 
 
-def locate(path: str) -> Path:
-    """The local path of a single-file checkpoint: the file itself, or a hub file fetched into (or found in) the
-    Hugging Face cache. Raises `ModelLoadError` (one line) when it is missing or cannot be had."""
+def locate(path: str, download: bool = True) -> Path | None:
+    """The local path of a single-file checkpoint: the file itself, or a hub file found in the Hugging Face cache or
+    (with `download`) fetched into it; without `download`, None for a hub file that is not cached yet but can be had.
+    Raises `ModelLoadError` (one line) when it is missing or cannot be had."""
     local = Path(path).expanduser()
     if local.is_file():
         return local
     match = HUB_URL.match(path)
+    parts = path.split("/")
     if match:
         repo_id, revision, filename = match.groups()
+    elif len(parts) < 3 or path.startswith((".", "/", "~")) or Path(parts[0]).is_dir():
+        raise ModelLoadError(f"model.path={path}: no such file (a single-file checkpoint is a local .safetensors "
+                             f"file, ORG/REPO/FILE on the hub, or a hub file URL)")
     else:
-        parts = path.split("/")
-        if len(parts) < 3 or path.startswith((".", "/", "~")):
-            raise ModelLoadError(f"model.path={path}: no such file (a single-file checkpoint is a local .safetensors "
-                                 f"file, ORG/REPO/FILE on the hub, or a hub file URL)")
         repo_id, revision, filename = "/".join(parts[:2]), None, "/".join(parts[2:])
-    check_hub_file(repo_id, filename, "set model.path=<the local file>", revision=revision)
-    from huggingface_hub import hf_hub_download
+    import huggingface_hub
 
-    return Path(hf_hub_download(repo_id, filename, revision=revision))
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    check_hub_file(repo_id, filename, "set model.path=<the local file>", revision=revision)
+    try:
+        if not huggingface_hub.file_exists(repo_id, filename, revision=revision):
+            raise ModelLoadError(f"{repo_id} has no file {filename} (model.path={path})")
+        if not download:
+            return None
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision))
+    except ModelLoadError:
+        raise
+    except Exception as error:  # network failures come as many types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(f"cannot fetch {filename} from {repo_id} ({reason})") from None
 
 
 @dataclass(frozen=True)

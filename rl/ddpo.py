@@ -52,6 +52,12 @@ class PerPromptStatTracker:
         self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in state["buffers"].items()}
 
 
+def prompt_key(prompt) -> str:
+    """What the per-prompt statistics are kept by: the text, and an image-to-image prompt's source image (one
+    instruction applied to many images is many prompts)."""
+    return prompt.text if prompt.image is None else f"{prompt.text}\x00{prompt.image}"
+
+
 @dataclass(kw_only=True)
 class DDPO(TrainingConfig):
     """`algo=ddpo` (conf/algo/ddpo.yaml): DDPO's own options, and the session's (`TrainingConfig`)."""
@@ -88,8 +94,8 @@ def run(ctx: RunContext, config: DDPO) -> None:
                                ppo_indices(sampling, ppo, ctx.seed, epoch))
 
         # 2. Advantages from each prompt's running statistics (the same tracker state on every process).
-        texts = [ctx.train_prompts[i].text for i in samples.all_prompt_ids.tolist()]
-        advantages = torch.as_tensor(tracker.update(texts, samples.all_rewards.cpu().numpy()), dtype=torch.float32)
+        keys = [prompt_key(ctx.train_prompts[i]) for i in samples.all_prompt_ids.tolist()]
+        advantages = torch.as_tensor(tracker.update(keys, samples.all_rewards.cpu().numpy()), dtype=torch.float32)
         advantages = advantages.clamp(-ppo.adv_clip, ppo.adv_clip).to(samples.rewards.device)
         advantages = samples.local(advantages)
 

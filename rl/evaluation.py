@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.errors import check_values
+from pipelines.errors import ConfigError, check_values
 from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
@@ -122,6 +122,21 @@ def save_grid(
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     grid.save(run_dir / "samples" / f"step_{step:06d}.png")
     log_image(accelerator, "validation", grid, step)
+
+
+def check_prompt_images(prompts: list[Prompt], strength: float | None, option: str, kind: str) -> None:
+    """Image-to-image prompts (a source `image` each) and a `strength` go together: every prompt of the set has an
+    image when `strength` is set, and none has when it is not; `ConfigError` (one line) otherwise."""
+    with_image = sum(p.image is not None for p in prompts)
+    if with_image and with_image < len(prompts):
+        raise ConfigError(f"{with_image} of the {len(prompts)} {kind} prompts carry an image: image-to-image needs one "
+                          f"for every prompt")
+    if with_image and strength is None:
+        raise ConfigError(f"the {kind} prompts carry source images: set {option} (image-to-image: the fraction of the "
+                          f"schedule to take, e.g. 0.6)")
+    if strength is not None and not with_image:
+        raise ConfigError(f"{option}={strength} is image-to-image: it needs a prompt set with an 'image' per prompt "
+                          f"(a .jsonl with prompt and image keys)")
 
 
 def held_out_prompts(prompts: list[Prompt], config: EvalConfig) -> list[Prompt]:

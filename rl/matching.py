@@ -35,7 +35,8 @@ class MatchingConfig:
     timestep_fraction: float = 0.99  # random / first: the fraction of the steps trained per sample (9 of 10);
     #                                   stratified: the strata cover this first fraction of the steps
     stratified_steps: int = 6  # stratified: steps (strata) per sample (AWM: 6 of 14)
-    skip_first_step: bool = True  # stratified: never train step 0, at sigma 1 (AWM's discrete_wo_init)
+    skip_first_step: bool = True  # stratified: never train step 0, at sigma 1 (AWM's discrete_wo_init); image-to-
+    #                               image's first step is below sigma 1: false trains it too
     inner_epochs: int = 1  # passes over an epoch's samples
     optimizer_steps: int = 1  # optimiser steps per pass (DiffusionNFT: 1, OCR 2; AWM: 1)
     gradient_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more time

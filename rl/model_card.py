@@ -2,7 +2,7 @@
 
 The YAML header says what the hub indexes (base model, library, tags, licence, the algorithm and reward, DreamBooth's
 instance prompt); the body how it was trained (the command, the settings that matter), what the held-out evaluation
-read at the start, the end and its best, the last sample grid (copied to `final/samples.png`), and how to load it
+read at the start, the end and its maximum, the last sample grid (copied to `final/samples.png`), and how to load it
 (diffusers, and the ComfyUI file for a LoRA). `huggingface_hub.ModelCard` parses it; `python -m experiments.push`
 uploads `final/` with it.
 
@@ -55,18 +55,20 @@ def base_model(config: dict[str, Any]) -> tuple[str | None, str]:
     if not path:
         return None, f"the tiny random SD3.5-architecture model of sd3-rl (seed {model.get('tiny_seed', 0)})"
     path = str(path)
-    return (path if looks_like_hub_id(path) else None), path
+    words = path if not model.get("transformer_file") else f"{path} with the transformer of {model['transformer_file']}"
+    return (path if looks_like_hub_id(path) else None), words
 
 
 def license_of(config: dict[str, Any]) -> tuple[str, str | None]:
     """`(license, license_name)`: a published base's, a local folder's own card's, or this project's for the models
     it builds."""
-    hub_id, where = base_model(config)
+    hub_id, _ = base_model(config)
     if hub_id in KNOWN_LICENSES:
         return KNOWN_LICENSES[hub_id]
-    if hub_id is None and not config.get("model", {}).get("path"):
+    path = config.get("model", {}).get("path")
+    if hub_id is None and not path:
         return PROJECT_LICENSE, None
-    card = Path(where).expanduser() / "README.md"
+    card = Path(str(path)).expanduser() / "README.md"
     if card.is_file():
         from huggingface_hub import ModelCard
 
@@ -77,7 +79,7 @@ def license_of(config: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def held_out(records: list[dict]) -> list[tuple[str, float, float, float]]:
-    """`(metric, start, end, best)` of every held-out mean (`eval/*_mean`)."""
+    """`(metric, start, end, max)` of every held-out mean (`eval/*_mean`)."""
     keys = sorted({k for r in records for k in r if k.startswith("eval/") and k.endswith("_mean")})
     rows = []
     for key in keys:
@@ -105,8 +107,10 @@ def write_model_card(run_dir: Path, config: dict[str, Any], final: Path | None =
     instance_prompt = algo_config.get("instance_prompt")
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
 
+    strength = (algo_config.get("sampling") or {}).get("strength")  # image-to-image training
     data = ModelCardData(
-        base_model=hub_id, library_name="diffusers", license=license_id, pipeline_tag="text-to-image",
+        base_model=hub_id, library_name="diffusers", license=license_id,
+        pipeline_tag="image-to-image" if strength else "text-to-image",
         tags=["sd3-rl", "stable-diffusion-3", "stable-diffusion-3-diffusers", "text-to-image", "diffusers",
               *(["lora"] if lora else []), f"rl-{algo}", *(["reinforcement-learning"] if reward != "none" else [])],
     )
@@ -139,19 +143,23 @@ def write_model_card(run_dir: Path, config: dict[str, Any], final: Path | None =
     lines += [f"- {name}: {value}" for name, value in settings.items() if value is not None]
     rows = held_out(records)
     if rows:
-        lines += ["", "## Held-out evaluation", "", "| metric | start | end | best |", "| --- | --- | --- | --- |"]
+        lines += ["", "## Held-out evaluation", "", "| metric | start | end | max |", "| --- | --- | --- | --- |"]
         lines += [f"| {key} | {start:.4f} | {end:.4f} | {best:.4f} |" for key, start, end, best in rows]
     if grids:
         lines += ["", f"![held-out samples at the last evaluation](samples.png) (`{grids[-1].name}`)"]
-    lines += ["", "## How to use", "", "```python", "import torch", "from diffusers import StableDiffusion3Pipeline", ""]
+    pipeline = "StableDiffusion3Img2ImgPipeline" if strength else "StableDiffusion3Pipeline"
+    lines += ["", "## How to use", "", "```python", "import torch", f"from diffusers import {pipeline}", ""]
     if lora:
-        lines += [f"pipe = StableDiffusion3Pipeline.from_pretrained({(hub_id or 'BASE_MODEL')!r}, "
-                  f"torch_dtype=torch.bfloat16)", "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\")"]
+        lines += [f"pipe = {pipeline}.from_pretrained({(hub_id or 'BASE_MODEL')!r}, torch_dtype=torch.bfloat16)",
+                  "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\")"]
     else:
-        lines += ["pipe = StableDiffusion3Pipeline.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.bfloat16)"]
-    lines += [f"image = pipe({example_prompt!r}).images[0]", "```"]
+        lines += [f"pipe = {pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.bfloat16)"]
+    if strength:
+        lines += [f"image = pipe({example_prompt!r}, image=source_image, strength={strength}).images[0]", "```"]
+    else:
+        lines += [f"image = pipe({example_prompt!r}).images[0]", "```"]
     if lora:
-        lines += ["", "ComfyUI and A1111-style tools: `comfyui_lora.safetensors` (the original SD3 module names; put it "
+        lines += ["", "ComfyUI: `comfyui_lora.safetensors` (the original SD3 module names; put it "
                   "in `models/loras`)."]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     final.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from pipelines.errors import ConfigError, build, exit_on_user_error  # noqa: E40
 from pipelines.geometry import ModelGeometry, model_geometry  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
+from rl.evaluation import check_prompt_images  # noqa: E402
 from rl.context import RunContext  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -65,27 +66,16 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
 
 def check_image_prompts(algorithm: object, train: list, held_out: list) -> None:
     """Image-to-image prompts (a source `image` each) and `strength` go together: the training prompts with the
-    algorithm's `sampling.strength`, the held-out ones with `eval.strength`; algorithms that do not sample rollouts
-    take text prompts only."""
+    algorithm's `sampling.strength`, the held-out ones with `eval.strength`. Algorithms that train without sampling
+    rollouts (ReFL, DRaFT, offline DPO, SFT) take text training prompts only."""
     sampling, evaluation = getattr(algorithm, "sampling", None), getattr(algorithm, "eval", None)
-    for prompts, config, option in ((train, sampling, "algo.sampling.strength"),
-                                    (held_out, evaluation, "algo.eval.strength")):
-        with_image = sum(p.image is not None for p in prompts)
-        strength = getattr(config, "strength", None)
-        if with_image:
-            if with_image < len(prompts):
-                raise ConfigError(f"{with_image} of {len(prompts)} prompts of a set carry an image: image-to-image "
-                                  f"needs one for every prompt")
-            if not hasattr(config, "strength"):
-                raise ConfigError("this algorithm samples from text only; prompts with an 'image' (image-to-image) "
-                                  "work with grpo, ddpo, dpo_online, nft and awm")
-            if strength is None:
-                kind = "training" if option.startswith("algo.sampling") else "held-out"
-                raise ConfigError(f"the {kind} prompts carry source images: set {option} (image-to-image: the "
-                                  f"fraction of the schedule to take, e.g. 0.6)")
-        elif strength is not None:
-            raise ConfigError(f"{option}={strength} is image-to-image: it needs a prompt set with an 'image' per "
-                              f"prompt (a .jsonl with prompt and image keys)")
+    if any(p.image is not None for p in train) and not hasattr(sampling, "strength"):
+        raise ConfigError("this algorithm trains from text prompts only; prompts with an 'image' (image-to-image) "
+                          "train with grpo, ddpo, dpo_online, nft and awm")
+    if hasattr(sampling, "strength"):
+        check_prompt_images(train, sampling.strength, "algo.sampling.strength", "training")
+    if hasattr(evaluation, "strength"):
+        check_prompt_images(held_out, evaluation.strength, "algo.eval.strength", "held-out")
 
 
 def check_precision(cfg: DictConfig, algorithm: object) -> None:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline
 from pipelines.errors import ConfigError, UserError, check_values
-from pipelines.lora_layout import write_original
+from pipelines.lora_layout import ORIGINAL_FILE, write_original
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
 from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
@@ -193,7 +193,10 @@ def save_final(
     if lora is not None:
         encoders = unwrapped[1:] if lora.text_encoders else [None, None]
         save_lora(directory, unwrapped[0], *encoders)
-        write_original(directory)
+        try:  # the ComfyUI layout is a convenience: a LoRA it cannot express leaves the run's end intact
+            write_original(directory, layers=len(unwrapped[0].transformer_blocks))
+        except ValueError as error:
+            logger.warning("final/%s not written: %s", ORIGINAL_FILE, error)
     else:
         components = {**pipe.components, "transformer": unwrapped[0]}
         StableDiffusion3Pipeline(**components).save_pretrained(directory)

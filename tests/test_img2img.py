@@ -92,11 +92,11 @@ def test_image_prompts_and_strength_go_together(photo_prompts):
         check_image_prompts(grpo.GRPO(sampling=SamplingConfig(strength=0.6)), images, images)
     with pytest.raises(ConfigError, match=r"algo.sampling.strength=0.6 is image-to-image: it needs a prompt set"):
         check_image_prompts(grpo.GRPO(sampling=SamplingConfig(strength=0.6)), texts, texts)
-    with pytest.raises(ConfigError, match="3 of 7 prompts of a set carry an image"):
+    with pytest.raises(ConfigError, match="3 of the 7 training prompts carry an image"):
         check_image_prompts(with_strength, images[:3] + texts, images)
     from rl.refl import ReFL
 
-    with pytest.raises(ConfigError, match="samples from text only"):
+    with pytest.raises(ConfigError, match="trains from text prompts only"):
         check_image_prompts(ReFL(), images, texts)
 
 
@@ -188,3 +188,28 @@ def test_held_out_images_are_edits_of_the_source_photographs(photo_prompts, tiny
                        generator=[seeds.generator(11 + i) for i in range(2)]).images
     torch.testing.assert_close(edited, direct, atol=1e-5, rtol=0)
     assert (edited - plain).abs().max() > 1e-2
+
+
+def test_ddpo_keeps_statistics_per_source_image(photo_prompts, tmp_path):
+    """One instruction over several images is several prompts for DDPO's per-prompt baseline."""
+    from rl.ddpo import prompt_key
+    from rl.prompts import Prompt
+
+    same = tmp_path / "same.jsonl"
+    images = [p.image for p in load_prompts(str(photo_prompts), stop=2)]
+    same.write_text("".join(json.dumps({"prompt": "make it bolder", "image": i}) + "\n" for i in images))
+    keys = {prompt_key(p) for p in load_prompts(str(same))}
+    assert len(keys) == 2 and prompt_key(Prompt("a cat")) == "a cat"
+
+
+def test_given_noise_is_the_starts_only_randomness(photo_prompts, tiny_pipe):
+    """Training passes each sample's noise (image_noise): the source's encoding is then its mean, so two samples with
+    the same noise (same_initial_noise) start from the same latents whatever their generators."""
+    from rl.prompts import source_image
+
+    image = source_image(load_prompts(str(photo_prompts), stop=1)[0].image)
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    starts = [tiny_pipe("a cat", image=image, strength=0.5, num_inference_steps=4, image_noise=noise,
+                        generator=torch.Generator().manual_seed(seed), output_type="latent").latents[:, 0]
+              for seed in (1, 2)]
+    assert torch.equal(starts[0], starts[1])

@@ -3,8 +3,9 @@ original-module layout ComfyUI reads (pipelines/lora_layout.py), checked against
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import StableDiffusion3Pipeline
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from pipelines.lora_layout import ORIGINAL_FILE, from_original, to_original, write_original
@@ -36,7 +37,7 @@ def trained(tmp_path_factory):
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     final = tmp_path_factory.mktemp("final")
     save_lora(final, components["transformer"], components["text_encoder"], components["text_encoder_2"])
-    write_original(final)
+    write_original(final, layers=2)
     return components, final
 
 
@@ -129,14 +130,31 @@ def test_an_adapter_without_its_config_is_refused():
                      "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, {})
 
 
-def test_the_transformer_round_trips_through_diffusers_loader(trained):
-    """The merged original-layout weights load into a stock SD3Transformer2DModel config (a sanity check that the
-    converted dict is complete)."""
-    components, _ = trained
-    state = convert_sd3_transformer_checkpoint_to_diffusers(
-        transformer_to_original(build_tiny_components()["transformer"].state_dict()))
-    model = SD3Transformer2DModel.from_config(components["transformer"].config)
-    assert not model.load_state_dict(state, strict=True).missing_keys
+def test_an_adapter_on_some_of_q_k_v_fuses_with_zero_blocks_and_splits_back():
+    """A LoRA on to_q and to_v only (not to_k): the fused qkv adapter has a zero block for k; the way back drops it."""
+    components = build_tiny_components()
+    add_transformer_lora(components["transformer"], LoraSpec(rank=2, alpha=2, target_modules=["attn.to_q",
+                                                                                                "attn.to_v"]))
+    state = {f"transformer.{k}": torch.randn(v.shape) for k, v in
+             get_peft_model_state_dict(components["transformer"]).items()}
+    original = to_original(state, {"transformer": {"r": 2, "lora_alpha": 2}}, layers=2)
+    up = original["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"]
+    assert up.shape == (96, 6) and not torch.count_nonzero(up[32:64])  # k's rows: nothing
+    back, scales = from_original(original, layers=2)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    assert scales["transformer"] == (2.0, 2)
+
+
+def test_the_context_modulation_needs_the_block_count():
+    state = {"transformer.transformer_blocks.0.norm1_context.linear.lora_A.weight": torch.zeros(2, 32),
+             "transformer.transformer_blocks.0.norm1_context.linear.lora_B.weight": torch.zeros(192, 2)}
+    with pytest.raises(ValueError, match="give the transformer's block count"):
+        to_original(state, {"transformer": {"r": 2, "lora_alpha": 2}})
+    # block 0 of 2 is not the last: its halves are not swapped
+    up = torch.arange(192 * 2, dtype=torch.float32).reshape(192, 2)
+    state["transformer.transformer_blocks.0.norm1_context.linear.lora_B.weight"] = up
+    original = to_original(state, {"transformer": {"r": 2, "lora_alpha": 2}}, layers=2)
+    assert torch.equal(original["lora_unet_joint_blocks_0_context_block_adaLN_modulation_1.lora_up.weight"], up)
 
 
 def test_a_file_saved_without_metadata_takes_the_adapter_size_from_the_runs_config(trained, tmp_path):
@@ -148,6 +166,6 @@ def test_a_file_saved_without_metadata_takes_the_adapter_size_from_the_runs_conf
     old.mkdir(parents=True)
     save_file(load_file(str(final / "pytorch_lora_weights.safetensors")), str(old / "pytorch_lora_weights.safetensors"))
     (tmp_path / "run" / "config.yaml").write_text("algo:\n  lora:\n    rank: 4\n    alpha: 8\n")
-    written = load_file(str(write_original(old)))
+    written = load_file(str(write_original(old, layers=2)))
     want = load_file(str(final / ORIGINAL_FILE))
     assert written.keys() == want.keys() and all(torch.equal(written[k], want[k]) for k in want)

@@ -44,7 +44,7 @@ def test_the_model_card_parses_and_says_what_was_trained(tmp_path):
     assert data.base_model == "stabilityai/stable-diffusion-3.5-medium" and data.library_name == "diffusers"
     assert (data.license, data.license_name) == ("other", "stabilityai-ai-community")
     assert {"lora", "rl-grpo", "stable-diffusion-3"} <= set(data.tags) and data.algorithm == "grpo"
-    assert "| eval/reward_mean | 0.2500 | 0.5000 | 0.7500 |" in card.text  # start, end, best
+    assert "| eval/reward_mean | 0.2500 | 0.5000 | 0.7500 |" in card.text  # start, end, max
     assert "| eval/correct_mean | 0.5000 | 0.8750 | 0.8750 |" in card.text
     assert "- sampled training images: 128" in card.text and "- learning rate: 0.0003" in card.text
     assert "pipe.load_lora_weights" in card.text and "pipe('a red cube')" in card.text
@@ -59,6 +59,14 @@ def test_a_dreambooth_card_carries_the_trigger_and_a_full_fine_tune_loads_whole(
     assert card.data.instance_prompt == "a photo of sks dog" and card.data.base_model is None
     assert card.data.license == "apache-2.0"  # the tiny model is this project's
     assert "from_pretrained(\"THIS_REPO_OR_FOLDER\"" in card.text and "lora" not in card.data.tags
+
+
+def test_an_image_to_image_card_loads_with_the_img2img_pipeline(tmp_path):
+    config = fake_run(tmp_path, {"_target_": "pipelines.load_pipeline", "path": None},
+                      algo={"sampling": {"strength": 0.6}})
+    card = ModelCard.load(write_model_card(tmp_path, config, example_prompt="a handwritten digit 3"))
+    assert card.data.pipeline_tag == "image-to-image" and "StableDiffusion3Img2ImgPipeline.from_pretrained" in card.text
+    assert "image=source_image, strength=0.6" in card.text
 
 
 def test_a_local_base_folder_lends_its_own_cards_licence(tmp_path):
@@ -88,6 +96,17 @@ def test_push_without_a_token_or_offline_stops_in_one_line(tmp_path, monkeypatch
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
     monkeypatch.setattr(huggingface_hub, "whoami", lambda token: (_ for _ in ()).throw(OSError("Network is down")))
     with pytest.raises(push.PushError, match=r"does not answer for this token \(Network is down\); nothing"):
+        push.push(tmp_path / "run", "me/run")
+    class ReadOnly:
+        def __init__(self, token):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            raise PermissionError("403 Forbidden: token is read-only\nmore lines")
+
+    monkeypatch.setattr(huggingface_hub, "whoami", lambda token: {"name": "me"})
+    monkeypatch.setattr(huggingface_hub, "HfApi", ReadOnly)
+    with pytest.raises(push.PushError, match=r"^uploading to me/run failed \(403 Forbidden: token is read-only\)$"):
         push.push(tmp_path / "run", "me/run")
     with pytest.raises(push.PushError, match="not a hub repository id"):
         push.push(tmp_path / "run", "not a repo")

@@ -175,3 +175,18 @@ def test_rl_run_samples_from_a_single_file_as_from_its_folder(tiny_files, tmp_pa
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[name] = [np.asarray(PIL.Image.open(p)) for p in sorted((tmp_path / name / "samples").glob("0*.png"))]
     assert len(outputs["file"]) == 2 and all(np.array_equal(a, b) for a, b in zip(outputs["file"], outputs["folder"]))
+
+
+def test_checks_before_a_run_do_not_download_a_hub_file(monkeypatch):
+    """ORG/REPO/FILE not cached yet: the checks ask the hub whether the file exists and leave the download (gigabytes)
+    to the load; a file the repository lacks is one line."""
+    import pipelines.single_file as single_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name, revision=None: name == "sd3.5_medium.safetensors")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("downloaded at check time"))
+    assert single_file.locate("org/repo/sd3.5_medium.safetensors", download=False) is None
+    check_model_source({"path": "org/repo/sd3.5_medium.safetensors"})
+    with pytest.raises(ModelLoadError, match="org/repo has no file sd3_5_typo.safetensors"):
+        check_model_source({"path": "org/repo/sd3_5_typo.safetensors"})
