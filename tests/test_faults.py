@@ -359,6 +359,8 @@ BAD_INPUTS = [  # (command line, what its one line says): each stops before Hydr
      "no-org/no-repo is not in the local Hugging Face cache"),
     ([*RUN, "model.transformer_file=/data/sd3.5_medium.safetensors"], "model.transformer_file replaces the "
                                                                       "transformer of model.path"),
+    ([*RUN, "algo.sampling.strength=1.5"], "algo.sampling.strength must be in (0, 1]"),
+    ([*RUN, "algo.sampling.strength=0.6"], "algo.sampling.strength=0.6 is image-to-image: it needs a prompt set"),
     ([*RUN, "prompts.train.file=/nonexistent.txt"], "/nonexistent.txt"),
     # a resume whose options differ from the run directory's
     ([*RUN, "algo.lora.rank=8"], "algo.lora.rank: 32 -> 8"),
