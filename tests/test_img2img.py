@@ -162,6 +162,7 @@ def test_nft_trains_on_image_prompts(photo_prompts, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+@pytest.mark.slow  # the CLI's exit code and bytes; the check itself runs in the default suite (test_faults too)
 def test_rl_run_refuses_image_prompts_without_strength_in_one_line(photo_prompts, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "rl.run", "algo=grpo", "reward=jpeg_compressibility", "model=tiny",

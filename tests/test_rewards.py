@@ -312,14 +312,21 @@ REWARD_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "reward").glob("*.yaml"
 
 
 @pytest.mark.parametrize("name", REWARD_CONFIGS)
-def test_every_reward_config_builds_and_scores(name, photos):
+def test_every_reward_config_builds_and_scores(name, photos, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"reward={name}", *TINY_OVERRIDES.get(name, [])])
     if name == "imagereward":
         pytest.importorskip("ImageReward", reason="the optional image-reward package is not installed")
     reward = build(cfg.reward)
-    prompts = [f"a handwritten digit {n}" for n in range(4)] if name == "digits" else PROMPTS  # it needs a digit
-    scores, _ = reward(photos, prompts)
+    prompts = [f"a handwritten digit {n}" for n in range(4)] if name.startswith("digits") else PROMPTS  # a digit each
+    metadata = None
+    if name == "digits_bolder":  # an image-to-image reward: each prompt's source image (here the photographs)
+        metadata = []
+        for i, photo in enumerate(photos):
+            path = tmp_path / f"source_{i}.png"
+            PIL.Image.fromarray((photo.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+            metadata.append({"image": str(path)})
+    scores, _ = reward(photos, prompts, metadata)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
     assert reward.differentiable == (name not in ("jpeg_compressibility", "jpeg_incompressibility"))
     assert get_class(cfg.reward._target_).differentiable or name.startswith(("jpeg", "multi"))

@@ -154,6 +154,7 @@ def test_save_single_file_stores_tied_weights_once_per_name(tmp_path):
                        loaded["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"])
 
 
+@pytest.mark.slow  # two runs through the CLI; the loads themselves are compared in the default suite above
 def test_rl_run_samples_from_a_single_file_as_from_its_folder(tiny_files, tmp_path):
     """As a user runs it: `python -m rl.run algo=sample model.path=FILE model.config=FOLDER` writes the images the
     folder gives (the same pixels)."""
