@@ -70,6 +70,9 @@ class SamplingConfig:
             if self.sde_window is not None:
                 raise ConfigError("algo.sampling.strength (image-to-image) trains every step it takes: set "
                                   "algo.sampling.sde_window (and flash_ratio) to null")
+            if self.sde_type == "cps" and self.steps_taken < 2:
+                raise ConfigError(f"algo.sampling.strength={self.strength} takes {self.steps_taken} step of "
+                                  f"{self.num_inference_steps}, and CPS's last step is deterministic: nothing to train")
         if self.sde_type not in ("sde", "cps"):
             raise ConfigError(f"algo.sampling.sde_type must be sde or cps, got {self.sde_type!r}")
         if str(self.overlap_scoring).lower() not in ("auto", "true", "false"):

@@ -78,6 +78,8 @@ def test_steps_taken_as_the_stock_img2img_pipeline():
         SamplingConfig(strength=1.5)
     with pytest.raises(ConfigError, match="trains every step it takes"):
         SamplingConfig(strength=0.5, sde_window=2)
+    with pytest.raises(ConfigError, match="CPS's last step is deterministic: nothing to train"):
+        SamplingConfig(num_inference_steps=10, strength=0.05, sde_type="cps")
     with pytest.raises(ConfigError, match=r"algo.eval.strength must be in \(0, 1\]"):
         EvalConfig(strength=0.0)
 
