@@ -156,7 +156,7 @@ def check_model_source(model: dict) -> None:
     elif model.get("config"):
         raise ModelLoadError("model.config completes a single-file checkpoint; set model.path to one, or drop it")
     if model.get("transformer_file"):
-        check_transformer_file(str(model["transformer_file"]), path)
+        check_transformer_file(str(model["transformer_file"]), path, download=False)
 
 
 def resolve_single_file(path: str, config: str | None, drop_t5: bool, revision: str | None = None,
@@ -228,13 +228,15 @@ def missing_parts(contents: SingleFileContents, config: str, drop_t5: bool, revi
     return parts
 
 
-def check_transformer_file(transformer_file: str, path: str | None) -> Path:
-    """`model.transformer_file` is an SD3 single file and `model.path` names the folder or hub id it fits into."""
+def check_transformer_file(transformer_file: str, path: str | None, download: bool = True) -> Path | None:
+    """`model.transformer_file` is an SD3 single file and `model.path` names the folder or hub id it fits into
+    (without `download`, a hub file not cached yet is only checked to exist, as in `resolve_single_file`)."""
     if not path or is_single_file(str(path)):
         raise ModelLoadError("model.transformer_file replaces the transformer of model.path: set model.path to a "
                              "diffusers folder or hub id of the same architecture")
-    file = locate(transformer_file)
-    inspect_file(file)
+    file = locate(transformer_file, download=download)
+    if file is not None:
+        inspect_file(file)
     return file
 
 
