@@ -70,6 +70,20 @@ def test_sde_sampling_returns_the_trajectory_and_log_probs(tiny_pipe):
     assert not torch.allclose(ode.latents[:, -1], out.latents[:, -1])
 
 
+def rescore(pipe, out, batch, steps, guidance_scale, sde_type):
+    """`transition_log_probs` of the stored transitions `out.latents[batch, steps] -> [batch, steps + 1]`."""
+    with torch.no_grad():
+        return transition_log_probs(
+            pipe.transformer, pipe.scheduler,
+            latents=out.latents[batch, steps], next_latents=out.latents[batch, steps + 1],
+            timesteps=out.timesteps[steps],
+            prompt_embeds=out.prompt_embeds, pooled_prompt_embeds=out.pooled_prompt_embeds,
+            negative_prompt_embeds=out.negative_prompt_embeds,
+            negative_pooled_prompt_embeds=out.negative_pooled_prompt_embeds,
+            guidance_scale=guidance_scale, noise_level=0.7, sde_type=sde_type,
+        )
+
+
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
 def test_transition_log_probs_rescore_the_stored_transitions(tiny_pipe, guidance_scale, sde_type):
@@ -80,16 +94,7 @@ def test_transition_log_probs_rescore_the_stored_transitions(tiny_pipe, guidance
     batch = torch.arange(4)
     columns = torch.tensor([0, len(out.sde_steps) - 1, 1, 2])  # each sample at another step, as PPO's batches are
     steps = torch.tensor(out.sde_steps)[columns]
-    with torch.no_grad():
-        log_prob, mean, _ = transition_log_probs(
-            tiny_pipe.transformer, tiny_pipe.scheduler,
-            latents=out.latents[batch, steps], next_latents=out.latents[batch, steps + 1],
-            timesteps=out.timesteps[steps],
-            prompt_embeds=out.prompt_embeds, pooled_prompt_embeds=out.pooled_prompt_embeds,
-            negative_prompt_embeds=out.negative_prompt_embeds,
-            negative_pooled_prompt_embeds=out.negative_pooled_prompt_embeds,
-            guidance_scale=guidance_scale, noise_level=0.7, sde_type=sde_type,
-        )
+    log_prob, mean, _ = rescore(tiny_pipe, out, batch, steps, guidance_scale, sde_type)
     torch.testing.assert_close(log_prob, out.log_probs[batch, columns], atol=1e-4, rtol=1e-4)
     # CPS's last step ends at sigma 0 and has no noise: it is taken, but neither scored nor offered for training.
     assert out.sde_steps == ([0, 1, 2, 3] if sde_type == "sde" else [0, 1, 2])
@@ -178,16 +183,7 @@ def test_image_to_image_sde_rescores_its_stored_transitions(tiny_pipe, sde_type)
     batch = torch.arange(2)
     for column, step in enumerate(out.sde_steps):
         steps = torch.full((2,), step)
-        with torch.no_grad():
-            log_prob, _, _ = transition_log_probs(
-                tiny_pipe.transformer, tiny_pipe.scheduler,
-                latents=out.latents[batch, steps], next_latents=out.latents[batch, steps + 1],
-                timesteps=out.timesteps[steps],
-                prompt_embeds=out.prompt_embeds, pooled_prompt_embeds=out.pooled_prompt_embeds,
-                negative_prompt_embeds=out.negative_prompt_embeds,
-                negative_pooled_prompt_embeds=out.negative_pooled_prompt_embeds,
-                guidance_scale=4.5, noise_level=0.7, sde_type=sde_type,
-            )
+        log_prob, _, _ = rescore(tiny_pipe, out, batch, steps, 4.5, sde_type)
         torch.testing.assert_close(log_prob, out.log_probs[:, column], atol=1e-4, rtol=1e-4)
 
 
