@@ -10,7 +10,10 @@ Each (method, seed) runs its digits preset (`python -m rl.run experiment=<preset
 hydra.run.dir=<out>/<method>/seed_<s>`), one run at a time so that seconds compare, until it has used both budgets:
 `--images` sampled training images and `--seconds` of training wall time (`train/seconds`: held-out evaluations and
 checkpoints are left out). A run that reaches its image budget first is continued (a resume with more steps) until
-its seconds are used too, so one run serves both tables. Every method is evaluated the same way (its preset's
+its seconds are used too, so one run serves both tables. A run whose `metrics.jsonl` shows both budgets used counts
+as finished from that file alone: the runs behind the README's table are kept that way in
+`experiments/results/method_comparison/` (metrics and Hydra overrides, no weights), so `--out` pointed there re-makes
+the table without training, and a run whose folder is deleted is run again. Every method is evaluated the same way (its preset's
 held-out evaluation: 20 held-out phrasings x 4 images, 10 ODE steps, guidance 4.5, fixed seeds) about `--evaluations`
 times per image budget. Finished runs are reused; an interrupted one resumes from its checkpoint.
 
@@ -105,19 +108,26 @@ def last(records: list[dict], key: str) -> float:
     return values[-1] if values else 0.0
 
 
+def used_budgets(records: list[dict], images: int, seconds: float) -> bool:
+    """Whether a run's records show `images` sampled and `seconds` trained (False for no records)."""
+    return bool(records) and last(records, "train/samples") >= images and last(records, "train/seconds") >= seconds
+
+
 def run_to_budgets(plan: Plan, seed: int, run_dir: Path, images: int, seconds: float, evaluations: int,
                    extra: list[str], threads: int | None = None) -> None:
     """Run (or resume, or continue) one seed until it has sampled `images` and trained `seconds`."""
     steps = math.ceil(images / plan.images_per_step)
     eval_every = max(1, round(steps / evaluations))
+    if used_budgets(read_metrics(run_dir), images, seconds):  # finished: its metrics.jsonl alone is enough
+        return
     if not (run_dir / "final").exists():  # a new run, or one interrupted before its first end: run (or resume) it
         launch(plan, seed, run_dir, steps, eval_every, extra, resume_force=False, threads=threads)
     for _ in range(5):  # continue until both budgets are used (the rate is measured, so this rarely loops twice)
         records = read_metrics(run_dir)
-        done = max(r["step"] for r in records)  # epochs or optimiser steps
-        used_images, used_seconds = last(records, "train/samples"), last(records, "train/seconds")
-        if used_images >= images and used_seconds >= seconds:
+        if used_budgets(records, images, seconds):
             return
+        done = max(r["step"] for r in records)  # epochs or optimiser steps
+        used_seconds = last(records, "train/seconds")
         more = 0
         if used_seconds < seconds:  # at the measured rate (a run without train/seconds, from before it was logged: x2)
             more = math.ceil((seconds - used_seconds) / (used_seconds / done)) + 1 if used_seconds > 0 else done

@@ -75,6 +75,21 @@ def test_threads_reach_the_runs_environment(monkeypatch, tmp_path):
     assert seen[1][0][-1] == "algo.checkpoint.resume=force" and "algo.epochs=4" in seen[0][0]
 
 
+def test_a_run_whose_metrics_show_both_budgets_used_is_not_run_again(monkeypatch, tmp_path):
+    """The recorded runs (metrics.jsonl only, no checkpoints or final/) are reused as they are; a run short of either
+    budget is launched."""
+    launched = []
+    monkeypatch.setattr(mc, "launch", lambda plan, seed, run_dir, steps, *rest, **kw: launched.append(run_dir.name))
+    plan = mc.Plan("nft", "nft_digits", 32, "algo.epochs", 3e-3)
+    for name, images, seconds in (("done", 3200, 650.0), ("short_of_seconds", 3200, 500.0), ("short", 1600, 650.0)):
+        (tmp_path / name).mkdir()
+        lines = [{"step": 100, "train/samples": images, "train/seconds": seconds}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        mc.run_to_budgets(plan, 0, tmp_path / name, 3200, 600.0, 10, [])
+    assert "done" not in launched and "short_of_seconds" in launched and "short" in launched
+    assert mc.used_budgets([], 0, 0) is False
+
+
 def test_tune_only_runs_the_tuning_seed_and_records_the_best_lr(monkeypatch, tmp_path):
     """--tune-only: the three learning rates on the tuning seed under the image budget alone, nothing else; the
     choice (highest training reward) merged into tuning/tuned.json."""
