@@ -319,6 +319,8 @@ def test_every_reward_config_builds_and_scores(name, photos, tmp_path):
         pytest.importorskip("ImageReward", reason="the optional image-reward package is not installed")
     reward = build(cfg.reward)
     prompts = [f"a handwritten digit {n}" for n in range(4)] if name.startswith("digits") else PROMPTS  # a digit each
+    if name == "ocr":  # the text to render, in quotes
+        prompts = [f'a sign that says "{word}"' for word in ("cat", "dog", "fish", "bird")]
     metadata = None
     if name == "digits_bolder":  # an image-to-image reward: each prompt's source image (here the photographs)
         metadata = []
@@ -328,8 +330,8 @@ def test_every_reward_config_builds_and_scores(name, photos, tmp_path):
             metadata.append({"image": str(path)})
     scores, _ = reward(photos, prompts, metadata)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
-    assert reward.differentiable == (name not in ("jpeg_compressibility", "jpeg_incompressibility"))
-    assert get_class(cfg.reward._target_).differentiable or name.startswith(("jpeg", "multi"))
+    assert reward.differentiable == (name not in ("jpeg_compressibility", "jpeg_incompressibility", "ocr"))
+    assert get_class(cfg.reward._target_).differentiable or name.startswith(("jpeg", "multi", "ocr"))
 
 
 def test_imagereward_without_its_package_says_how_to_install():
