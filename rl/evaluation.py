@@ -21,7 +21,7 @@ from rewards import Reward
 from rl import seeds
 from rl.prompts import Prompt, source_image
 from rl.rollouts import check_strength, score
-from rl.tracking import image_grid, log_image, metric_name
+from rl.tracking import image_grid, info_means, log_image, metric_name
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +180,7 @@ def eval_metrics(scores: torch.Tensor, info: dict[str, torch.Tensor]) -> dict[st
         return values.std().item() if len(values) > 1 else 0.0
 
     metrics = {"eval/reward_mean": scores.mean().item(), "eval/reward_std": spread(scores)}
-    for name, values in info.items():
-        metrics[f"eval/{name}_mean"] = values.mean().item()
-        metrics[f"eval/{name}_std"] = spread(values)
+    metrics.update(info_means(info, "eval/", std=True))  # NaN: an image the value does not apply to
     return metrics
 
 

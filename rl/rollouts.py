@@ -25,6 +25,7 @@ from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
 from rl.prompts import Prompt, source_image
+from rl.tracking import info_means
 
 
 @dataclass
@@ -416,8 +417,8 @@ def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session, epoch
     """The training metrics of an epoch: reward statistics over all processes, the update's diagnostics, counters."""
     rewards = samples.all_rewards
     metrics = {"train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item()}
-    for name, values in samples.info.items():
-        metrics[f"train/{name}_mean"] = session.accelerator.gather(values.contiguous()).mean().item()
+    gathered = {name: session.accelerator.gather(values.contiguous()) for name, values in samples.info.items()}
+    metrics.update(info_means(gathered, "train/"))  # NaN: an image the value does not apply to
     metrics.update({f"train/{name}": value for name, value in stats.items()})
     metrics["train/lr"] = session.lr_scheduler.get_last_lr()[0]
     metrics["train/epoch"] = epoch

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rl import seeds
 from rl.context import RunContext
-from rl.tracking import image_grid, log_image
+from rl.tracking import image_grid, info_means, log_image
 
 
 @dataclass(kw_only=True)
@@ -95,8 +95,7 @@ def run(ctx: RunContext, config: Sample) -> None:
             with torch.no_grad():
                 scores, info = reward(images, [job["prompt"] for job in jobs], metadata)
             metrics.update({"sample/reward_mean": scores.mean().item(), "sample/reward_std": scores.std().item()})
-            metrics.update({f"sample/{name}_mean": value.float().mean().item() for name, value in info.items()
-                            if isinstance(value, torch.Tensor) and value.shape == scores.shape})
+            metrics.update(info_means(info, "sample/", count=len(scores)))
         accelerator.log(metrics, step=0)
         log_image(accelerator, "samples", grid, step=0)
     accelerator.end_training()

@@ -103,6 +103,25 @@ def _nonfinite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value)
 
 
+def info_means(info: dict, prefix: str, count: int | None = None, std: bool = False) -> dict[str, float]:
+    """`<prefix><name>_mean` (and `_std` if asked) of each per-image value a reward reports in `info` (tensors of
+    `count` values when `count` is given). A reward marks an image a value does not apply to with NaN (GenEval's
+    per-task `correct_<tag>`): the statistics are over the other images, and a value that applies to none of them
+    is left out."""
+    metrics = {}
+    for name, values in info.items():
+        if not isinstance(values, torch.Tensor) or values.ndim != 1 or (count is not None and len(values) != count):
+            continue
+        values = values.detach().float()
+        applicable = values[~values.isnan()]
+        if len(applicable) == 0:
+            continue
+        metrics[f"{prefix}{name}_mean"] = applicable.mean().item()
+        if std:
+            metrics[f"{prefix}{name}_std"] = applicable.std().item() if len(applicable) > 1 else 0.0
+    return metrics
+
+
 def make_accelerator(
     run_dir: Path,
     logger: LoggerConfig,

@@ -313,15 +313,25 @@ REWARD_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "reward").glob("*.yaml"
 
 @pytest.mark.parametrize("name", REWARD_CONFIGS)
 def test_every_reward_config_builds_and_scores(name, photos, tmp_path):
+    overrides = list(TINY_OVERRIDES.get(name, []))
+    if name == "geneval":  # a tiny random Mask2Former written where the hub's would be
+        from test_geneval_reward import save_tiny_mask2former
+
+        overrides += [f"reward.detector={save_tiny_mask2former(tmp_path / 'detector')}",
+                      "reward.clip.model=tiny-ViT-768", "reward.clip.pretrained=null"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"reward={name}", *TINY_OVERRIDES.get(name, [])])
+        cfg = compose("config", overrides=[f"reward={name}", *overrides])
     if name == "imagereward":
         pytest.importorskip("ImageReward", reason="the optional image-reward package is not installed")
     reward = build(cfg.reward)
     prompts = [f"a handwritten digit {n}" for n in range(4)] if name.startswith("digits") else PROMPTS  # a digit each
+    metadata = None
     if name == "ocr":  # the text to render, in quotes
         prompts = [f'a sign that says "{word}"' for word in ("cat", "dog", "fish", "bird")]
-    metadata = None
+    if name == "geneval":  # GenEval's metadata with each prompt
+        lines = (ROOT / "assets/prompts/geneval_test_metadata.jsonl").read_text().splitlines()[:4]
+        metadata = [json.loads(line) for line in lines]
+        prompts = [m["prompt"] for m in metadata]
     if name == "digits_bolder":  # an image-to-image reward: each prompt's source image (here the photographs)
         metadata = []
         for i, photo in enumerate(photos):
@@ -330,8 +340,8 @@ def test_every_reward_config_builds_and_scores(name, photos, tmp_path):
             metadata.append({"image": str(path)})
     scores, _ = reward(photos, prompts, metadata)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
-    assert reward.differentiable == (name not in ("jpeg_compressibility", "jpeg_incompressibility", "ocr"))
-    assert get_class(cfg.reward._target_).differentiable or name.startswith(("jpeg", "multi", "ocr"))
+    assert reward.differentiable == (name not in ("jpeg_compressibility", "jpeg_incompressibility", "ocr", "geneval"))
+    assert get_class(cfg.reward._target_).differentiable or name.startswith(("jpeg", "multi", "ocr", "geneval"))
 
 
 def test_imagereward_without_its_package_says_how_to_install():
