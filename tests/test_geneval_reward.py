@@ -14,7 +14,7 @@ import torch
 from pipelines.hub import ModelLoadError
 from rewards.base import RewardInputError
 from rewards.clip import ClipModel
-from rewards.geneval import (GREY, TASKS, GenEvalReward, box_of_mask, colour_crop, geneval_partial_score)
+from rewards.geneval import GREY, TASKS, GenEvalReward, box_of_mask, colour_crop, geneval_partial_score
 from rewards.geneval_rules import COLORS, geneval_correct
 from rl.tracking import info_means
 
@@ -25,7 +25,8 @@ CLASSES = sorted({c["class"] for m in METADATA for c in [*m.get("include", []), 
 
 def save_tiny_mask2former(folder: Path) -> Path:
     """A random Mask2Former (Swin backbone, COCO's GenEval classes) with its image processor, as a hub folder."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
 
     backbone = SwinConfig(image_size=64, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
                           out_features=["stage1", "stage2", "stage3", "stage4"])
