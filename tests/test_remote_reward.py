@@ -1,0 +1,118 @@
+"""Rewards served from their own process: `python -m rewards.serve` on 127.0.0.1 with the JPEG and digits rewards
+gives the in-process scores exactly, GRPO trains through `reward=remote` to the same metrics, and a server that is
+gone or refuses gives one line."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewards.digits import DigitReward
+from rewards.jpeg import JpegSizeReward
+from rewards.remote import RemoteReward, RemoteRewardError, decode_images, encode_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_server(*overrides):
+    process = subprocess.Popen([sys.executable, "-m", "rewards.serve", "--port", "0", *overrides], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+    if match is None:
+        process.kill()
+        raise AssertionError(f"the server did not start: {line!r} {process.stderr.read()[-2000:]}")
+    return process, match.group(1)
+
+
+@pytest.fixture(scope="module")
+def jpeg_server():
+    process, url = start_server("reward=jpeg_compressibility")
+    yield url
+    process.kill()
+    process.wait()
+
+
+def test_the_wire_carries_float_images_exactly():
+    images = torch.rand(2, 3, 5, 7)
+    assert torch.equal(decode_images(encode_images(images)), images)
+
+
+def test_served_rewards_score_as_in_process(jpeg_server):
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 32, 32)
+    prompts = ["a photo of the number 3", "an image of the number 7", "a photo of the number 0"]
+    remote = RemoteReward(jpeg_server)
+    assert remote.served["differentiable"] is False and remote.served["reward"] == "rewards.jpeg.JpegSizeReward"
+    for got, want in zip(remote(images, prompts), JpegSizeReward()(images, prompts)):
+        if isinstance(got, dict):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in got)
+        else:
+            assert torch.equal(got, want)
+    process, url = start_server("reward=digits")
+    try:
+        scores, info = RemoteReward(url)(images, prompts)
+        local_scores, local_info = DigitReward()(images, prompts)
+        assert torch.equal(scores, local_scores.detach()) and torch.equal(info["correct"], local_info["correct"])
+        # in requests of 2 (a batch of 2 and one of 1: matrix products of other shapes round differently)
+        torch.testing.assert_close(RemoteReward(url, batch_size=2)(images, prompts)[0], local_scores.detach())
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_server_that_refuses_or_is_gone_says_so_in_one_line(jpeg_server):
+    remote = RemoteReward(jpeg_server, retries=1, backoff=0.01)
+    with pytest.raises(RemoteRewardError, match="refused the request: malformed request"):
+        remote.request("POST", "/score", {"images": encode_images(torch.rand(1, 3, 4, 4))})  # no prompts
+    process, url = start_server("reward=jpeg_compressibility")
+    remote = RemoteReward(url, retries=2, backoff=0.01)
+    process.kill()
+    process.wait()
+    with pytest.raises(RemoteRewardError, match=r"did not answer after 3 tries .*python -m rewards.serve") as error:
+        remote(torch.rand(1, 3, 8, 8), ["x"])
+    assert "\n" not in str(error.value)
+
+
+def test_serve_refuses_bad_command_lines_in_one_line():
+    for args, message in ((["--port", "0"], "name the reward to serve"),
+                          (["--port", "0", "reward=nonsense"], "reward"),
+                          (["--port", "0", "reward=remote"], "reward=remote is the client")):
+        result = subprocess.run([sys.executable, "-m", "rewards.serve", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+GRPO = ["algo=grpo", "model=tiny", "algo.epochs=2", "algo.sampling.prompts_per_epoch=2",
+        "algo.sampling.images_per_prompt=4", "algo.sampling.batch_size=8", "algo.sampling.num_inference_steps=2",
+        "algo.ppo.batch_size=8", "algo.ppo.optimizer_steps=1", "algo.optim.lr=5e-2", "algo.eval.every=2",
+        "algo.eval.max_prompts=2", "algo.eval.num_inference_steps=2"]
+
+
+def metrics(run_dir):
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timing = ("seconds", "time", "per_second", "sec")
+    return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in logged]
+
+
+def test_grpo_through_a_served_reward_matches_the_in_process_one(jpeg_server, tmp_path):
+    for name, reward in (("local", ["reward=jpeg_compressibility"]), ("remote", ["reward=remote",
+                                                                                 f"reward.url={jpeg_server}"])):
+        result = subprocess.run([sys.executable, "-m", "rl.run", *GRPO, *reward, f"hydra.run.dir={tmp_path / name}"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    local, remote = metrics(tmp_path / "local"), metrics(tmp_path / "remote")
+    assert len(local) == len(remote) and any("train/reward_mean" in r for r in local)
+    assert local == remote
+
+
+def test_a_run_whose_server_is_down_stops_before_loading_anything(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rl.run", *GRPO, "reward=remote", "reward.url=http://127.0.0.1:9",
+                             "reward.retries=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: the reward server at http://127.0.0.1:9 did not")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
