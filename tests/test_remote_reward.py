@@ -78,6 +78,17 @@ def test_a_server_that_refuses_or_is_gone_says_so_in_one_line(jpeg_server):
     assert "\n" not in str(error.value)
 
 
+def test_serve_checks_its_command_line_before_loading():
+    from pipelines.errors import UserError
+    from rewards.serve import load_reward
+
+    for overrides, message in (([], "name the reward to serve"), (["reward=nonsense"], "nonsense"),
+                               (["reward=remote"], "reward=remote is the client")):
+        with pytest.raises(UserError, match=message):
+            load_reward(overrides)
+
+
+@pytest.mark.slow  # the same checks as the test above, through the command line's exit code and stderr
 def test_serve_refuses_bad_command_lines_in_one_line():
     for args, message in ((["--port", "0"], "name the reward to serve"),
                           (["--port", "0", "reward=nonsense"], "reward"),
