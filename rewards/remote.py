@@ -83,8 +83,9 @@ class RemoteReward(Reward):
                 last = f"HTTP {error.code}: {detail}"
             except (urllib.error.URLError, OSError, TimeoutError) as error:
                 last = str(getattr(error, "reason", error)) or type(error).__name__
-        raise RemoteRewardError(f"the reward server at {self.url} did not answer after {self.retries + 1} tries "
-                                f"({last}); start it with `python -m rewards.serve reward=<name> --port N`")
+        tries = f"{self.retries + 1} tr{'y' if self.retries == 0 else 'ies'}"
+        raise RemoteRewardError(f"the reward server at {self.url} did not answer after {tries} ({last}); start it "
+                                f"with `python -m rewards.serve reward=<name> --port N`")
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
         size = self.batch_size or len(prompts)

@@ -395,9 +395,10 @@ def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[
     jobs = epoch_jobs(len(ctx.train_prompts), epoch, ctx.seed, sampling, indices)
     session.text.forget()  # the last epoch's training prompts
     scorer = Scorer(session.reward, sampling.overlaps_scoring(session.accelerator.device))
-    rollouts, _ = sample_rollouts(session.pipe, session.text, ctx.train_prompts, jobs, sampling, sde_steps, scorer,
-                                  final_only)
-    rewards, info = scorer.results()
+    with session.saving_on_failure():  # a served reward that fails for good: checkpoint, then stop
+        rollouts, _ = sample_rollouts(session.pipe, session.text, ctx.train_prompts, jobs, sampling, sde_steps, scorer,
+                                      final_only)
+        rewards, info = scorer.results()
     device = rewards.device
     gathered_indices = accelerator.gather(torch.tensor([job.index for job in jobs], device=device))
     by_index = torch.argsort(gathered_indices)  # process order -> global index order

@@ -44,6 +44,7 @@ from pipelines.errors import ConfigError, UserError, check_values
 from pipelines.lora_layout import ORIGINAL_FILE, write_original
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
+from rewards.remote import RemoteRewardError
 from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
 from rl.context import RunContext
 from rl.lora import LoraSpec, add_text_encoder_lora, add_transformer_lora, save_lora
@@ -412,6 +413,24 @@ class Session:
             self.accelerator.end_training()
             return True
         return False
+
+    @contextmanager
+    def saving_on_failure(self) -> Iterator[None]:
+        """Around work that depends on another process (a served reward, `reward=remote`): when it fails for good,
+        write a checkpoint of the current step (the weights as the last completed step left them) before the error
+        stops the run, so that the same command resumes there rather than at the last periodic checkpoint. One
+        process only: a checkpoint is collective, and one process's failure cannot make the others join it (several
+        processes resume from their last periodic checkpoint)."""
+        try:
+            yield
+        except RemoteRewardError:
+            step = self.state.step
+            done = self.checkpointer.directory / f"step_{step:06d}"
+            if step > 0 and self.accelerator.num_processes == 1 and not done.exists():
+                self._save(step)
+                logger.warning("the reward server failed: checkpoint %s written; start the same command again to "
+                               "resume from it", done)
+            raise
 
     def _save(self, step: int) -> None:
         """Checkpoint `step`, unless the trained weights became non-finite: then stop, so that no checkpoint holds

@@ -127,3 +127,61 @@ def test_a_run_whose_server_is_down_stops_before_loading_anything(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith("error: the reward server at http://127.0.0.1:9 did not")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+class FailingAfter(JpegSizeReward):
+    """The JPEG reward, failing (HTTP 500 from the server) from its `calls`-th scoring call on."""
+
+    def __init__(self, calls: int):
+        super().__init__()
+        self.calls, self.seen = calls, 0
+
+    def score(self, images, prompts, metadata):
+        self.seen += 1
+        if self.seen >= self.calls:
+            raise RuntimeError("the judge ran out of memory")
+        return super().score(images, prompts, metadata)
+
+
+def serve_in_thread(reward):
+    import threading
+    from http.server import HTTPServer
+
+    from rewards.serve import make_handler
+
+    server = HTTPServer(("127.0.0.1", 0), make_handler(reward, {"_target_": "test"}, torch.device("cpu"), 32))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+def train_in_process(run_dir, overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipelines.errors import build
+    from rl.run import build_context
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*GRPO, "algo.epochs=4", "algo.eval.every=4", "algo.checkpoint.every=100",
+                                           *overrides])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    build(cfg.algo)(build_context(cfg, run_dir))
+
+
+def test_a_server_that_fails_mid_run_leaves_a_checkpoint_of_the_step_reached(tmp_path):
+    """Scoring calls: the held-out start, then one per epoch; the 4th (epoch 3's) fails. The run stops with the
+    server's error after writing the checkpoint of epoch 2 (no periodic one is due), and resumed against a healthy
+    server it ends with the metrics of a run that never failed."""
+    healthy, healthy_url = serve_in_thread(JpegSizeReward())
+    failing, failing_url = serve_in_thread(FailingAfter(calls=4))
+    try:
+        train_in_process(tmp_path / "whole", ["reward=remote", f"reward.url={healthy_url}"])
+        with pytest.raises(RemoteRewardError, match=r"did not answer after 1 try \(HTTP 500: RuntimeError: the judge"):
+            train_in_process(tmp_path / "stopped", ["reward=remote", f"reward.url={failing_url}", "reward.retries=0"])
+        assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step_*")) == ["step_000002"]
+        train_in_process(tmp_path / "stopped", ["reward=remote", f"reward.url={healthy_url}"])  # resumes at 2
+    finally:
+        healthy.shutdown()
+        failing.shutdown()
+    assert metrics(tmp_path / "stopped") == metrics(tmp_path / "whole")
