@@ -50,6 +50,39 @@ def from_wire(values: list) -> torch.Tensor:
     return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
 
 
+def http_json(method: str, url: str, body: dict | None, timeout: float, retries: int, backoff: float, what: str,
+              start: str, headers: dict[str, str] | None = None) -> dict:
+    """A JSON request with `retries` more tries after a failure (`backoff` x 2^k seconds apart). An answer below
+    500 that is an error (bad input) is not retried; `RemoteRewardError` (one line) names `what` failed and how to
+    `start` it."""
+    data = None if body is None else json.dumps(body).encode()
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            request = urllib.request.Request(url, data=data, method=method,
+                                             headers={"Content-Type": "application/json", **(headers or {})})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:  # it answered: its message
+            lines = error.read().decode(errors="replace").strip().splitlines()
+            detail = lines[0] if lines else str(error)
+            if detail.startswith("{"):
+                try:
+                    message = json.loads(detail).get("error", detail)
+                    detail = message.get("message", str(message)) if isinstance(message, dict) else str(message)
+                except ValueError:
+                    pass
+            if error.code < 500:
+                raise RemoteRewardError(f"{what} refused the request (HTTP {error.code}): {detail}") from None
+            last = f"HTTP {error.code}: {detail}"
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            last = str(getattr(error, "reason", error)) or type(error).__name__
+    tries = f"{retries + 1} tr{'y' if retries == 0 else 'ies'}"
+    raise RemoteRewardError(f"{what} did not answer after {tries} ({last}); {start}")
+
+
 class RemoteReward(Reward):
     """Scores from a `rewards.serve` server: `timeout` seconds per request, `retries` more tries after a failure
     (`backoff` x 2^k seconds apart), then a one-line `RemoteRewardError`."""
@@ -64,28 +97,9 @@ class RemoteReward(Reward):
         self.served = self.request("GET", "/info") if check else {}  # a server that is not up stops the run at once
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                request = urllib.request.Request(self.url + path, data=data, method=method,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as error:  # the server answered: its message, no retry for bad input
-                message = error.read().decode(errors="replace").strip().splitlines()
-                detail = json.loads(message[0]).get("error", message[0]) if message and message[0].startswith(
-                    "{") else (message[0] if message else str(error))
-                if error.code < 500:
-                    raise RemoteRewardError(f"the reward server at {self.url} refused the request: {detail}") from None
-                last = f"HTTP {error.code}: {detail}"
-            except (urllib.error.URLError, OSError, TimeoutError) as error:
-                last = str(getattr(error, "reason", error)) or type(error).__name__
-        tries = f"{self.retries + 1} tr{'y' if self.retries == 0 else 'ies'}"
-        raise RemoteRewardError(f"the reward server at {self.url} did not answer after {tries} ({last}); start it "
-                                f"with `python -m rewards.serve reward=<name> --port N`")
+        return http_json(method, self.url + path, body, self.timeout, self.retries, self.backoff,
+                         what=f"the reward server at {self.url}",
+                         start="start it with `python -m rewards.serve reward=<name> --port N`")
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
         size = self.batch_size or len(prompts)

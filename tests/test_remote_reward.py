@@ -67,7 +67,7 @@ def test_served_rewards_score_as_in_process(jpeg_server):
 
 def test_a_server_that_refuses_or_is_gone_says_so_in_one_line(jpeg_server):
     remote = RemoteReward(jpeg_server, retries=1, backoff=0.01)
-    with pytest.raises(RemoteRewardError, match="refused the request: malformed request"):
+    with pytest.raises(RemoteRewardError, match=r"refused the request \(HTTP 400\): malformed request"):
         remote.request("POST", "/score", {"images": encode_images(torch.rand(1, 3, 4, 4))})  # no prompts
     process, url = start_server("reward=jpeg_compressibility")
     remote = RemoteReward(url, retries=2, backoff=0.01)

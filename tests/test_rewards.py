@@ -319,6 +319,17 @@ def test_every_reward_config_builds_and_scores(name, photos, tmp_path):
 
         overrides += [f"reward.detector={save_tiny_mask2former(tmp_path / 'detector')}",
                       "reward.clip.model=tiny-ViT-768", "reward.clip.pretrained=null"]
+    if name == "remote":  # the JPEG reward served in this process
+        from test_remote_reward import serve_in_thread
+
+        server, url = serve_in_thread(JpegSizeReward())
+        overrides.append(f"reward.url={url}")
+    if name == "vlm_judge":  # a stand-in of an OpenAI-compatible judge
+        from test_vlm_judge import StubJudge
+
+        stub = StubJudge()
+        server, url = stub.server, stub.url
+        overrides.append(f"reward.url={url}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"reward={name}", *overrides])
     if name == "imagereward":
@@ -339,9 +350,12 @@ def test_every_reward_config_builds_and_scores(name, photos, tmp_path):
             PIL.Image.fromarray((photo.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
             metadata.append({"image": str(path)})
     scores, _ = reward(photos, prompts, metadata)
+    if name in ("remote", "vlm_judge"):
+        server.shutdown()
     assert scores.shape == (4,) and torch.isfinite(scores).all()
-    assert reward.differentiable == (name not in ("jpeg_compressibility", "jpeg_incompressibility", "ocr", "geneval"))
-    assert get_class(cfg.reward._target_).differentiable or name.startswith(("jpeg", "multi", "ocr", "geneval"))
+    not_differentiable = ("jpeg_compressibility", "jpeg_incompressibility", "ocr", "geneval", "remote", "vlm_judge")
+    assert reward.differentiable == (name not in not_differentiable)
+    assert get_class(cfg.reward._target_).differentiable or name.startswith(("multi", *not_differentiable))
 
 
 def test_imagereward_without_its_package_says_how_to_install():
