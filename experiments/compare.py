@@ -100,7 +100,11 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise UserError(f"{path} is not a directory")
         if is_evaluation_dir(path):  # an experiments.evaluate output folder
             run_dir = Path(json.loads((path / "table.json").read_text())["run_dir"])
-            runs[run_dir.resolve()] = read_run(run_dir if run_dir.is_dir() else path, evaluation_dir=path)
+            run = read_run(run_dir if run_dir.is_dir() else path, evaluation_dir=path)
+            earlier = runs.get(run_dir.resolve())
+            if earlier is not None and earlier.evaluation is not None:  # one run under two protocols: not a curve
+                check_one_protocol([earlier, run])
+            runs[run_dir.resolve()] = run
         elif is_run_dir(path):
             runs[path.resolve()] = read_run(path)
         else:
@@ -350,12 +354,24 @@ def parse_label(text: str) -> tuple[str, str]:
 
 def choose_source(runs: list[Run], source: str) -> str:
     if source == "auto":
-        return "evaluation" if all(r.evaluation is not None for r in runs) else "metrics"
+        source = "evaluation" if all(r.evaluation is not None for r in runs) else "metrics"
     if source == "evaluation":
         missing = [str(r.path) for r in runs if r.evaluation is None]
         if missing:
             raise UserError(f"no evaluation/table.json in {missing[0]}; write it with experiments.evaluate")
+        check_one_protocol(runs)
     return source
+
+
+def check_one_protocol(runs: list[Run]) -> None:
+    """Evaluations compare only under one protocol (`experiments.evaluate ... protocol=<name>`, or none)."""
+    by_protocol: dict[str | None, Path] = {}
+    for run in runs:
+        by_protocol.setdefault(run.evaluation.get("protocol"), run.path)
+    if len(by_protocol) > 1:
+        (a, path_a), (b, path_b) = list(by_protocol.items())[:2]
+        raise UserError(f"these evaluations used different protocols ({a or 'none'}: {path_a}; {b or 'none'}: "
+                        f"{path_b}): their numbers are not comparable; compare evaluations of one protocol")
 
 
 def available_keys(runs: list[Run], source: str) -> list[str]:

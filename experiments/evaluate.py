@@ -56,6 +56,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa:
 
 from pipelines.errors import UserError, build, exit_on_user_error  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
+from experiments.protocols import Protocol, load_protocol, pinned_options, report, split_protocol  # noqa: E402
 from rl.checkpoints import complete_checkpoints, has_ema, read_ema  # noqa: E402
 from rl.evaluation import EvalConfig, check_prompt_images, eval_metrics, evaluate, held_out_prompts  # noqa: E402
 from rl.legacy import upgrade_config  # noqa: E402
@@ -253,10 +254,42 @@ def eval_config(algo: DictConfig, args: argparse.Namespace, num_prompts: int) ->
     return dataclasses.replace(run_eval_config(algo), **{k: v for k, v in changes.items() if v is not None})
 
 
+def protocol_prompts(protocol: Protocol, prompts_file: str | None) -> list[Prompt]:
+    """The protocol's prompt set (a card without a shipped set takes `--prompts-file`, whole)."""
+    if protocol.prompts.file is None:
+        if prompts_file is None:
+            raise UserError(f"protocol={protocol.name} needs its prompt set, which is not shipped here: --prompts-file "
+                            f"FILE (conf/protocol/{protocol.name}.yaml says which)")
+        return load_prompts(prompts_file, unique=protocol.prompts.unique)
+    if prompts_file is not None:
+        raise UserError(f"--prompts-file changes what protocol={protocol.name} pins (its prompt set "
+                        f"{protocol.prompts.file}); drop it, or evaluate without a protocol")
+    return load_prompts(protocol.prompts.file, protocol.prompts.start, protocol.prompts.stop,
+                        unique=protocol.prompts.unique)
+
+
+def protocol_eval_config(protocol: Protocol, num_prompts: int, batch_size: int | None) -> EvalConfig:
+    return EvalConfig(max_prompts=num_prompts, images_per_prompt=protocol.images_per_prompt,
+                      num_inference_steps=protocol.num_inference_steps, guidance_scale=protocol.guidance_scale,
+                      resolution=protocol.resolution, **({"batch_size": batch_size} if batch_size else {}))
+
+
+def protocol_rewards(protocol: Protocol, overrides: list[str]) -> list[NamedReward]:
+    """The protocol's rewards; `reward.<key>=<value>` on the command line applies to its first (where its weights
+    are: `reward.detector=DIR`, `reward.clip.pretrained=FILE`) and is recorded with the results."""
+    own, groups = split_reward_overrides(overrides)
+    if groups:
+        raise UserError(f"protocol={protocol.name} pins its rewards ({', '.join(g[0] for g in protocol.rewards)}); "
+                        f"{groups[0][0]} would change them: evaluate without a protocol for other rewards")
+    return [NamedReward(group[0].removeprefix("reward="), compose_reward([*group, *(own if i == 0 else [])]))
+            for i, group in enumerate(protocol.rewards)]
+
+
 def settings_record(prompts: list[Prompt], config: EvalConfig, seed: int, rewards: list[NamedReward], use_ema: bool,
-                    run_cfg: DictConfig) -> dict:
+                    run_cfg: DictConfig, protocol: Protocol | None = None) -> dict:
     """What determines the numbers: rows computed under equal settings can be reused."""
     return {
+        "protocol": protocol.as_record() if protocol else None,
         "prompts": [{"text": p.text, "metadata": p.metadata} for p in prompts[: config.max_prompts]],
         "eval": {k: v for k, v in dataclasses.asdict(config).items() if not (k == "strength" and v is None)},
         "seed": seed,
@@ -349,8 +382,9 @@ def sort_rows(rows: list[dict]) -> list[dict]:
 
 def write_table(out: Path, rows: list[dict], settings: dict, run_dir: Path) -> None:
     """`table.json` (rows and the settings that produced them) and `table.csv` (the rows)."""
-    (out / "table.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "settings": settings,
-                                                "rows": rows}, indent=1))
+    protocol = (settings.get("protocol") or {}).get("name")  # numbers compare only under one protocol
+    (out / "table.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "protocol": protocol,
+                                                "settings": settings, "rows": rows}, indent=1))
     columns = ["checkpoint", "step", "samples"]
     columns += sorted({k for row in rows for k in row} - set(columns), key=lambda k: (k.count("/"), k))
     with (out / "table.csv").open("w", newline="") as file:
@@ -444,18 +478,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run_cfg, _ = upgrade_config(OmegaConf.load(run_dir / "config.yaml"))  # also a run of an earlier version
         if argv is None:  # run as a program; a caller in the same process keeps its own thread count
             set_cpu_threads(run_cfg.get("cpu_threads", "auto"))
-        prompts = load_prompts(args.prompts_file) if args.prompts_file else build(run_cfg.prompts.eval)
-        config = eval_config(run_cfg.algo, args, len(prompts))
+        protocol_name, overrides = split_protocol(args.overrides)
+        protocol = load_protocol(protocol_name) if protocol_name else None
+        if protocol is not None:  # everything the numbers depend on comes from the card
+            pinned_options(protocol, {"--images-per-prompt": args.images_per_prompt, "--steps": args.steps,
+                                      "--guidance-scale": args.guidance_scale, "--resolution": args.resolution,
+                                      "--seed": args.seed, "--max-prompts": args.max_prompts,
+                                      "--strength": args.strength})
+            prompts = protocol_prompts(protocol, args.prompts_file)
+            config = protocol_eval_config(protocol, len(prompts), args.batch_size)
+            seed = protocol.seed
+            named_rewards = protocol_rewards(protocol, overrides)
+        else:
+            prompts = load_prompts(args.prompts_file) if args.prompts_file else build(run_cfg.prompts.eval)
+            config = eval_config(run_cfg.algo, args, len(prompts))
+            seed = args.seed if args.seed is not None else int(run_cfg.seed)
+            named_rewards = choose_rewards(run_cfg, run_dir, overrides)
         check_prompt_images(prompts, config.strength, "--strength" if args.strength else "algo.eval.strength",
                             "evaluation")
-        seed = args.seed if args.seed is not None else int(run_cfg.seed)
-        named_rewards = choose_rewards(run_cfg, run_dir, args.overrides)
         ema_enabled = bool(OmegaConf.select(run_cfg, "algo.ema.enabled", default=False))
         use_ema = ema_enabled and not args.no_ema and any(checkpoint_has_ema(c) for c in checkpoints)
         if any(run_cfg.model.get(option) for option in ("path", "config", "transformer_file")):
             check_model_source(OmegaConf.to_container(run_cfg.model, resolve=True))
-        out = args.out or run_dir / "evaluation"
-        settings = settings_record(prompts, config, seed, named_rewards, use_ema, run_cfg)
+        out = args.out or run_dir / "evaluation" / (protocol.name if protocol else "")
+        settings = settings_record(prompts, config, seed, named_rewards, use_ema, run_cfg, protocol)
         done = {} if args.recompute else reusable_rows(out, settings)
         todo = [c for c in checkpoints if c.name not in done]
 
@@ -490,13 +536,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             image_grid(images, nrow=config.images_per_prompt, row_labels=chosen).save(out / grid_name(checkpoint))
             rows[checkpoint.name] = {"checkpoint": checkpoint.name, "step": checkpoint.step,
                                      "samples": samples_at(records, checkpoint.step), "images": len(images), **metrics}
+            if protocol is not None:
+                rows[checkpoint.name].update(report(protocol, rows[checkpoint.name]))
             progress.set_postfix(checkpoint=checkpoint.name, reward=f"{metrics['eval/reward_mean']:.4g}")
 
     # 4. The table, the curve, and a summary on stdout.
     table = sort_rows(list(rows.values()))
     write_table(out, table, settings, run_dir)
     # The run's own curve is comparable only when everything that sets the numbers is the run's own.
-    changed = args.overrides or args.prompts_file or args.seed is not None
+    changed = args.overrides or args.prompts_file or args.seed is not None  # a protocol is an override too
     as_run = config == run_eval_config(run_cfg.algo) and not changed
     logged = metric_curve(records, "eval/reward_mean") if as_run and records else None
     title = (f"{run_dir.name}: {len(settings['prompts'])} prompts x {config.images_per_prompt}, "
@@ -506,6 +554,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in table:
         values = "  ".join(f"{label} {row[key]:.4g} +- {row[key[:-5] + '_std']:.3g}" for key, label in mean_columns(row))
         print(f"{row['checkpoint']:>12}  {unit} {row['step']:>6}  {values}")
+        summary = {k: v for k, v in row.items() if k.startswith("geneval/")}
+        if summary:
+            tasks = "  ".join(f"{k.removeprefix('geneval/')} {v:.3f}" for k, v in summary.items())
+            print(" " * 14 + "GenEval: " + tasks)
     print(f"wrote {out}/table.csv, table.json, curve.png and grid_*.png")
     return table
 
