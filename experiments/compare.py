@@ -364,14 +364,23 @@ def choose_source(runs: list[Run], source: str) -> str:
 
 
 def check_one_protocol(runs: list[Run]) -> None:
-    """Evaluations compare only under one protocol (`experiments.evaluate ... protocol=<name>`, or none)."""
+    """Evaluations compare only under one protocol (`experiments.evaluate ... protocol=<name>`, or none), and under a
+    protocol only on one prompt set (the cards whose prompts the user passes)."""
     by_protocol: dict[str | None, Path] = {}
+    by_prompts: dict[str, Path] = {}
     for run in runs:
         by_protocol.setdefault(run.evaluation.get("protocol"), run.path)
+        if run.evaluation.get("protocol"):
+            prompts = json.dumps(run.evaluation.get("settings", {}).get("prompts"), sort_keys=True)
+            by_prompts.setdefault(prompts, run.path)
     if len(by_protocol) > 1:
         (a, path_a), (b, path_b) = list(by_protocol.items())[:2]
         raise UserError(f"these evaluations used different protocols ({a or 'none'}: {path_a}; {b or 'none'}: "
                         f"{path_b}): their numbers are not comparable; compare evaluations of one protocol")
+    if len(by_prompts) > 1:
+        path_a, path_b = list(by_prompts.values())[:2]
+        raise UserError(f"these evaluations used one protocol on different prompt sets ({path_a}; {path_b}): their "
+                        f"numbers are not comparable")
 
 
 def available_keys(runs: list[Run], source: str) -> list[str]:

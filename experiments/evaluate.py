@@ -67,6 +67,9 @@ from rl.session import prepare_models, trainable_parameters  # noqa: E402
 from rl.tracking import image_grid, metric_curve, metric_name, read_metrics, step_unit  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# reward options a protocol lets the command line set: where the weights are, where the reward runs
+WEIGHT_OPTIONS = ("detector", "detector_dtype", "clip.model", "clip.pretrained", "clip.processor", "clip.dtype",
+                  "model_dir", "device", "head", "weights", "checkpoint", "med_config", "url")
 CHECKPOINT_NAME = re.compile(r"(?:step_)?(\d+)")
 MIXED_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -275,12 +278,19 @@ def protocol_eval_config(protocol: Protocol, num_prompts: int, batch_size: int |
 
 
 def protocol_rewards(protocol: Protocol, overrides: list[str]) -> list[NamedReward]:
-    """The protocol's rewards; `reward.<key>=<value>` on the command line applies to its first (where its weights
-    are: `reward.detector=DIR`, `reward.clip.pretrained=FILE`) and is recorded with the results."""
+    """The protocol's rewards; `reward.<key>=<value>` on the command line applies to its first, and only for the keys
+    that say where its weights are or where it runs (`reward.detector=DIR`, `reward.clip.pretrained=FILE`,
+    `reward.device=cuda`; recorded with the results): anything else would change what the card pins."""
     own, groups = split_reward_overrides(overrides)
     if groups:
         raise UserError(f"protocol={protocol.name} pins its rewards ({', '.join(g[0] for g in protocol.rewards)}); "
                         f"{groups[0][0]} would change them: evaluate without a protocol for other rewards")
+    for override in own:
+        key = override.split("=", 1)[0].removeprefix("reward.")
+        if key not in WEIGHT_OPTIONS:
+            raise UserError(f"{override.split('=', 1)[0]} changes what protocol={protocol.name} pins; under a protocol "
+                            f"only where the weights are or run may change: "
+                            f"{', '.join('reward.' + k for k in WEIGHT_OPTIONS)}")
     return [NamedReward(group[0].removeprefix("reward="), compose_reward([*group, *(own if i == 0 else [])]))
             for i, group in enumerate(protocol.rewards)]
 
@@ -512,6 +522,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         chosen = [p.text for p in prompts[: config.max_prompts]]
         for _, reward in rewards:
             reward.check_prompts(chosen)  # before the model loads
+            reward.check_metadata(chosen, [p.metadata for p in prompts[: config.max_prompts]])
         lora = build(run_cfg.algo.lora) if run_cfg.algo.get("lora") is not None else None
         mixed = MIXED_PRECISION.get(str(run_cfg.get("mixed_precision", "no")))
         pipe = build(run_cfg.model, _partial_=True)(device=device) if todo else None

@@ -75,6 +75,10 @@ class Reward(torch.nn.Module):
         """Raise `RewardInputError` (one line) if the reward cannot score images of these prompts; the entry point
         calls it on the prompt sets before any model loads. Most rewards take any prompt."""
 
+    def check_metadata(self, prompts: Sequence[str], metadata: Sequence[dict]) -> None:
+        """Raise `RewardInputError` (one line) if the prompts' metadata is not what the reward reads (GenEval's
+        objects); called with `check_prompts`, before any model loads. Most rewards read none."""
+
     def freeze(self) -> Reward:
         """Put every sub-network in eval mode with no trainable parameters; returns self."""
         self.eval()

@@ -5,7 +5,9 @@ segmentation on COCO finds the objects, open_clip ViT-L/14 names their colours, 
 
 - Detector (`reward.detector`): a Mask2Former COCO instance-segmentation checkpoint, a hub id or a local folder saved
   with `save_pretrained` (GenEval runs mmdet's Mask2Former Swin-S, COCO; its transformers port is
-  `facebook/mask2former-swin-small-coco-instance`). Each kept instance is `(box, score)`, the box being the bounding
+  `facebook/mask2former-swin-small-coco-instance`), `reward.batch_size` images per forward. Its labels are read
+  under GenEval's names (COCO's keyboard, mouse and remote are GenEval's computer keyboard, computer mouse and tv
+  remote; the colour templates use GenEval's names). Each kept instance is `(box, score)`, the box being the bounding
   box of its mask (as mmdet derives Mask2Former's boxes) and the score the class probability times the mask's
   confidence (transformers' `post_process_instance_segmentation`, as mmdet's).
 - Colours: each object's pixels (its mask) composited on GenEval's grey #999999, cropped to its box and classified
@@ -36,6 +38,8 @@ from rewards.clip import ClipModel
 from rewards.geneval_rules import COLORS, Detection, geneval_correct, kept_detections, relative_position
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# GenEval's names of three COCO classes that COCO checkpoints label otherwise (its object_names.txt vs COCO's list)
+COCO_NAMES = {"computer keyboard": "keyboard", "computer mouse": "mouse", "tv remote": "remote"}
 COLOR_TEMPLATES = ("a photo of a {c} {name}", "a photo of a {c}-colored {name}", "a photo of a {c} object")
 GREY = (153, 153, 153)  # GenEval's #999 background behind a colour crop
 SCORES = ("partial", "correct", "strict")
@@ -121,7 +125,8 @@ class GenEvalReward(Reward):
     differentiable = False
 
     def __init__(self, detector: str = "facebook/mask2former-swin-small-coco-instance",
-                 clip: ClipModel | None = None, score: str = "partial", detector_dtype: str = "float32"):
+                 clip: ClipModel | None = None, score: str = "partial", detector_dtype: str = "float32",
+                 batch_size: int = 8):
         super().__init__()
         if score not in SCORES:
             raise RewardInputError(f"reward.score must be one of {', '.join(SCORES)}, got {score!r}")
@@ -133,13 +138,26 @@ class GenEvalReward(Reward):
         self.detector = Mask2FormerForUniversalSegmentation.from_pretrained(
             detector, torch_dtype=getattr(torch, detector_dtype))
         self.processor = Mask2FormerImageProcessor.from_pretrained(detector)
-        self.labels = {int(k): v for k, v in self.detector.config.id2label.items()}
+        # the detector's labels under GenEval's names (COCO's "keyboard" is GenEval's "computer keyboard")
+        geneval_name = {coco: name for name, coco in COCO_NAMES.items()}
+        self.labels = {int(k): geneval_name.get(v, v) for k, v in self.detector.config.id2label.items()}
+        self.batch_size = batch_size
         self.clip = clip if clip is not None else ClipModel("open_clip", "ViT-L-14", pretrained="openai")
         self.colour_classifiers: dict[str, torch.Tensor] = {}
         self.freeze()
 
-    def check_prompts(self, prompts) -> None:
-        pass  # GenEval reads the metadata, checked at scoring (a prompt set without it fails on its first batch)
+    def check_metadata(self, prompts: list[str], metadata: list[dict]) -> None:
+        """Each prompt carries GenEval's metadata (a task tag and include clauses) naming classes the detector
+        knows; one line otherwise (called on the prompt sets before the model loads, and at scoring)."""
+        known = set(self.labels.values())
+        for prompt, meta in zip(prompts, metadata):
+            if "tag" not in meta or "include" not in meta:
+                raise RewardInputError(f"reward=geneval needs GenEval metadata (tag, include) with each prompt, and "
+                                       f"{prompt[:60]!r} has none; use prompts=geneval")
+            unknown = [c["class"] for c in [*meta["include"], *meta.get("exclude", [])] if c["class"] not in known]
+            if unknown:
+                raise RewardInputError(f"GenEval metadata names {unknown[0]!r}, which the detector does not know "
+                                       f"(its classes: {', '.join(sorted(known)[:5])}, ...)")
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> list[dict[str, list[tuple[tuple, float, np.ndarray]]]]:
@@ -184,11 +202,7 @@ class GenEvalReward(Reward):
 
     def judge(self, image: PIL.Image.Image, found: Mapping[str, list], metadata: Mapping) -> dict[str, Any]:
         """GenEval's correct, Flow-GRPO's strict_correct and partial score for one image."""
-        unknown = [c["class"] for c in [*metadata.get("include", []), *metadata.get("exclude", [])]
-                   if c["class"] not in self.labels.values()]
-        if unknown:
-            raise RewardInputError(f"GenEval metadata names {unknown[0]!r}, which the detector does not know "
-                                   f"(its classes: {', '.join(sorted(self.labels.values())[:5])}, ...)")
+        self.check_metadata([metadata.get("prompt", "")], [metadata])
         kept = kept_detections({k: [(box, s) for box, s, _ in v] for k, v in found.items()}, metadata["tag"])
         masks = {name: {id(box): mask for box, _, mask in found[name]} for name in kept}
 
@@ -200,12 +214,10 @@ class GenEvalReward(Reward):
         return {"correct": float(correct), "strict_correct": float(strict), "partial": partial}
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
-        missing = [i for i, m in enumerate(metadata) if "tag" not in m or "include" not in m]
-        if missing:
-            raise RewardInputError(f"reward=geneval needs GenEval metadata (tag, include) with each prompt, and "
-                                   f"{prompts[missing[0]][:60]!r} has none; use prompts=geneval")
-        judged = [self.judge(to_pil(image), found, meta)
-                  for image, found, meta in zip(images, self.detect(images), metadata)]
+        self.check_metadata(prompts, metadata)
+        found = [f for start in range(0, len(images), self.batch_size)  # the detector's memory grows with the batch
+                 for f in self.detect(images[start:start + self.batch_size])]
+        judged = [self.judge(to_pil(image), objects, meta) for image, objects, meta in zip(images, found, metadata)]
         info: dict[str, Any] = {key: torch.tensor([j[key] for j in judged]) for key in ("correct", "strict_correct",
                                                                                         "partial")}
         for task in TASKS:

@@ -30,6 +30,10 @@ class MultiReward(Reward):
         for component in self.components.values():
             component.check_prompts(prompts)
 
+    def check_metadata(self, prompts, metadata) -> None:
+        for component in self.components.values():
+            component.check_metadata(prompts, metadata)
+
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
         total = torch.zeros(images.shape[0], device=images.device)
         info: dict[str, Any] = {}

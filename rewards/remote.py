@@ -12,6 +12,7 @@ differentiable (it never is through HTTP: no gradients cross processes).
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
@@ -25,6 +26,18 @@ import torch
 
 from pipelines.errors import UserError
 from rewards.base import Reward
+
+
+def error_detail(body: str) -> str:
+    """The message of an error answer (`{"error": ...}` or `{"error": {"message": ...}}` as OpenAI-compatible servers
+    answer, else the text), on one line."""
+    detail: object = body.strip()
+    try:
+        message = json.loads(body).get("error", body)
+        detail = message.get("message", message) if isinstance(message, dict) else message
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(str(detail).split())[:500]
 
 
 class RemoteRewardError(UserError):
@@ -66,19 +79,14 @@ def http_json(method: str, url: str, body: dict | None, timeout: float, retries:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:  # it answered: its message
-            lines = error.read().decode(errors="replace").strip().splitlines()
-            detail = lines[0] if lines else str(error)
-            if detail.startswith("{"):
-                try:
-                    message = json.loads(detail).get("error", detail)
-                    detail = message.get("message", str(message)) if isinstance(message, dict) else str(message)
-                except ValueError:
-                    pass
-            if error.code < 500:
+            detail = error_detail(error.read().decode(errors="replace")) or str(error)
+            if error.code < 500 and error.code not in (408, 429):  # bad input: no retry
                 raise RemoteRewardError(f"{what} refused the request (HTTP {error.code}): {detail}") from None
             last = f"HTTP {error.code}: {detail}"
-        except (urllib.error.URLError, OSError, TimeoutError) as error:
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as error:
             last = str(getattr(error, "reason", error)) or type(error).__name__
+        except ValueError as error:  # an answer that is not JSON (a proxy's page, a cut-off body)
+            last = f"an answer that is not JSON ({str(error).splitlines()[0][:100]})"
     tries = f"{retries + 1} tr{'y' if retries == 0 else 'ies'}"
     raise RemoteRewardError(f"{what} did not answer after {tries} ({last}); {start}")
 
@@ -90,7 +98,7 @@ class RemoteReward(Reward):
     differentiable = False
 
     def __init__(self, url: str, timeout: float = 300.0, retries: int = 3, backoff: float = 1.0,
-                 batch_size: int | None = None, check: bool = True):
+                 batch_size: int | None = 32, check: bool = True):
         super().__init__()
         self.url, self.timeout, self.retries, self.backoff = url.rstrip("/"), timeout, retries, backoff
         self.batch_size = batch_size

@@ -79,11 +79,16 @@ def make_handler(reward, config: dict, device: torch.device, batch_size: int):
                 return self.answer(404, {"error": f"no such path {self.path}; use POST /score"})
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                missing = [key for key in ("images", "prompts") if key not in body]
+                if missing:
+                    raise ValueError(f"no {missing[0]!r} in the request")
+                decode_images(body["images"])
+            except (KeyError, ValueError, TypeError) as error:  # the request itself: the client's fault
+                return self.answer(400, {"error": f"malformed request ({type(error).__name__}: {error})"})
+            try:
                 self.answer(200, score_request(reward, body, device, batch_size))
-            except UserError as error:  # bad input: the client's fault, said in one line
+            except UserError as error:  # inputs the reward refuses (wrong prompts, shapes): said in one line
                 self.answer(400, {"error": str(error)})
-            except (KeyError, ValueError) as error:
-                self.answer(400, {"error": f"malformed request ({type(error).__name__}: {error})"})
             except Exception as error:  # noqa: BLE001 (the server keeps serving; the client retries a 500)
                 logger.exception("scoring failed")
                 self.answer(500, {"error": f"{type(error).__name__}: {error}"})

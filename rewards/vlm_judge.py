@@ -7,7 +7,8 @@ answer is parsed with a regular expression whose first group is the number (`sco
 (its model card says), e.g. UnifiedReward's point-score template ending in "Final Score: X" and `scale` 1/5 to map
 1..5 into 0.2..1. An answer without a number scores `unparsed_score` (default 0) and is counted in `info`
 (`parsed`: 1 or 0). Requests run `workers` at a time (the server batches concurrent requests), with
-`reward.timeout`, `reward.retries` and a one-line error as `reward=remote`. Not differentiable.
+`reward.timeout`, `reward.retries` and a one-line error as `reward=remote`; at start, the server's
+`/models` must answer and list `reward.model` (`reward.check=false` skips that). Not differentiable.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from rewards.base import Reward, RewardInputError
 from rewards.remote import http_json
 
+START = "serve the judge there (e.g. `vllm serve MODEL --port 8000`) or set reward.url"
 DEFAULT_TEMPLATE = (
     "You are given a text caption and an image generated from it. Judge how well the image matches the caption and "
     "how good the image is, then rate it on a scale of 1 to 5 (5 is best). Caption: {prompt}\n"
@@ -60,7 +62,7 @@ class VlmJudgeReward(Reward):
                  template: str | None = None, score_pattern: str = r"Final Score:\s*\**\s*([0-9]+(?:\.[0-9]+)?)",
                  scale: float = 0.2, offset: float = 0.0, unparsed_score: float = 0.0, max_tokens: int = 512,
                  temperature: float = 0.0, api_key_env: str | None = "OPENAI_API_KEY", workers: int = 8,
-                 timeout: float = 300.0, retries: int = 3, backoff: float = 1.0):
+                 timeout: float = 300.0, retries: int = 3, backoff: float = 1.0, check: bool = True):
         super().__init__()
         template = DEFAULT_TEMPLATE if template is None else template
         if "{prompt}" not in template:
@@ -73,6 +75,13 @@ class VlmJudgeReward(Reward):
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         key = os.environ.get(api_key_env) if api_key_env else None
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if check:  # a judge that is not up stops the run before any model loads; and it must serve this model
+            served = http_json("GET", self.url + "/models", None, min(timeout, 30.0), retries, backoff,
+                               what=f"the judge at {self.url}", headers=self.headers, start=START)
+            names = [m.get("id") for m in served.get("data", []) if isinstance(m, dict)]
+            if names and model not in names:
+                raise RewardInputError(f"the judge at {self.url} serves {', '.join(map(str, names))}, not "
+                                       f"reward.model={model}")
 
     def ask(self, image: torch.Tensor, prompt: str) -> str:
         """The judge's answer for one image."""
@@ -81,8 +90,7 @@ class VlmJudgeReward(Reward):
                     {"type": "image_url", "image_url": {"url": png_data_url(image)}},
                     {"type": "text", "text": self.template.replace("{prompt}", prompt)}]}]}
         answer = http_json("POST", self.url + "/chat/completions", body, self.timeout, self.retries, self.backoff,
-                           what=f"the judge at {self.url}", headers=self.headers,
-                           start="serve the judge there (e.g. `vllm serve MODEL --port 8000`) or set reward.url")
+                           what=f"the judge at {self.url}", headers=self.headers, start=START)
         try:
             return answer["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):

@@ -249,11 +249,24 @@ class Scorer:
             torch.cuda.current_stream().wait_stream(self.stream)
             return result
 
+        self.raise_failed()  # a batch that already failed (a served reward gone) stops the epoch now
         self.pending.append(self.worker.submit(run))
+
+    def raise_failed(self) -> None:
+        """Re-raise the error of a finished batch, after cancelling the queued ones (none is waited for)."""
+        for part in self.pending:
+            if not isinstance(part, tuple) and part.done() and part.exception() is not None:
+                self.worker.shutdown(wait=False, cancel_futures=True)
+                raise part.exception()
 
     def results(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every batch's scores and per-image info, in submission order."""
-        parts = [p if isinstance(p, tuple) else p.result() for p in self.pending]
+        try:
+            parts = [p if isinstance(p, tuple) else p.result() for p in self.pending]
+        except BaseException:
+            if self.worker is not None:
+                self.worker.shutdown(wait=False, cancel_futures=True)
+            raise
         if self.worker is not None:
             self.worker.shutdown()
             if self.stream is not None:

@@ -131,6 +131,8 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
     train_prompts, eval_prompts = build(cfg.prompts.train), build(cfg.prompts.eval)
     if reward is not None:
         reward.check_prompts([p.text for p in train_prompts + eval_prompts])
+        reward.check_metadata([p.text for p in train_prompts + eval_prompts],
+                              [p.metadata for p in train_prompts + eval_prompts])
     return RunContext(
         run_dir=run_dir,
         seed=cfg.seed,

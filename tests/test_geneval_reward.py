@@ -21,10 +21,20 @@ from rl.tracking import info_means
 ROOT = Path(__file__).resolve().parents[1]
 METADATA = [json.loads(line) for line in (ROOT / "assets/prompts/geneval_test_metadata.jsonl").read_text().splitlines()]
 CLASSES = sorted({c["class"] for m in METADATA for c in [*m.get("include", []), *m.get("exclude", [])]})
+# COCO's 80 instance classes as COCO checkpoints label them (mmdet's and the hub's Mask2Former order)
+COCO = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+        "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+        "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
+        "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+        "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+        "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+        "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+        "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+        "hair drier", "toothbrush"]
 
 
 def save_tiny_mask2former(folder: Path) -> Path:
-    """A random Mask2Former (Swin backbone, COCO's GenEval classes) with its image processor, as a hub folder."""
+    """A random Mask2Former (Swin backbone, COCO's 80 labels) with its image processor, as a hub folder."""
     from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
                               SwinConfig)
 
@@ -32,14 +42,14 @@ def save_tiny_mask2former(folder: Path) -> Path:
                           out_features=["stage1", "stage2", "stage3", "stage4"])
     config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, feature_size=32, mask_feature_size=32,
                                num_queries=6, encoder_layers=1, decoder_layers=2, dim_feedforward=32,
-                               num_attention_heads=2, encoder_feedforward_dim=32, num_labels=len(CLASSES),
-                               id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)})
+                               num_attention_heads=2, encoder_feedforward_dim=32, num_labels=len(COCO),
+                               id2label=dict(enumerate(COCO)), label2id={c: i for i, c in enumerate(COCO)})
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(config)
     with torch.no_grad():  # random weights are unsure of everything: make some queries confident dogs (scores > 0.3)
         model.class_predictor.weight.mul_(20)
         for name, bias in (("cat", 6.0), ("dog", 6.0), ("person", 5.0)):
-            model.class_predictor.bias[CLASSES.index(name)] = bias
+            model.class_predictor.bias[COCO.index(name)] = bias
     model.save_pretrained(folder)
     Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder)
     return folder
@@ -132,14 +142,24 @@ def test_tiny_detector_scores_geneval_prompts(reward):
     # the colour path: "a red dog" is correct exactly when the most confident dog's crop is classified red
     index = next(i for i, f in enumerate(found) if "dog" in f)
     red_dog = {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"}
-    named = reward.colours(pictures[index], "dog", found[index]["dog"][:1])
+    most_confident = sorted(found[index]["dog"], key=lambda d: -d[1])[:1]
+    named = reward.colours(pictures[index], "dog", most_confident)
     assert named[0] in COLORS
     assert reward.judge(pictures[index], found[index], red_dog)["correct"] == float(named[0] == "red")
 
 
+def test_geneval_names_cover_the_metadata_through_cocos_labels(reward):
+    """Every class the shipped metadata names is a label of a COCO detector, three of them under GenEval's names."""
+    assert set(CLASSES) <= set(reward.labels.values())
+    assert {"computer keyboard", "computer mouse", "tv remote"} <= set(CLASSES)
+    assert "keyboard" not in reward.labels.values()
+
+
 def test_detections_are_mask_boxes_with_scores_above_the_lower_threshold(reward):
     torch.manual_seed(2)
-    for per_class in reward.detect(torch.rand(2, 3, 40, 56)):
+    found = reward.detect(torch.rand(2, 3, 40, 56))
+    assert any(found), "nothing detected: the test would check nothing"
+    for per_class in found:
         for name, objects in per_class.items():
             assert name in CLASSES
             for (x1, y1, x2, y2), score, mask in objects:
@@ -151,6 +171,9 @@ def test_score_choice_and_bad_metadata(reward, tiny_detector):
     meta = next(m for m in METADATA if m["tag"] == "counting")
     with pytest.raises(RewardInputError, match="use prompts=geneval"):
         reward(torch.rand(1, 3, 32, 32), ["a photo of a cat"], [{}])
+    with pytest.raises(RewardInputError, match="use prompts=geneval"):  # before any model loads, on the prompt sets
+        reward.check_metadata(["a photo of a cat"], [{}])
+    reward.check_metadata([m["prompt"] for m in METADATA], METADATA)  # the shipped set passes
     with pytest.raises(RewardInputError, match="'unicorn', which the detector does not know"):
         reward.judge(PIL.Image.new("RGB", (8, 8)), {}, {**meta, "include": [{"class": "unicorn", "count": 1}]})
     with pytest.raises(RewardInputError, match="reward.score must be one of"):

@@ -134,11 +134,18 @@ def test_engines_that_cannot_run_fail_in_one_line(monkeypatch, tmp_path):
     with pytest.raises(RewardInputError, match="unknown reward.engine='easyocr'"):
         make_engine("easyocr")
     monkeypatch.setitem(sys.modules, "paddleocr", None)  # not installed
-    with pytest.raises(RewardInputError, match="pip install paddlepaddle paddleocr"):
+    with pytest.raises(RewardInputError, match="pip install paddlepaddle 'paddleocr<3'"):
         make_engine("paddleocr")
     monkeypatch.setitem(sys.modules, "paddleocr", types.SimpleNamespace(PaddleOCR=lambda **options: None))
     with pytest.raises(RewardInputError, match="lacks the PaddleOCR model folder"):
         make_engine("paddleocr", model_dir=str(tmp_path))
+
+    def paddleocr_3(**options):  # 3.x refuses 2.x's options
+        raise ValueError("Unknown argument: show_log")
+
+    monkeypatch.setitem(sys.modules, "paddleocr", types.SimpleNamespace(PaddleOCR=paddleocr_3))
+    with pytest.raises(RewardInputError, match=r"Unknown argument: show_log\); install PaddleOCR 2.x"):
+        make_engine("paddleocr")
 
 
 def test_score_cli_on_a_folder_of_images(tmp_path):

@@ -58,6 +58,8 @@ def test_what_a_card_pins_is_refused_in_one_line():
         protocols.load_protocol("genevall")
     with pytest.raises(UserError, match="give one protocol"):
         protocols.split_protocol(["protocol=ocr", "protocol=geneval"])
+    with pytest.raises(UserError, match="reward.score changes what protocol=geneval pins"):
+        ev.protocol_rewards(card, ["reward.score=partial"])
     # the first reward's weights can be pointed elsewhere, and that is recorded
     (reward,) = ev.protocol_rewards(card, ["reward.detector=/weights/mask2former"])
     assert reward.name == "geneval" and reward.config.detector == "/weights/mask2former"

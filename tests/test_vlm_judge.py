@@ -3,6 +3,7 @@
 number, concurrency, and one-line errors."""
 
 import base64
+import inspect
 import io
 import json
 import threading
@@ -17,6 +18,8 @@ from rewards.base import RewardInputError
 from rewards.remote import RemoteRewardError
 from rewards.vlm_judge import VlmJudgeReward, parse_score
 
+VLM_DEFAULT = inspect.signature(VlmJudgeReward).parameters["model"].default  # the default model name
+
 
 class StubJudge:
     """Answers 'Final Score: <mean brightness x 5, rounded>' (or whatever `answer` says), recording each request."""
@@ -26,6 +29,13 @@ class StubJudge:
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the models it serves)
+                data = json.dumps({"object": "list", "data": [{"id": "judge-7b"}, {"id": VLM_DEFAULT}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.requests.append((self.path, dict(self.headers), body))
@@ -89,14 +99,18 @@ def test_answers_without_a_number_score_the_fallback_and_are_counted():
 
 def test_bad_settings_and_a_failing_server_in_one_line():
     with pytest.raises(RewardInputError, match="must contain {prompt}"):
-        VlmJudgeReward(template="Rate this image.")
+        VlmJudgeReward(template="Rate this image.", check=False)
     with pytest.raises(RewardInputError, match="needs a group"):
-        VlmJudgeReward(score_pattern=r"Final Score: \d")
+        VlmJudgeReward(score_pattern=r"Final Score: \d", check=False)
     stub = StubJudge(status=404)
     try:
+        with pytest.raises(RewardInputError, match="serves judge-7b, .*not reward.model=other"):
+            VlmJudgeReward(url=stub.url, model="other")
         with pytest.raises(RemoteRewardError, match=r"refused the request \(HTTP 404\): model not loaded"):
             VlmJudgeReward(url=stub.url)(torch.rand(1, 3, 4, 4), ["a"])
     finally:
         stub.server.shutdown()
     with pytest.raises(RemoteRewardError, match=r"the judge at http://127.0.0.1:9/v1 did not answer after 1 try"):
-        VlmJudgeReward(url="http://127.0.0.1:9/v1", retries=0)(torch.rand(1, 3, 4, 4), ["a"])
+        VlmJudgeReward(url="http://127.0.0.1:9/v1", retries=0)  # down at start: before any model loads
+    with pytest.raises(RemoteRewardError, match=r"the judge at http://127.0.0.1:9/v1 did not answer after 1 try"):
+        VlmJudgeReward(url="http://127.0.0.1:9/v1", retries=0, check=False)(torch.rand(1, 3, 4, 4), ["a"])
