@@ -3,6 +3,7 @@
     python -m rewards.score reward=aesthetic images=photos/ prompt="a photo of a cat"
     python -m rewards.score reward=jpeg_compressibility images=[a.png,b.png]
     python -m rewards.score reward=clip_score images=photos/ prompts_file=captions.txt
+    python -m rewards.score reward=geneval images=samples/ prompts_file=metadata.jsonl   # prompts with their metadata
 
 Every image is opened and checked before the reward model loads, so a corrupt file fails at once.
 """
@@ -50,21 +51,35 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
-def read_prompts(count: int, prompt: str | None, prompts_file: str | None) -> list[str]:
+def read_prompts(count: int, prompt: str | None, prompts_file: str | None) -> tuple[list[str], list[dict]]:
+    """One prompt per image, and its metadata: a `.txt` file has a prompt a line; a `.jsonl` file a JSON object a line
+    with a `prompt` key, its other keys the metadata (GenEval's objects: `reward=geneval` reads them)."""
     if prompt is not None and prompts_file is not None:
         raise UserError("give either prompt or prompts_file, not both")
     if prompts_file is None:
-        return [prompt or ""] * count
+        return [prompt or ""] * count, [{} for _ in range(count)]
     path = Path(prompts_file).expanduser()
     if not path.is_file():
         raise UserError(f"no such prompts file: {prompts_file}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if len(prompts) != count:
-        raise UserError(f"{prompts_file} has {len(prompts)} prompts for {count} images; give one per image")
-    return prompts
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) != count:
+        raise UserError(f"{prompts_file} has {len(lines)} prompts for {count} images; give one per image")
+    if path.suffix != ".jsonl":
+        return lines, [{} for _ in lines]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f"{prompts_file} line {number} is not a JSON object with a 'prompt'")
+        records.append(record)
+    return [r["prompt"] for r in records], [{k: v for k, v in r.items() if k != "prompt"} for r in records]
 
 
-def score_images(reward, images: list[torch.Tensor], prompts: list[str], batch_size: int, device) -> list[dict]:
+def score_images(reward, images: list[torch.Tensor], prompts: list[str], batch_size: int, device,
+                 metadata: list[dict] | None = None) -> list[dict]:
     """Score images in batches of equal size; returns per-image records with the score and per-image info values."""
     records = []
     start = 0
@@ -73,7 +88,8 @@ def score_images(reward, images: list[torch.Tensor], prompts: list[str], batch_s
         while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape:
             end += 1
         with torch.no_grad():
-            scores, info = reward(torch.stack(images[start:end]).to(device), prompts[start:end])
+            scores, info = reward(torch.stack(images[start:end]).to(device), prompts[start:end],
+                                  metadata[start:end] if metadata is not None else None)
         for i in range(end - start):
             record = {"score": scores[i].item()}
             for key, value in info.items():
@@ -90,10 +106,13 @@ def main(cfg: DictConfig) -> None:
         images_arg = list(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)
         files = list_images(images_arg)
         images = [read_image(path) for path in files]  # all checked before the reward model loads
-        prompts = read_prompts(len(files), cfg.prompt, cfg.prompts_file)
+        prompts, metadata = read_prompts(len(files), cfg.prompt, cfg.prompts_file)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         reward = build(cfg.reward).to(device)
-        for path, prompt, record in zip(files, prompts, score_images(reward, images, prompts, cfg.batch_size, device)):
+        reward.check_prompts(prompts)
+        reward.check_metadata(prompts, metadata)
+        records = score_images(reward, images, prompts, cfg.batch_size, device, metadata)
+        for path, prompt, record in zip(files, prompts, records):
             print(json.dumps({"image": str(path), "prompt": prompt, **record}), flush=True)
 
 

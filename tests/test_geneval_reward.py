@@ -203,3 +203,33 @@ def test_per_task_means_leave_out_the_images_a_value_does_not_apply_to():
     assert info_means(info, "eval/", std=True) == {"eval/correct_mean": pytest.approx(2 / 3),
                                                    "eval/correct_std": pytest.approx(0.57735, abs=1e-5),
                                                    "eval/correct_counting_mean": 1.0, "eval/correct_counting_std": 0.0}
+
+
+def test_score_cli_reads_prompts_with_their_metadata(tiny_detector, tmp_path):
+    """`python -m rewards.score reward=geneval prompts_file=X.jsonl`: each image judged against its line's metadata."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    torch.manual_seed(3)
+    for name in ("a.png", "b.png"):
+        PIL.Image.fromarray((torch.rand(32, 32, 3).numpy() * 255).astype(np.uint8)).save(folder / name)
+    metas = [next(m for m in METADATA if m["tag"] == tag) for tag in ("counting", "position")]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
+    result = subprocess.run([sys.executable, "-m", "rewards.score", "reward=geneval", f"reward.detector={tiny_detector}",
+                             "reward.clip.model=tiny-ViT-768", "reward.clip.pretrained=null", f"images={folder}",
+                             f"prompts_file={tmp_path / 'prompts.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in lines] == [m["prompt"] for m in metas]
+    assert math.isnan(lines[0]["correct_position"]) and lines[0]["correct_counting"] == lines[0]["correct"]
+    assert math.isnan(lines[1]["correct_counting"]) and lines[1]["correct_position"] == lines[1]["correct"]
+    (tmp_path / "plain.txt").write_text("a photo of a cat\na photo of a dog\n")  # no metadata: one line, before scoring
+    result = subprocess.run([sys.executable, "-m", "rewards.score", "reward=geneval", f"reward.detector={tiny_detector}",
+                             "reward.clip.model=tiny-ViT-768", "reward.clip.pretrained=null", f"images={folder}",
+                             f"prompts_file={tmp_path / 'plain.txt'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (weights' progress aside)
+    assert result.returncode == 2 and len(errors) == 1 and errors[0].endswith("use prompts=geneval")
