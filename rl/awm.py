@@ -94,8 +94,8 @@ def run(ctx: RunContext, config: AWM) -> None:
     if trailing is not None:
         trailing.ensure(s.parameters)  # the trained weights at the start, or the copy a resume restored
     reference = s.reference_policy() if config.beta > 0 else None
-    if s.state.step == 0:
-        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
+        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
     for epoch in s.steps("awm"):
         # 1. Sample this process's share of the epoch with the current policy; keep the final latents; score them.
         samples = sample_epoch(s, sampling, epoch, None, ppo_indices(sampling, train, ctx.seed, epoch),

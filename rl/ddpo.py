@@ -86,8 +86,8 @@ def run(ctx: RunContext, config: DDPO) -> None:
                      accumulation=layout.accumulation,
                      gradient_checkpointing=ppo.gradient_checkpointing, prompts_only=True,
                      state={"stat_tracker": tracker})
-    if s.state.step == 0:
-        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
+        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
     for epoch in s.steps("ddpo"):
         # 1. Sample and score.
         samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),

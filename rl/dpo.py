@@ -281,8 +281,8 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
                      reference=True, gradient_checkpointing=train.gradient_checkpointing)
     reference = s.reference_policy()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
-    if s.state.step == 0:
-        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
+        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
     k = sampling.images_per_prompt
     for epoch in s.steps("dpo_online"):
         # 1. Sample whole groups on each process (ODE with noise_level 0, or the SDE), and score them: the groups of

@@ -190,7 +190,7 @@ def held_out(session, config: EvalConfig, step: int, force: bool = False) -> Non
     ctx, accelerator = session.ctx, session.accelerator
     if not (config.due(step, session.total_steps) or force) or not ctx.eval_prompts:
         return
-    with session.saving_on_failure(), session.ema_weights():  # every process samples and scores its share
+    with session.saving_on_failure(evaluating=True), session.ema_weights():  # each process scores its share
         metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed, session.text,
                                    accelerator)
     if accelerator.is_main_process:

@@ -65,8 +65,8 @@ def run(ctx: RunContext, config: GRPO) -> None:
                      accumulation=layout.accumulation,
                      gradient_checkpointing=ppo.gradient_checkpointing, prompts_only=True, reference=config.beta > 0)
     kl = kl_penalty(config.beta, s.reference_policy(), sampling.sde_type) if config.beta > 0 else None
-    if s.state.step == 0:
-        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
+        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
     for epoch in s.steps("grpo"):
         # 1. Sample this process's share of G images for each of the epoch's prompts, and score them.
         samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),

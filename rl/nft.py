@@ -87,8 +87,8 @@ def run(ctx: RunContext, config: NFT) -> None:
                      prompts_only=True, reference=config.kl_beta > 0, state={"old_policy": old})
     old.ensure(s.parameters)  # the trained weights at the start, or the old policy a resume restored
     reference = s.reference_policy() if config.kl_beta > 0 else None
-    if s.state.step == 0:
-        held_out(s, eval, 0, force=True)  # the base model's held-out reward: the curve's start
+    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
+        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
     for epoch in s.steps("nft"):
         # 1. Sample this process's share of the epoch with the old policy; keep the final latents; score them.
         with old.swapped_in(s.parameters):

@@ -203,8 +203,8 @@ def run(ctx: RunContext, config: ReFL) -> None:
         pretrain_batches = batches(pretraining, train.pretrain_batch_size, s)
         encoder = Encoder(s.pipe, max_sequence_length)
         train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
-    if state.step == 0:
-        held_out(s, eval, 0, force=True)
+    if state.step == 0 or s.evaluation_pending:  # the start, or a step whose evaluation failed before a stop
+        held_out(s, eval, state.step, force=True)
 
     # 2. Train: sample -> decode -> reward -> loss (+ regulariser) -> step; log, evaluate, checkpoint.
     samples_per_step = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes

@@ -51,6 +51,8 @@ from rl.lora import LoraSpec, add_text_encoder_lora, add_transformer_lora, save_
 from rl.model_card import write_model_card
 from rl.tracking import plot_eval_curves
 
+EVALUATION_PENDING = "evaluation_pending"  # in a checkpoint written when its step's held-out evaluation failed
+
 logger = logging.getLogger(__name__)
 
 
@@ -263,6 +265,7 @@ class Session:
     zero_gradient_in_a_row: int = 0
     initial_weight_norm: float = 0.0  # of the trained weights as initialised (before any resume)
     warned: set[str] = field(default_factory=set)  # the divergence warnings already given
+    evaluation_pending: bool = False  # resumed from a checkpoint whose step's held-out evaluation failed: redo it
 
     # ---------------------------------------------------------------------------------------------- the loop
 
@@ -415,10 +418,11 @@ class Session:
         return False
 
     @contextmanager
-    def saving_on_failure(self) -> Iterator[None]:
+    def saving_on_failure(self, evaluating: bool = False) -> Iterator[None]:
         """Around work that depends on another process (a served reward, `reward=remote`): when it fails for good,
         write a checkpoint of the current step (the weights as the last completed step left them) before the error
-        stops the run, so that the same command resumes there rather than at the last periodic checkpoint. One
+        stops the run, so that the same command resumes there rather than at the last periodic checkpoint; a failure
+        while `evaluating` the step marks the checkpoint so that the resumed run evaluates that step first. One
         process only: a checkpoint is collective, and one process's failure cannot make the others join it (several
         processes resume from their last periodic checkpoint)."""
         try:
@@ -428,6 +432,8 @@ class Session:
             done = self.checkpointer.directory / f"step_{step:06d}"
             if step > 0 and self.accelerator.num_processes == 1 and not done.exists():
                 self._save(step)
+                if evaluating:
+                    (done / EVALUATION_PENDING).touch()
                 logger.warning("the reward server failed: checkpoint %s written; start the same command again to "
                                "resume from it", done)
             raise
@@ -554,8 +560,10 @@ def open_session(
     # Full fine-tuning's reference policy is the initial weights: copied before a resume replaces them.
     frozen = copy.deepcopy(modules[0]).requires_grad_(False).eval() if reference and lora is None else None
     initial_norm = weight_norm(parameters)  # as initialised, also on resume: the bound of `optim.max_weight_growth`
+    pending = False
     if checkpoint.resume:
-        checkpointer.restore()
+        restored = checkpointer.restore()
+        pending = restored is not None and (checkpointer.directory / f"step_{restored:06d}" / EVALUATION_PENDING).exists()
         if ema_model is not None:
             ema_model.to(accelerator.device)  # restored on the CPU; the trained weights are on the device
     reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
@@ -564,5 +572,5 @@ def open_session(
         optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, text=text, state=counters,
         checkpointer=checkpointer,
         ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, unit=unit,
-        start=counters.step, frozen_reference=frozen, initial_weight_norm=initial_norm,
+        start=counters.step, frozen_reference=frozen, initial_weight_norm=initial_norm, evaluation_pending=pending,
     )

@@ -154,7 +154,7 @@ def serve_in_thread(reward):
     return server, f"http://127.0.0.1:{server.server_port}"
 
 
-def train_in_process(run_dir, overrides):
+def train_in_process(run_dir, overrides, every=4):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -162,25 +162,30 @@ def train_in_process(run_dir, overrides):
     from rl.run import build_context
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*GRPO, "algo.epochs=4", "algo.eval.every=4", "algo.checkpoint.every=100",
-                                           *overrides])
+        cfg = compose("config", overrides=[*GRPO, "algo.epochs=4", f"algo.eval.every={every}",
+                                           "algo.checkpoint.every=100", *overrides])
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     build(cfg.algo)(build_context(cfg, run_dir))
 
 
-def test_a_server_that_fails_mid_run_leaves_a_checkpoint_of_the_step_reached(tmp_path):
-    """Scoring calls: the held-out start, then one per epoch; the 4th (epoch 3's) fails. The run stops with the
-    server's error after writing the checkpoint of epoch 2 (no periodic one is due), and resumed against a healthy
-    server it ends with the metrics of a run that never failed."""
+@pytest.mark.parametrize("every", [4, 2], ids=["while sampling", "while evaluating"])
+def test_a_server_that_fails_mid_run_leaves_a_checkpoint_of_the_step_reached(tmp_path, every):
+    """Scoring calls: the held-out start, then one per epoch and one per due evaluation; the 4th fails: epoch 3's
+    sampling (evaluations every 4) or the evaluation after epoch 2 (every 2). The run stops with the server's error
+    after writing the checkpoint of epoch 2 (no periodic one is due); resumed against a healthy server it evaluates
+    epoch 2 first if that is what failed, and ends with the metrics of a run that never failed."""
     healthy, healthy_url = serve_in_thread(JpegSizeReward())
     failing, failing_url = serve_in_thread(FailingAfter(calls=4))
     try:
-        train_in_process(tmp_path / "whole", ["reward=remote", f"reward.url={healthy_url}"])
+        train_in_process(tmp_path / "whole", ["reward=remote", f"reward.url={healthy_url}"], every)
         with pytest.raises(RemoteRewardError, match=r"did not answer after 1 try \(HTTP 500: RuntimeError: the judge"):
-            train_in_process(tmp_path / "stopped", ["reward=remote", f"reward.url={failing_url}", "reward.retries=0"])
-        assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step_*")) == ["step_000002"]
-        train_in_process(tmp_path / "stopped", ["reward=remote", f"reward.url={healthy_url}"])  # resumes at 2
+            train_in_process(tmp_path / "stopped", ["reward=remote", f"reward.url={failing_url}", "reward.retries=0"],
+                             every)
+        checkpoints = sorted((tmp_path / "stopped" / "checkpoints").glob("step_*"))
+        assert [p.name for p in checkpoints] == ["step_000002"]
+        assert (checkpoints[0] / "evaluation_pending").exists() == (every == 2)
+        train_in_process(tmp_path / "stopped", ["reward=remote", f"reward.url={healthy_url}"], every)  # resumes at 2
     finally:
         healthy.shutdown()
         failing.shutdown()
