@@ -563,7 +563,8 @@ def open_session(
     pending = False
     if checkpoint.resume:
         restored = checkpointer.restore()
-        pending = restored is not None and (checkpointer.directory / f"step_{restored:06d}" / EVALUATION_PENDING).exists()
+        marker = checkpointer.directory / f"step_{restored or 0:06d}" / EVALUATION_PENDING
+        pending = restored is not None and marker.exists()
         if ema_model is not None:
             ema_model.to(accelerator.device)  # restored on the CPU; the trained weights are on the device
     reward = ctx.reward.to(accelerator.device) if ctx.reward is not None else None
