@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
+from pipelines.errors import UserError
 from pipelines.hub import ModelLoadError
 from rewards.base import RewardInputError
 from rewards.clip import ClipModel
@@ -205,6 +206,22 @@ def test_per_task_means_leave_out_the_images_a_value_does_not_apply_to():
                                                    "eval/correct_counting_mean": 1.0, "eval/correct_counting_std": 0.0}
 
 
+def test_score_reads_jsonl_prompts_with_their_metadata(reward, tmp_path):
+    from rewards.score import read_prompts, score_images
+
+    metas = [next(m for m in METADATA if m["tag"] == tag) for tag in ("counting", "position")]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
+    prompts, metadata = read_prompts(2, None, str(tmp_path / "prompts.jsonl"))
+    assert prompts == [m["prompt"] for m in metas] and metadata[0]["tag"] == "counting" and "prompt" not in metadata[0]
+    torch.manual_seed(3)
+    records = score_images(reward, list(torch.rand(2, 3, 32, 32)), prompts, 8, torch.device("cpu"), metadata)
+    assert math.isnan(records[0]["correct_position"]) and records[0]["correct_counting"] == records[0]["correct"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(UserError, match="line 1 is not a JSON object with a 'prompt'"):
+        read_prompts(1, None, str(tmp_path / "bad.jsonl"))
+
+
+@pytest.mark.slow  # the same through the command line (exit codes, output lines)
 def test_score_cli_reads_prompts_with_their_metadata(tiny_detector, tmp_path):
     """`python -m rewards.score reward=geneval prompts_file=X.jsonl`: each image judged against its line's metadata."""
     import subprocess

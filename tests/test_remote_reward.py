@@ -69,6 +69,8 @@ def test_a_server_that_refuses_or_is_gone_says_so_in_one_line(jpeg_server):
     remote = RemoteReward(jpeg_server, retries=1, backoff=0.01)
     with pytest.raises(RemoteRewardError, match=r"refused the request \(HTTP 400\): malformed request"):
         remote.request("POST", "/score", {"images": encode_images(torch.rand(1, 3, 4, 4))})  # no prompts
+    with pytest.raises(RemoteRewardError, match="did not answer after 1 try"):  # down at start: before models load
+        RemoteReward("http://127.0.0.1:9", retries=0)
     process, url = start_server("reward=jpeg_compressibility")
     remote = RemoteReward(url, retries=2, backoff=0.01)
     process.kill()
@@ -111,16 +113,16 @@ def metrics(run_dir):
 
 
 def test_grpo_through_a_served_reward_matches_the_in_process_one(jpeg_server, tmp_path):
-    for name, reward in (("local", ["reward=jpeg_compressibility"]), ("remote", ["reward=remote",
-                                                                                 f"reward.url={jpeg_server}"])):
-        result = subprocess.run([sys.executable, "-m", "rl.run", *GRPO, *reward, f"hydra.run.dir={tmp_path / name}"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+    """Four GRPO epochs on the tiny model with the JPEG reward in this process and served by `rewards.serve` in its
+    own: every logged metric equal."""
+    train_in_process(tmp_path / "local", ["reward=jpeg_compressibility"], every=2)
+    train_in_process(tmp_path / "remote", ["reward=remote", f"reward.url={jpeg_server}"], every=2)
     local, remote = metrics(tmp_path / "local"), metrics(tmp_path / "remote")
-    assert len(local) == len(remote) and any("train/reward_mean" in r for r in local)
+    assert len(local) == len(remote) and sum("train/reward_mean" in r for r in local) == 4
     assert local == remote
 
 
+@pytest.mark.slow  # the command line's exit code and bytes; RemoteReward's start-up check runs in the default suite
 def test_a_run_whose_server_is_down_stops_before_loading_anything(tmp_path):
     result = subprocess.run([sys.executable, "-m", "rl.run", *GRPO, "reward=remote", "reward.url=http://127.0.0.1:9",
                              "reward.retries=0", f"hydra.run.dir={tmp_path / 'run'}"],
