@@ -43,8 +43,7 @@ def load_reward(overrides: list[str]):
     return build(OmegaConf.to_container(cfg.reward, resolve=True)), OmegaConf.to_container(cfg.reward)
 
 
-def score_request(reward, body: dict, device: torch.device, batch_size: int) -> dict:
-    images = decode_images(body["images"])
+def score_request(reward, images: torch.Tensor, body: dict, device: torch.device, batch_size: int) -> dict:
     prompts, metadata = list(body["prompts"]), body.get("metadata") or [{} for _ in body["prompts"]]
     scores, info = [], {}
     for start in range(0, len(prompts), batch_size):
@@ -82,11 +81,11 @@ def make_handler(reward, config: dict, device: torch.device, batch_size: int):
                 missing = [key for key in ("images", "prompts") if key not in body]
                 if missing:
                     raise ValueError(f"no {missing[0]!r} in the request")
-                decode_images(body["images"])
+                images = decode_images(body["images"])
             except (KeyError, ValueError, TypeError) as error:  # the request itself: the client's fault
                 return self.answer(400, {"error": f"malformed request ({type(error).__name__}: {error})"})
             try:
-                self.answer(200, score_request(reward, body, device, batch_size))
+                self.answer(200, score_request(reward, images, body, device, batch_size))
             except UserError as error:  # inputs the reward refuses (wrong prompts, shapes): said in one line
                 self.answer(400, {"error": str(error)})
             except Exception as error:  # noqa: BLE001 (the server keeps serving; the client retries a 500)
