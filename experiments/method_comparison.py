@@ -5,6 +5,7 @@ training seconds, over seeds: the compute-matched comparison the papers do not p
     python -m experiments.method_comparison --out DIR --methods nft refl --seeds 0      # a part of it
     python -m experiments.method_comparison --out DIR --tune                            # tune each first, then compare
     python -m experiments.method_comparison --out DIR --tune-only --threads 1 --methods grpo ddpo   # tuning runs only
+    python -m experiments.method_comparison --out DIR --tune --report                   # the finished runs, run nothing
 
 Each (method, seed) runs its digits preset (`python -m rl.run experiment=<preset> seed=<s>
 hydra.run.dir=<out>/<method>/seed_<s>`), one run at a time so that seconds compare, until it has used both budgets:
@@ -25,7 +26,9 @@ choice. Without `--tune` the presets run as they are.
 Prints and writes into `--out`: `results.md` and `results.json` (per method and budget: held-out accuracy at the end
 of the budget and the best within it, mean +- std over seeds, and the images or seconds needed to first reach 0.8
 and 0.9, with how many seeds reached them) and `accuracy.png` (held-out accuracy against images and against seconds,
-each method's mean with a band of one std over seeds).
+each method's mean with a band of one std over seeds). A method is in the table with all its seeds or not at all:
+one with a tuning run or a seed unfinished (with `--report`, which runs nothing and reads what `--out` holds) is
+named under the table as such.
 """
 
 from __future__ import annotations
@@ -258,21 +261,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-only", action="store_true",
                         help="only the tuning runs (their images, not their seconds, count: they may share the CPU); "
                              "a later --tune reuses them")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: the table, json and plot of the finished runs in --out (a method with a "
+                             "tuning run or seed unfinished is listed as such and left out)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every rl.run (after --)")
     args = parser.parse_args(argv)
 
-    rows, by_images, by_seconds, chosen = [], [], [], {}
+    if args.report and args.tune_only:
+        parser.error("--report reads finished runs and --tune-only makes tuning runs: give one of them")
+
+    rows, by_images, by_seconds, chosen, pending = [], [], [], {}, []
     for method in args.methods:
-        method_plan = plan(method)
+        method_plan, label = plan(method), METHODS[method][1]
         extra, settings = list(args.overrides), "preset"
         if args.tune or args.tune_only:
             scores = {}
             for factor in LR_FACTORS:
                 lr = method_plan.lr * factor
                 run_dir = args.out / "tuning" / method / f"lr_{lr:.3g}"
-                run_to_budgets(method_plan, TUNING_SEED, run_dir, args.images, 0, args.evaluations,
-                               [*extra, f"algo.optim.lr={lr}"], args.threads)
-                scores[lr] = tuning_score(read_metrics(run_dir), args.images)
+                if not args.report:
+                    run_to_budgets(method_plan, TUNING_SEED, run_dir, args.images, 0, args.evaluations,
+                                   [*extra, f"algo.optim.lr={lr}"], args.threads)
+                records = read_metrics(run_dir)
+                if used_budgets(records, args.images, 0):
+                    scores[lr] = tuning_score(records, args.images)
+            if len(scores) < len(LR_FACTORS):  # only with --report (or a run that could not finish)
+                pending.append(f"{label}: tuning, {len(scores)} of {len(LR_FACTORS)} runs finished")
+                continue
             best_lr = max(scores, key=scores.get)
             extra, settings = [*extra, f"algo.optim.lr={best_lr}"], f"lr {best_lr:.3g}"
             chosen[method] = {"lr": best_lr, "training_reward_by_lr": {f"{k:.3g}": v for k, v in scores.items()}}
@@ -281,9 +296,15 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for seed in args.seeds:
             run_dir = args.out / method / f"seed_{seed}"
-            run_to_budgets(method_plan, seed, run_dir, args.images, args.seconds, args.evaluations, extra, args.threads)
-            runs.append(evaluations_of(read_metrics(run_dir)))
-        label = METHODS[method][1]
+            if not args.report:
+                run_to_budgets(method_plan, seed, run_dir, args.images, args.seconds, args.evaluations, extra,
+                               args.threads)
+            records = read_metrics(run_dir)
+            if used_budgets(records, args.images, args.seconds):
+                runs.append(evaluations_of(records))
+        if len(runs) < len(args.seeds):
+            pending.append(f"{label}: {len(runs)} of {len(args.seeds)} seeds finished")
+            continue
         by_images.append(summarise(label, runs, 0, args.images))
         by_seconds.append(summarise(label, runs, 1, args.seconds))
         rows.append((f"{label}, `experiment={method_plan.preset}`", by_images[-1], by_seconds[-1], settings))
@@ -298,15 +319,20 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(chosen, indent=1))
         return
     text = markdown(rows, args.images, args.seconds)
+    if pending:  # every seed of a method, or none of it: a method's row is never the mean of fewer seeds
+        text += "\n\nNot finished yet, left out of the table: " + "; ".join(pending) + "."
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps(
         {"images": args.images, "seconds": args.seconds, "seeds": args.seeds, "threads": args.threads, "tuned": chosen,
-         "by_images": by_images, "by_seconds": by_seconds}, indent=1))
+         "by_images": by_images, "by_seconds": by_seconds, "pending": pending}, indent=1))
     cores = "2 CPU cores" if args.threads is None else f"{args.threads} thread{'s' * (args.threads > 1)} per run"
-    plot(args.out / "accuracy.png", by_images, by_seconds, cores)
-    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {args.out / 'accuracy.png'}")
+    written = [args.out / "results.md", args.out / "results.json"]
+    if rows:  # nothing to draw while no method has all its seeds
+        plot(args.out / "accuracy.png", by_images, by_seconds, cores)
+        written.append(args.out / "accuracy.png")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

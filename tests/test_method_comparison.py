@@ -127,3 +127,37 @@ def test_the_comparison_runs_end_to_end(tmp_path):
         logged = [json.loads(line) for line in (out / method / "seed_0" / "metrics.jsonl").read_text().splitlines()]
         assert max(r.get("train/samples", 0) for r in logged) > 128  # continued past the image budget ...
         assert max(r.get("train/seconds", 0) for r in logged) >= 30.0  # ... until the seconds were used
+
+
+def test_report_runs_nothing_and_leaves_out_methods_with_unfinished_runs(monkeypatch, tmp_path):
+    """--report reads what --out holds: a method whose three tuning runs and every seed used both budgets is in the
+    table (with the lr its tuning chose), one with a seed short of the seconds budget or a tuning run missing is
+    named under it; nothing is launched."""
+    monkeypatch.setattr(mc, "launch", lambda *args, **kw: pytest.fail("--report launched a run"))
+
+    def write(run_dir, reward, seconds, accuracy):
+        run_dir.mkdir(parents=True)
+        lines = [{"step": 0, "eval/correct_mean": 0.5},
+                 {"step": 50, "train/samples": 3200, "train/seconds": seconds, "train/reward_mean": reward},
+                 {"step": 50, "eval/correct_mean": accuracy}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    for name, reward in (("lr_0.001", 0.6), ("lr_0.003", 0.7), ("lr_0.009", 0.9)):  # nft_digits' lr is 3e-3
+        write(tmp_path / "tuning" / "nft" / name, reward, 300.0, 0.8)
+    for seed, accuracy in ((0, 0.9), (1, 0.8)):
+        write(tmp_path / "nft" / f"seed_{seed}", 0.9, 610.0, accuracy)
+    for name in ("lr_0.000333", "lr_0.001"):  # refl_digits' lr is 1e-3: its 3e-3 run is missing
+        write(tmp_path / "tuning" / "refl" / name, 0.99, 200.0, 0.8)
+    mc.main(["--out", str(tmp_path), "--methods", "nft", "refl", "--seeds", "0", "1", "--tune", "--report"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| DiffusionNFT, `experiment=nft_digits` | lr 0.009 | **0.850 +- 0.071** |" in text
+    assert "ReFL: tuning, 2 of 3 runs finished" in text and "| ReFL" not in text
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["tuned"]["nft"]["lr"] == pytest.approx(9e-3) and summary["pending"] == [
+        "ReFL: tuning, 2 of 3 runs finished"]
+    (tmp_path / "nft" / "seed_1" / "metrics.jsonl").write_text(json.dumps(
+        {"step": 50, "train/samples": 3200, "train/seconds": 500.0}) + "\n")  # short of the seconds budget
+    mc.main(["--out", str(tmp_path), "--methods", "nft", "--seeds", "0", "1", "--tune", "--report"])
+    assert "DiffusionNFT: 1 of 2 seeds finished" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        mc.main(["--out", str(tmp_path), "--tune-only", "--report"])
