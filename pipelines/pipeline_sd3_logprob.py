@@ -83,6 +83,7 @@ def guided_velocity(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     joint_attention_kwargs: dict[str, Any] | None = None,
     return_conditional: bool = False,
+    detach_unconditional: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The transformer's velocity for `latents` at per-sample `timestep`, with classifier-free guidance.
 
@@ -90,6 +91,11 @@ def guided_velocity(
     the unconditional and conditional halves run as one batch `[negative; positive]`, exactly as the stock pipeline
     batches them, so that sampling and training see the same numerics. With `return_conditional`, also returns the
     conditional (unguided) velocity, which skip-layer guidance needs.
+
+    `detach_unconditional` stops the gradient at the unconditional half, as Flow-GRPO's training forward did until
+    its authors removed the detach on 2025-08-19 ("fix cfg gradient detach", a482878): the value is unchanged, and
+    the gradient of the guided velocity `u + w (c - u)` reaches the weights only through `w c`. Without it, the
+    gradient flows through both halves (`(1 - w) u + w c`), as Flow-GRPO, GRPO-Guard, DDPO and DanceGRPO train today.
     """
     timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
     # A DDP-wrapped transformer has no `.dtype`; its parameters' dtype is the same thing.
@@ -112,6 +118,8 @@ def guided_velocity(
     velocity_text = velocity
     if guidance_scale > 1:
         velocity_uncond, velocity_text = velocity.chunk(2)
+        if detach_unconditional:
+            velocity_uncond = velocity_uncond.detach()
         velocity = velocity_uncond + guidance_scale * (velocity_text - velocity_uncond)
     return (velocity, velocity_text) if return_conditional else velocity
 
@@ -130,11 +138,13 @@ def transition_log_probs(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     sde_type: SdeType = "sde",
     joint_attention_kwargs: dict[str, Any] | None = None,
+    detach_unconditional: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of a batch of stored transitions `latents -> next_latents` under the current weights.
 
     Each sample may sit at a different timestep. `scheduler` must hold the sampling schedule (its `set_timesteps` was
-    called with the same number of steps as sampling used). Gradients flow to the transformer's trainable weights.
+    called with the same number of steps as sampling used). Gradients flow to the transformer's trainable weights
+    (with guidance and `detach_unconditional`, through the conditional half only: see `guided_velocity`).
 
     Returns `(log_prob, prev_sample_mean, std_dev_t)` as `sde_step_with_logprob` does; `log_prob` has shape (B,).
     """
@@ -148,6 +158,7 @@ def transition_log_probs(
         negative_prompt_embeds,
         negative_pooled_prompt_embeds,
         joint_attention_kwargs,
+        detach_unconditional=detach_unconditional,
     )
     _, log_prob, prev_sample_mean, std_dev_t = sde_step_with_logprob(
         scheduler, velocity, timesteps, latents, noise_level, prev_sample=next_latents, sde_type=sde_type

@@ -40,6 +40,8 @@ class MatchingConfig:
     inner_epochs: int = 1  # passes over an epoch's samples
     optimizer_steps: int = 1  # optimiser steps per pass (DiffusionNFT: 1, OCR 2; AWM: 1)
     gradient_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more time
+    detach_unconditional: bool = False  # with guidance (both references train without it), the gradient reaches
+    #                                     only the conditional half of the guided velocity
 
     def __post_init__(self):
         check_values("algo.train", self, positive=("batch_size", "stratified_steps", "inner_epochs",
@@ -81,6 +83,7 @@ class NoisedBatch:
     sigmas: torch.Tensor  # t (B,)
     timesteps: torch.Tensor  # the transformer's timesteps, 1000 t (B,)
     velocity: Callable[[], torch.Tensor]  # the transformer's velocity at `noisy` under the weights in place
+    old: torch.Tensor | None = None  # `old_fn`'s value before the epoch's update; None where the weights are unchanged
 
 
 def matching_update(
@@ -91,10 +94,16 @@ def matching_update(
     epoch: int,
     indices: list[int],
     loss_fn: Callable[[NoisedBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    old_fn: Callable[[NoisedBatch], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train on this process's final latents (`rollouts.latents[:, -1]`; `indices`: the global indices of the
     rollouts' rows, ascending) with `loss_fn(batch) -> (loss, diagnostics)`; returns the mean diagnostics over all
-    processes. The velocity uses the sampling's guidance scale (DiffusionNFT and AWM train without guidance: 1)."""
+    processes. The velocity uses the sampling's guidance scale (DiffusionNFT and AWM train without guidance: 1).
+
+    With `old_fn` (AWM's off-policy correction), `old_fn(batch)` is computed without gradients for every micro-batch
+    before the epoch's first update, at the same noise and timesteps as its training forward, and handed to `loss_fn`
+    as `batch.old`; the micro-batches of the first optimiser step see unchanged weights and get None (their training
+    forward's own value, detached, is the old one), as the PPO update's re-scoring (`rl.ppo.old_log_probs`)."""
     accelerator, transformer, seed = session.accelerator, session.transformer, session.ctx.seed
     final = rollouts.latents[:, -1]
     timesteps = rollouts.timesteps
@@ -104,30 +113,43 @@ def matching_update(
     total = sampling.prompts_per_epoch * sampling.images_per_prompt
     row = {index: position for position, index in enumerate(indices)}
     negatives = rollouts.negative_prompt_embeds
+
+    def noised(inner: int, chunk: list[int], column: list[int]) -> NoisedBatch:
+        rows = torch.tensor([row[i] for i in chunk], device=final.device)
+        steps = torch.tensor(column, device=timesteps.device)
+        x0 = final[rows].to(accelerator.device, torch.float32)
+        noise = torch.stack([
+            torch.randn(x0.shape[1:], generator=seeds.generator(seeds.training_noise(seed, epoch, inner, i, c)))
+            for i, c in zip(chunk, column)
+        ]).to(x0.device)
+        t = sigmas[steps].to(x0.device)
+        noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+
+        def velocity() -> torch.Tensor:
+            return guided_velocity(
+                transformer, noisy, timesteps[steps].to(noisy.device), rollouts.prompt_embeds[rows],
+                rollouts.pooled_prompt_embeds[rows], sampling.guidance_scale,
+                negatives[rows] if negatives is not None else None,
+                rollouts.negative_pooled_prompt_embeds[rows] if negatives is not None else None,
+                detach_unconditional=train.detach_unconditional,
+            ).float()
+
+        return NoisedBatch(rows, x0, noise, noisy, t, timesteps[steps], velocity)
+
+    layouts = [micro_batches(indices, total, num_steps, train, seed, epoch, inner, accelerator.num_processes,
+                             accelerator.process_index, train.draw_columns(num_steps))
+               for inner in range(train.inner_epochs)]
+    olds: list[list[torch.Tensor | None]] = [[None] * len(layout) for layout in layouts]
+    if old_fn is not None:
+        unchanged = accelerator.gradient_accumulation_steps  # the first optimiser step's micro-batches
+        with torch.no_grad():
+            olds = [[None if inner == 0 and position < unchanged else old_fn(noised(inner, chunk, column))
+                     for position, (chunk, column) in enumerate(layout)] for inner, layout in enumerate(layouts)]
     stats: dict[str, list[torch.Tensor]] = {}
-    for inner in range(train.inner_epochs):
-        for chunk, column in micro_batches(indices, total, num_steps, train, seed, epoch, inner,
-                                           accelerator.num_processes, accelerator.process_index,
-                                           train.draw_columns(num_steps)):
-            rows = torch.tensor([row[i] for i in chunk], device=final.device)
-            steps = torch.tensor(column, device=timesteps.device)
-            x0 = final[rows].to(accelerator.device, torch.float32)
-            noise = torch.stack([
-                torch.randn(x0.shape[1:], generator=seeds.generator(seeds.training_noise(seed, epoch, inner, i, c)))
-                for i, c in zip(chunk, column)
-            ]).to(x0.device)
-            t = sigmas[steps].to(x0.device)
-            noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-
-            def velocity(rows=rows, noisy=noisy, steps=steps) -> torch.Tensor:
-                return guided_velocity(
-                    transformer, noisy, timesteps[steps].to(noisy.device), rollouts.prompt_embeds[rows],
-                    rollouts.pooled_prompt_embeds[rows], sampling.guidance_scale,
-                    negatives[rows] if negatives is not None else None,
-                    rollouts.negative_pooled_prompt_embeds[rows] if negatives is not None else None,
-                ).float()
-
-            batch = NoisedBatch(rows, x0, noise, noisy, t, timesteps[steps], velocity)
+    for inner, layout in enumerate(layouts):
+        for (chunk, column), old in zip(layout, olds[inner]):
+            batch = noised(inner, chunk, column)
+            batch.old = old
             with accelerator.accumulate(transformer):
                 loss, step_stats = loss_fn(batch)
                 step_stats["loss"] = loss.detach()

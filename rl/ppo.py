@@ -43,6 +43,8 @@ class PPOConfig:
     recompute_old_log_probs: bool = True  # old log-probs in the training layout: the first ratio is exactly 1
     gradient_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more time
     ratio_norm: bool = False  # GRPO-Guard: the normalised ratio (RatioNorm) and each step's loss over its dt
+    detach_unconditional: bool = False  # with guidance, the gradient reaches only the conditional half of the guided
+    #                                     velocity (Flow-GRPO before 2025-08-19); false: both halves (Flow-GRPO, DDPO)
 
     def __post_init__(self):
         check_values("algo.ppo", self, positive=("clip_range", "adv_clip", "inner_epochs", "batch_size",
@@ -180,6 +182,7 @@ def ppo_update(
             negatives[index] if negatives is not None else None,
             rollouts.negative_pooled_prompt_embeds[index] if negatives is not None else None,
             sde_type=sampling.sde_type,
+            detach_unconditional=ppo.detach_unconditional,
         )
 
     device = rollouts.latents.device

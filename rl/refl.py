@@ -46,6 +46,8 @@ class ReFLConfig:
     method: str = "refl"  # refl or draft
     num_inference_steps: int = 40  # ODE steps of the sampled trajectory (ImageReward: 40)
     guidance_scale: float = 4.5
+    detach_unconditional: bool = False  # with guidance, gradients through the conditional half only (ImageReward's
+    #                                     ReFL trains without guidance; NeMo's DRaFT+ through both halves)
     stop_range: tuple[int, int] = (30, 39)  # refl: the step with gradients is drawn from this range (inclusive)
     k: int = 1  # draft: the last K steps carry gradients (DRaFT: K = 1 is usually best)
     randomize_k: bool = False  # draft: K uniform in 1..k at each step (AlignProp)
@@ -140,7 +142,8 @@ def reward_loss(
 
     def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return guided_velocity(transformer, x, timestep, prompt_embeds, pooled, refl.guidance_scale,
-                               negative_embeds if guided else None, negative_pooled if guided else None).float()
+                               negative_embeds if guided else None, negative_pooled if guided else None,
+                               detach_unconditional=refl.detach_unconditional).float()
 
     sigmas = scheduler.sigmas.to(device)
     for i, timestep in enumerate(scheduler.timesteps[: last + 1]):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from pipelines import StableDiffusion3LogProbPipeline, transition_log_probs
+from pipelines import StableDiffusion3LogProbPipeline, guided_velocity, transition_log_probs
 
 PROMPTS = ["a cat", "a dog riding a bike", "an apple on a table"]
 
@@ -113,6 +113,68 @@ def test_transition_log_probs_carry_gradients_to_the_transformer(tiny_pipe):
     grads = [p.grad for p in tiny_pipe.transformer.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
     tiny_pipe.transformer.zero_grad(set_to_none=True)
+
+
+class ScaledPooled(torch.nn.Module):
+    """A stand-in transformer whose velocity is `weight * pooled` at every latent element: hand-computable."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, **kwargs):
+        return (self.weight * pooled_projections[:, :1, None, None].expand_as(hidden_states),)
+
+
+@pytest.mark.parametrize("detach, expected_grad", [(False, 2 + 4.5 * (3 - 2)), (True, 4.5 * 3)])
+def test_detached_unconditional_half_passes_the_gradient_through_the_conditional_half_only(detach, expected_grad):
+    # v = w p: unconditional p = 2, conditional p = 3, guidance 4.5. The guided velocity is w (2 + 4.5 (3 - 2)) = 6.5 w
+    # either way; its gradient in w is 6.5 through both halves, and 4.5 * 3 = 13.5 with the unconditional one detached
+    # (Flow-GRPO's compute_log_prob before its 2025-08-19 fix).
+    model, latents = ScaledPooled(), torch.zeros(1, 2, 2, 2)
+    embeds, pooled, negative_pooled = torch.zeros(1, 3, 4), torch.full((1, 4), 3.0), torch.full((1, 4), 2.0)
+    velocity = guided_velocity(model, latents, torch.tensor([500.0]), embeds, pooled, 4.5, embeds, negative_pooled,
+                               detach_unconditional=detach)
+    torch.testing.assert_close(velocity, torch.full_like(latents, 6.5))
+    velocity.sum().backward()  # 8 elements
+    torch.testing.assert_close(model.weight.grad, torch.tensor(8 * expected_grad))
+
+
+def test_detached_unconditional_half_on_the_tiny_model_equals_the_conditional_half_s_gradient(tiny_pipe):
+    # Same log-probability; the gradient with the unconditional half detached is that of the guided velocity with the
+    # unconditional half held at its value, i.e. what back-propagating w * v_cond alone gives.
+    out = tiny_pipe(PROMPTS[:2], num_inference_steps=3, guidance_scale=4.5, noise_level=0.7, output_type="latent")
+    transformer = tiny_pipe.transformer
+    args = (transformer, tiny_pipe.scheduler, out.latents[:, 1], out.latents[:, 2], out.timesteps[1:2].expand(2),
+            out.prompt_embeds, out.pooled_prompt_embeds, 4.5, 0.7, out.negative_prompt_embeds,
+            out.negative_pooled_prompt_embeds)
+    grads, values = {}, {}
+    for detach in (False, True):
+        transformer.zero_grad(set_to_none=True)
+        log_prob, _, _ = transition_log_probs(*args, detach_unconditional=detach)
+        log_prob.sum().backward()
+        values[detach] = log_prob.detach()
+        grads[detach] = torch.cat([p.grad.flatten() for p in transformer.parameters() if p.grad is not None])
+    transformer.zero_grad(set_to_none=True)
+    torch.testing.assert_close(values[True], values[False], rtol=0, atol=0)
+    assert not torch.allclose(grads[True], grads[False])
+
+    # By hand: d log_prob / d v at the guided velocity, then back through w * v_cond only.
+    timestep = out.timesteps[1:2].expand(2)
+    v = guided_velocity(transformer, out.latents[:, 1], timestep, out.prompt_embeds, out.pooled_prompt_embeds, 4.5,
+                        out.negative_prompt_embeds, out.negative_pooled_prompt_embeds).detach().requires_grad_()
+    from pipelines.sde import sde_step_with_logprob
+
+    _, log_prob, _, _ = sde_step_with_logprob(tiny_pipe.scheduler, v, timestep, out.latents[:, 1], 0.7,
+                                              prev_sample=out.latents[:, 2])
+    (dlogp_dv,) = torch.autograd.grad(log_prob.sum(), v)
+    both = guided_velocity(transformer, out.latents[:, 1], timestep, out.prompt_embeds, out.pooled_prompt_embeds, 4.5,
+                           out.negative_prompt_embeds, out.negative_pooled_prompt_embeds, return_conditional=True)[1]
+    transformer.zero_grad(set_to_none=True)
+    (4.5 * both.float() * dlogp_dv).sum().backward()
+    by_hand = torch.cat([p.grad.flatten() for p in transformer.parameters() if p.grad is not None])
+    transformer.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[True], by_hand, rtol=1e-4, atol=1e-7)
 
 
 def test_per_image_generators_make_images_independent_of_the_batch(tiny_pipe):
