@@ -5,9 +5,12 @@ Each epoch: (1) sample a group of images per prompt with the current policy (the
 only the final latents are kept); (2) advantages within groups, clipped and scaled to [-1, 1]; (3) train on the final
 latents re-noised at one stratified timestep per stratum of the trajectory: the log-likelihood surrogate
 `l = -rho(mean_d (v - (eps - x0))^2)` (a generalised Huber of the flow-matching error, `rl.losses.awm_log_prob`) in
-the policy-gradient form `-mean(A l)`, i.e. each sample's flow-matching loss weighted by its advantage, plus the KL to
-the base model and to a slowly trailing copy of the policy (the "KL-EMA", `rl.policy_copy`); (4) that copy trails the
-trained weights; log, evaluate, checkpoint.
+PPO's clipped form with `ratio = exp(l - l_old)` clamped to [0, 2] (`rl.losses.awm_policy_loss`): at the first
+optimiser step of an epoch the ratio is 1 and the gradient is each sample's flow-matching loss weighted by its
+advantage; later optimiser steps of the epoch compare with `l_old`, the surrogate under the weights before the
+epoch's update at the same noise and timestep (AWM's off-policy correction); plus the KL to the base model and to a
+slowly trailing copy of the policy (the "KL-EMA", `rl.policy_copy`); (4) that copy trails the trained weights; log,
+evaluate, checkpoint.
 
 AWM samples with SA-Solver (a stochastic Adams solver, noise 0.4 between t = 0.3 and 0.9 for GenEval / OCR, 0 for
 PickScore); diffusers has no SA-Solver for flow models, so this module samples with the log-prob pipeline's solvers:
@@ -55,6 +58,7 @@ class AWM(TrainingConfig):
     beta: float = 1e-3  # the weight of the KL (mean squared velocity difference) to the base model
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip] ...
     advantage_max: float = 1.0  # ... and scaled to [-advantage_max, advantage_max]
+    clip_range: float = 1.0  # the ratio exp(l - l_old) is clipped to [1 - clip_range, 1 + clip_range] (AWM: 1)
     advantage_std: str = "global"  # normalise advantages by the std of all rewards ("global") or of each group
     advantage_ddof: int = 0  # the std divides by n - ddof: 0 as AWM (np.std)
     weighting: str = "ghuber"  # the log-likelihood surrogate: ghuber (AWM's generalised Huber) or uniform (-m)
@@ -67,7 +71,7 @@ class AWM(TrainingConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        check_values("algo", self, positive=("epochs", "adv_clip", "advantage_max", "power"),
+        check_values("algo", self, positive=("epochs", "adv_clip", "advantage_max", "power", "clip_range"),
                      at_least_zero=("beta",))
         if self.weighting not in ("ghuber", "uniform"):
             raise ConfigError(f"algo.weighting must be ghuber or uniform, got {self.weighting!r}")
@@ -106,13 +110,21 @@ def run(ctx: RunContext, config: AWM) -> None:
                                       clip=config.adv_clip, ddof=config.advantage_ddof)
         advantages = samples.local(awm_advantages(advantages, config.adv_clip, config.advantage_max))
 
-        # 3. Train: the advantage-weighted flow-matching surrogate, the KL to the base and to the trailing copy.
+        # 3. Train: the advantage-weighted surrogate (clipped ratio to the weights before the update), the KL to the
+        #    base and to the trailing copy.
+        def log_likelihood(batch: NoisedBatch, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            squared_error = ((v - (batch.noise - batch.x0)) ** 2).reshape(v.shape[0], -1).mean(dim=1)
+            return awm_log_prob(squared_error, batch.sigmas, config.weighting, config.power), squared_error
+
+        def old_log_likelihood(batch: NoisedBatch) -> torch.Tensor:  # before the update, at the same noise
+            return log_likelihood(batch, batch.velocity())[0]
+
         def loss_fn(batch: NoisedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             v = batch.velocity()
-            squared_error = ((v - (batch.noise - batch.x0)) ** 2).reshape(v.shape[0], -1).mean(dim=1)
-            log_prob = awm_log_prob(squared_error, batch.sigmas, config.weighting, config.power)
-            loss = awm_policy_loss(log_prob, advantages[batch.rows])
-            stats = {"policy_loss": loss.detach(), "flow_matching_error": squared_error.detach().mean()}
+            log_prob, squared_error = log_likelihood(batch, v)
+            old = log_prob.detach() if batch.old is None else batch.old
+            loss, stats = awm_policy_loss(log_prob, old, advantages[batch.rows], config.clip_range)
+            stats.update(policy_loss=loss.detach(), flow_matching_error=squared_error.detach().mean())
             if reference is not None:
                 with torch.no_grad(), reference():
                     v_reference = batch.velocity()
@@ -127,7 +139,8 @@ def run(ctx: RunContext, config: AWM) -> None:
                 stats["kl_ema"] = kl_ema.detach()
             return loss, stats
 
-        stats = matching_update(s, samples.rollouts, train, sampling, epoch, samples.indices, loss_fn)
+        stats = matching_update(s, samples.rollouts, train, sampling, epoch, samples.indices, loss_fn,
+                                old_log_likelihood)
 
         # 4. The trailing copy follows the trained weights; log; evaluate every few epochs; checkpoint.
         if trailing is not None:

@@ -213,9 +213,13 @@ def nft_implicit_velocities(v_theta: torch.Tensor, v_old: torch.Tensor, beta: fl
 
 def nft_loss(
     v_theta: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-    optimality: torch.Tensor, beta: float, adaptive: bool = True, scale: float = 5.0,
+    optimality: torch.Tensor, beta: float, adaptive: bool = True, adv_clip: float = 5.0,
 ) -> torch.Tensor:
-    """DiffusionNFT's loss per sample (B,): `scale * (r L+ + (1 - r) L-) / beta` at `x_t = (1 - t) x0 + t eps`.
+    """DiffusionNFT's loss per sample (B,): `adv_clip * (r L+ + (1 - r) L-) / beta` at `x_t = (1 - t) x0 + t eps`.
+
+    The factor is the advantage clip that maps advantages to `r` (`nft_optimality_prob`), as the reference multiplies
+    its loss by `adv_clip_max`: with it, the on-policy gradient is that of `adv_clip * (2r - 1) ...`, i.e. of the
+    clipped advantage itself (`A` within the clip), whatever the clip.
 
     `adaptive` (the released code): `L± = mean_d (x0± - x0)^2 / sg(max(mean_d |x0± - x0|, 1e-5))` with
     `x0± = x_t - t v±`, a self-normalised x0-space error; otherwise the paper's `L± = mean_d (v± - (eps - x0))^2`.
@@ -237,7 +241,7 @@ def nft_loss(
             return _per_sample_mean((v - target) ** 2)
 
     r = optimality.float()
-    return scale * (r * error(v_positive) + (1 - r) * error(v_negative)) / beta
+    return adv_clip * (r * error(v_positive) + (1 - r) * error(v_negative)) / beta
 
 
 def velocity_kl(v: torch.Tensor, v_reference: torch.Tensor) -> torch.Tensor:
@@ -277,9 +281,12 @@ def awm_timestep_indices(num_steps: int, count: int, u: torch.Tensor, fraction: 
     return start + (u.reshape(-1) * width).long().clamp(max=width - 1)
 
 
-def awm_policy_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """AWM's policy loss `-mean(A_hat l)`. AWM writes it as PPO's clipped surrogate with `ratio = exp(l - sg(l))`,
-    identically 1 (old log-probabilities are recomputed from the current weights): the same gradient
-    (`tests/test_nft_awm_losses.py`), but a constant value, `-mean(A_hat)`, where this one's tracks the weighted
-    log-likelihood."""
-    return -(advantages * log_prob).mean()
+def awm_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                    clip_range: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """AWM's policy loss (its `loss_type="exp_first"`): PPO's clipped surrogate on the log-likelihood surrogate `l`,
+    `mean(max(-A_hat r, -A_hat clamp(r, 1 - c, 1 + c)))` with `r = exp(l - l_old)`, per sample and timestep; AWM's
+    `c = 1` clamps the ratio to [0, 2]. `l_old` is `l` under the weights before the epoch's update, at the same noise
+    and timestep: `sg(l)` while the weights are unchanged (the first optimiser step; then `r = 1` and the gradient is
+    `-A_hat / N` on each `l`, an advantage-weighted flow-matching loss), the re-scored value after (the off-policy
+    correction of later optimiser steps). Returns the loss and `ppo_clip_loss`'s diagnostics."""
+    return ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range)

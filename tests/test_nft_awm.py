@@ -116,6 +116,30 @@ def test_nft_samples_with_the_old_policy(tmp_path):
                                                                       rel=1e-4)
 
 
+@pytest.mark.parametrize("lr", [1e-2, 1e-12])
+def test_awm_later_optimiser_steps_compare_with_the_weights_before_the_update(tmp_path, monkeypatch, lr):
+    """AWM's off-policy correction: 4 training forwards per epoch in 2 optimiser steps. The first step's micro-batches
+    have l_old = sg(l) (ratio exactly 1); the second's l_old was computed before the epoch's update at the same noise
+    and timestep, so their ratio moves off 1 once the weights move (lr 1e-2) and stays 1 when they do not (lr 1e-12)."""
+    calls = []
+
+    def recording(log_prob, old_log_prob, advantages, clip_range):
+        calls.append(torch.exp(log_prob.detach() - old_log_prob))
+        return real(log_prob, old_log_prob, advantages, clip_range)
+
+    real = awm.awm_policy_loss
+    monkeypatch.setattr(awm, "awm_policy_loss", recording)
+    configs = {**small_configs(awm), "optim": OptimConfig(lr=lr)}
+    awm.AWM(epochs=1, **configs)(context(tmp_path))
+    assert len(calls) == 4
+    assert all(torch.equal(ratio, torch.ones_like(ratio)) for ratio in calls[:2])
+    later = torch.cat(calls[2:])
+    if lr > 1e-6:
+        assert (later - 1).abs().max() > 1e-4
+    else:
+        torch.testing.assert_close(later, torch.ones_like(later), rtol=0, atol=1e-5)
+
+
 def test_layouts_are_checked_before_loading(tmp_path):
     ctx = context(tmp_path)
     with pytest.raises(ConfigError, match="stratified timesteps do not fit"):

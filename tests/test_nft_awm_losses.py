@@ -50,6 +50,20 @@ def test_nft_loss_and_gradient_by_hand(beta, value):
     assert v_theta.grad.item() == pytest.approx(0.0)  # an average sample (r = 1/2) pulls neither way
 
 
+def test_nft_loss_scale_follows_the_advantage_clip():
+    # The reference multiplies by adv_clip_max: at clip 3 the loss of the case above (beta 1) is 3 (0.75 * 0.1 +
+    # 0.25 * 0.1) = 0.3, and an advantage of 1.5 (r = 0.75 at clip 3) pulls as hard per unit of advantage as 2.5 at 5.
+    args = (column(0.8), column(0.8), column(0.0), column(1.0), torch.tensor([0.5]), torch.tensor([0.75]), 1.0)
+    assert nft_loss(*args, adv_clip=3.0).item() == pytest.approx(0.3)
+    assert nft_loss(*args).item() == pytest.approx(0.5)
+    for clip, advantage in ((3.0, 1.5), (5.0, 1.5)):
+        v_theta = column(0.8).requires_grad_()
+        r = nft_optimality_prob(torch.tensor([advantage]), clip)
+        nft_loss(v_theta, column(0.8), column(0.0), column(1.0), torch.tensor([0.5]), r, 1.0, adv_clip=clip).backward()
+        # dL/dv = adv_clip (r (-1) + (1 - r)(+1)) = -adv_clip (2r - 1) = -A: the same for both clips
+        assert v_theta.grad.item() == pytest.approx(-advantage)
+
+
 def test_nft_plain_velocity_loss_by_hand():
     # u = eps - x0 = 1; v+ = v- = 0.8 -> L± = 0.04; loss = 5 * 0.04 / 1 = 0.2
     loss = nft_loss(column(0.8), column(0.8), column(0.0), column(1.0), torch.tensor([0.5]), torch.tensor([0.75]), 1.0,
@@ -77,6 +91,37 @@ def test_on_policy_nft_gradient_is_the_advantage_weighted_flow_matching_gradient
     torch.testing.assert_close(v.grad, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_awm_off_policy_ratio_and_clip_by_hand():
+    """After an epoch's first optimiser step, AWM compares with l_old (the weights before the update): m = (0.0625,
+    0.0081), t = 0.5, p = 0.25 give l = -2 (m^0.25 - 1e-10^0.25) = (-0.993675, -0.593675); A = (2.5, -2.5) clipped to
+    5 and scaled give A_hat = (0.5, -0.5)."""
+    m = torch.tensor([0.0625, 0.0081], requires_grad=True)
+    log_prob = awm_log_prob(m, torch.tensor([0.5, 0.5]))
+    assert log_prob.tolist() == pytest.approx([-0.993675, -0.593675], abs=1e-6)
+    a_hat = awm_advantages(torch.tensor([2.5, -2.5]))
+    assert a_hat.tolist() == pytest.approx([0.5, -0.5])
+    # l - l_old = (0.1, -0.2): ratio = (e^0.1, e^-0.2) = (1.105171, 0.818731), inside [0, 2]:
+    # loss = (-0.5 * 1.105171 + 0.5 * 0.818731) / 2 = -0.071610; d loss / d l = -A_hat r / 2 = (-0.276293, 0.204683)
+    old = log_prob.detach() - torch.tensor([0.1, -0.2])
+    leaf = log_prob.detach().clone().requires_grad_()
+    loss, stats = awm_policy_loss(leaf, old, a_hat)
+    assert loss.item() == pytest.approx(-0.071610, abs=1e-6)
+    loss.backward()
+    assert leaf.grad.tolist() == pytest.approx([-0.276293, 0.204683], abs=1e-6)
+    assert stats["clipfrac"].item() == 0.0
+    # through l to the flow-matching error: d l / d m = -t m^(p-1) = (-4, -18.518519)
+    awm_policy_loss(log_prob, old, a_hat)[0].backward()
+    assert m.grad.tolist() == pytest.approx([-0.276293 * -4, 0.204683 * -18.518519], rel=1e-5)
+    # l - l_old = (0.8, -0.8): ratio (2.225541, 0.449329); the good sample's ratio is past 1 + 1 = 2, so its term is
+    # the clipped -0.5 * 2 = -1 and carries no gradient; the bad one's max(0.5 * 0.449329, 0.5 * 0.449329) does.
+    leaf = log_prob.detach().clone().requires_grad_()
+    loss, stats = awm_policy_loss(leaf, log_prob.detach() - torch.tensor([0.8, -0.8]), a_hat)
+    assert loss.item() == pytest.approx((-1.0 + 0.5 * 0.449329) / 2, abs=1e-6)
+    loss.backward()
+    assert leaf.grad.tolist() == pytest.approx([0.0, 0.5 * 0.449329 / 2], abs=1e-6)
+    assert stats["clipfrac"].item() == 0.5
+
+
 def test_velocity_kl():
     assert velocity_kl(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 1.0]])).tolist() == [2.5]
 
@@ -89,22 +134,17 @@ def test_awm_log_prob_by_hand():
 
 
 def test_awm_surrogate_gradient():
-    """AWM's policy loss as AWM writes it (`ppo_clip_loss(l, sg(l), A_hat)`: the value `-mean(A_hat)` at ratio 1) and
-    as `awm_policy_loss` (`-mean(A_hat l)`) has the gradient `-A_hat / N` on each `l`:
-    an advantage-weighted flow-matching loss through `l = -rho(m)`; by hand, d l / d m = -t m^(p-1) = -0.5 * 8 = -4
-    at m = 0.0625 (m^(-0.75) = 8), t = 0.5."""
+    """AWM's policy loss at ratio 1 (`l_old = sg(l)`, the first optimiser step of an epoch): the value `-mean(A_hat)`
+    and the gradient `-A_hat / N` on each `l`: an advantage-weighted flow-matching loss through `l = -rho(m)`; by hand,
+    d l / d m = -t m^(p-1) = -0.5 * 8 = -4 at m = 0.0625 (m^(-0.75) = 8), t = 0.5."""
     a_hat = awm_advantages(torch.tensor([10.0, -2.5]))
     assert a_hat.tolist() == pytest.approx([1.0, -0.5])
     log_prob = torch.tensor([-0.3, -0.7], requires_grad=True)
-    loss, _ = ppo_clip_loss(log_prob, log_prob.detach(), a_hat, clip_range=1.0)
+    loss, stats = awm_policy_loss(log_prob, log_prob.detach(), a_hat)
     assert loss.item() == pytest.approx(-0.25)
+    assert stats["ratio"].item() == 1.0 and stats["clipfrac"].item() == 0.0
     loss.backward()
     assert log_prob.grad.tolist() == pytest.approx([-0.5, 0.25])
-    same = log_prob.detach().clone().requires_grad_()
-    value = awm_policy_loss(same, a_hat)
-    value.backward()
-    assert value.item() == pytest.approx(-(1.0 * -0.3 + -0.5 * -0.7) / 2)
-    assert same.grad.tolist() == pytest.approx([-0.5, 0.25])
     m = torch.tensor([0.0625], requires_grad=True)
     awm_log_prob(m, torch.tensor([0.5])).backward()
     assert m.grad.item() == pytest.approx(-4.0, rel=1e-6)
