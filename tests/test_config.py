@@ -133,6 +133,25 @@ def test_flow_grpo_presets_carry_the_published_settings():
     assert {sde_window(sampling, seed=0, epoch=epoch)[0] for epoch in range(200)} == {0, 1, 2}  # 3 steps from 0-2
 
 
+@pytest.mark.parametrize("preset, every", [("mixgrpo_pickscore_sd35_medium", 25),
+                                           ("mixgrpo_flash_pickscore_sd35_medium", 20)])
+def test_mixgrpo_presets_carry_mixgrpo_s_own_cadence(preset, every):
+    """MixGRPO's scripts: 32 prompts x 12 images per iteration, 4 optimiser steps each, the window moved every 25
+    iterations (Flash: 20) over 300: 9,600 images per window position (Flash: 7,680), not Flow-GRPO's 48 x 24 x 25."""
+    algo = compose_with(f"experiment={preset}").algo
+    sampling = algo.sampling
+    assert (sampling.prompts_per_epoch, sampling.images_per_prompt, algo.ppo.optimizer_steps, algo.epochs) == (
+        32, 12, 4, 300)
+    assert (sampling.sde_window, sampling.sde_window_every, sampling.num_inference_steps) == (4, every, 25)
+    assert sampling.prompts_per_epoch * sampling.images_per_prompt * sampling.sde_window_every == 384 * every
+    from rl.ppo import ppo_layout
+
+    with pytest.MonkeyPatch.context() as patch:  # the layout on MixGRPO's 8 GPUs per node: 48 images per GPU
+        patch.setattr("rl.ppo.PartialState", lambda: type("State", (), {"num_processes": 8})())
+        layout = ppo_layout(instantiate(sampling), instantiate(algo.ppo), algo.epochs)
+    assert (layout.samples_per_process, layout.updates) == (48, 300 * 4)
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_no_preset_trains_a_real_checkpoint_in_float32_by_accident(preset):
     """`rl.run.check_precision` refuses a real checkpoint trained with mixed_precision=no in a bf16 / fp16 dtype
