@@ -1,8 +1,15 @@
-"""Prompt sets: shipped and user files, JSONL metadata, slicing, templates, and clear errors."""
+"""Prompt sets: shipped and user files, JSONL metadata, slicing, templates, clear errors, and the benchmark presets'
+training and held-out sets."""
+
+from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from rl.prompts import Prompt, PromptSetError, load_prompts
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def test_shipped_set_by_name_with_template_and_slice():
@@ -47,3 +54,17 @@ def test_bad_jsonl_and_missing_file_fail(tmp_path):
         load_prompts(str(path))
     with pytest.raises(PromptSetError, match="not found"):
         load_prompts(str(tmp_path / "nope.txt"))
+
+
+@pytest.mark.parametrize("option, train_file, test_file, test_size", [
+    ("geneval", "geneval_train_metadata.jsonl", "geneval_test_metadata.jsonl", 553),
+    ("ocr", "ocr_train.txt", "ocr_test.txt", 1018),
+])
+def test_benchmark_sets_train_on_their_own_file_and_hold_out_the_whole_test_set(option, train_file, test_file,
+                                                                                 test_size):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"prompts={option}"])
+    assert (cfg.prompts.train.file, cfg.prompts.eval.file) == (train_file, test_file)
+    train, held_out = instantiate(cfg.prompts.train), instantiate(cfg.prompts.eval)
+    assert len(held_out) == test_size  # every distinct test prompt
+    assert not {p.text for p in train} & {p.text for p in held_out}
