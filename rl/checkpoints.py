@@ -60,14 +60,17 @@ class TrainState:
     step: int = 0  # epochs or optimiser steps done
     micro_batches: int = 0  # data batches consumed by this process (the data position)
     seconds: float = 0.0  # wall time spent training so far, held-out evaluations and checkpoints left out
+    cpu_seconds: float = 0.0  # the process's CPU time (all its threads) over the same spans
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "micro_batches": self.micro_batches, "seconds": self.seconds, "extra": self.extra}
+        return {"step": self.step, "micro_batches": self.micro_batches, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds, "extra": self.extra}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.micro_batches, self.extra = state["step"], state["micro_batches"], state.get("extra", {})
         self.seconds = state.get("seconds", 0.0)  # checkpoints written before it was kept start the count at 0
+        self.cpu_seconds = state.get("cpu_seconds", 0.0)
 
 
 class Stateful(Protocol):

@@ -7,7 +7,8 @@ The supervised algorithms, which have no reward, sample a validation grid instea
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from pipelines.errors import ConfigError, check_values
 from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds
+from rl.policy_copy import PolicyCopy
 from rl.prompts import Prompt, source_image
 from rl.rollouts import check_strength, score
 from rl.tracking import image_grid, info_means, log_image, metric_name
@@ -38,13 +40,24 @@ class EvalConfig:
     resolution: int | None = None
     batch_size: int = 8
     strength: float | None = None  # image-to-image (held-out prompts with an `image`): the source's noising strength
+    every_seconds: float = 0.0  # also at every multiple of this many training seconds (0: never), the weights of
+    #                             the last step that ended at or before each mark (`eval_seconds/*`; `SecondsMarks`)
+    seconds_clock: str = "wall"  # every_seconds counts train/seconds (wall) or train/cpu_seconds (cpu)
+    extra_guidance_scales: list[float] = field(default_factory=list)  # also at these guidance scales, e.g. a
+    #                                                                    method's training guidance (`eval_guidance_<g>/*`)
 
     def __post_init__(self):
         check_values("algo.eval", self, positive=("max_prompts", "images_per_prompt", "num_inference_steps",
-                                                 "batch_size"), at_least_zero=("every", "guidance_scale"),
+                                                 "batch_size"), at_least_zero=("every", "guidance_scale",
+                                                                               "every_seconds"),
                      resolution=("resolution",))
         if self.strength is not None:
             check_strength("algo.eval.strength", self.strength)
+        if self.seconds_clock not in ("wall", "cpu"):
+            raise ConfigError(f"algo.eval.seconds_clock must be wall or cpu, got {self.seconds_clock!r}")
+        self.extra_guidance_scales = [float(g) for g in self.extra_guidance_scales]
+        if any(g < 0 for g in self.extra_guidance_scales):
+            raise ConfigError(f"algo.eval.extra_guidance_scales must be at least 0, got {self.extra_guidance_scales}")
 
     def due(self, step: int, last: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == last)
@@ -186,21 +199,76 @@ def eval_metrics(scores: torch.Tensor, info: dict[str, torch.Tensor]) -> dict[st
 
 def held_out(session, config: EvalConfig, step: int, force: bool = False) -> None:
     """Evaluate after `step` steps of a `rl.session.Session` when due (every `config.every`, and the last) or
-    `force`d, with the EMA weights when kept: log `eval/*`, print a line, save the grid."""
+    `force`d, with the EMA weights when kept: log `eval/*` (and `eval_guidance_<g>/*` at each extra guidance scale),
+    print a line, save the grid. Then the evaluations at training-seconds marks this step passed (`SecondsMarks`)."""
     ctx, accelerator = session.ctx, session.accelerator
-    if not (config.due(step, session.total_steps) or force) or not ctx.eval_prompts:
-        return
-    with session.saving_on_failure(evaluating=True), session.ema_weights():  # each process scores its share
-        metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed, session.text,
-                                   accelerator)
-    if accelerator.is_main_process:
-        metrics["eval/epoch"] = step
-        accelerator.log(metrics, step=step)
-        logger.info("%s %d, held out: %s", session.unit, step, "  ".join(
-            f"{metric_name(name[5:-5])} {value:.4f}" for name, value in metrics.items() if name.endswith("_mean")))
-        prompts = [p.text for p in ctx.eval_prompts[: config.max_prompts]]
-        save_grid(accelerator, ctx.run_dir, images, step, prompts, config.images_per_prompt)
-    accelerator.wait_for_everyone()
+    if (config.due(step, session.total_steps) or force) and ctx.eval_prompts:
+        with session.saving_on_failure(evaluating=True), session.ema_weights():  # each process scores its share
+            metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed, session.text,
+                                       accelerator)
+            for scale in config.extra_guidance_scales:
+                extra, _ = evaluate(session.pipe, session.reward, ctx.eval_prompts, replace(config, guidance_scale=scale),
+                                    ctx.seed, session.text, accelerator)
+                metrics.update({f"eval_guidance_{scale:g}/{name[5:]}": value for name, value in extra.items()})
+        if accelerator.is_main_process:
+            metrics["eval/epoch"] = step
+            accelerator.log(metrics, step=step)
+            logger.info("%s %d, held out: %s", session.unit, step, "  ".join(
+                f"{metric_name(name[5:-5])} {value:.4f}" for name, value in metrics.items()
+                if name.startswith("eval/") and name.endswith("_mean")))
+            prompts = [p.text for p in ctx.eval_prompts[: config.max_prompts]]
+            save_grid(accelerator, ctx.run_dir, images, step, prompts, config.images_per_prompt)
+        accelerator.wait_for_everyone()
+    marks = session.seconds_marks
+    if marks is not None and ctx.eval_prompts and not force:
+        marks.after_step(session, config, step)
+
+
+class SecondsMarks:
+    """Held-out evaluations at fixed marks of training seconds (`algo.eval.every_seconds`), so that methods whose steps
+    last different times are evaluated at the same points of their training time: at each mark, the weights of the
+    last step that ended at or before it. The session keeps a copy of the trained weights (LoRA adapters: small) from
+    each step's end to the next's; a step that passes a mark evaluates that copy, logged as `eval_seconds/*` at the
+    copy's step with `eval_seconds/mark` and `eval_seconds/seconds` (the copy's own training seconds, at most the mark).
+    The copy is taken when the loop starts (after a resume, the restored weights), so a resumed run evaluates the
+    same weights at the same marks as one that never stopped. Not with an EMA (the EMA's own past is not kept)."""
+
+    def __init__(self, every: float, clock: str) -> None:
+        self.every, self.clock = every, clock
+        self.copy = PolicyCopy()
+        self.copy_seconds, self.copy_step = 0.0, 0
+
+    def start(self, session) -> None:
+        """At the loop's start: copy the weights the first step begins from."""
+        self.copy.tensors = None
+        self.copy.ensure(session.parameters)
+        self.copy_seconds, self.copy_step = session.training_seconds(self.clock), session.state.step
+
+    def after_step(self, session, config: EvalConfig, step: int) -> None:
+        """After `step`: evaluate the copy (the previous step's end) at each mark in [its seconds, now), then copy the
+        weights of this step's end."""
+        ctx, accelerator = session.ctx, session.accelerator
+        now = session.training_seconds(self.clock)
+        index = max(1, math.ceil(self.copy_seconds / self.every))  # the first mark at or after the copy's seconds
+        mark = index * self.every
+        while mark < now:
+            with session.saving_on_failure(evaluating=True), self.copy.swapped_in(session.parameters):
+                metrics, _ = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed, session.text,
+                                      accelerator)
+            if accelerator.is_main_process:
+                record = {f"eval_seconds/{name[5:]}": value for name, value in metrics.items()}
+                record.update({"eval_seconds/mark": mark, "eval_seconds/seconds": self.copy_seconds,
+                               "eval_seconds/step": self.copy_step})
+                accelerator.log(record, step=self.copy_step)
+                logger.info("%s %d at %.0f of the %.0f-second mark, held out: %s", session.unit, self.copy_step,
+                            self.copy_seconds, mark, "  ".join(f"{metric_name(name[5:-5])} {value:.4f}"
+                                                               for name, value in metrics.items()
+                                                               if name.endswith("_mean")))
+            accelerator.wait_for_everyone()
+            index += 1
+            mark = index * self.every
+        self.copy.update(session.parameters, 0.0)
+        self.copy_seconds, self.copy_step = now, step
 
 
 def validate(session, validation: ValidationConfig, step: int) -> None:

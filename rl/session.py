@@ -5,7 +5,8 @@ the trackers), the model (frozen parts in the mixed-precision dtype; LoRA adapte
 trainable), the optimiser and its LR schedule, the EMA of the trained weights, the checkpoints (named pieces, see
 `rl/checkpoints.py`) and the resume. The returned `Session` then gives the algorithm's loop what it shares with every
 other (and logs `train/seconds`, the wall time spent training, evaluations and checkpoints left out, kept across
-resumes: what a compute-matched comparison of methods budgets):
+resumes, and `train/cpu_seconds`, the process's CPU time over the same spans: what a compute-matched comparison of
+methods budgets, the second unaffected by other work on a shared machine):
 
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", ...)
     for epoch in s.steps("grpo"):                  # from the resumed step to the last, with a progress bar
@@ -45,8 +46,9 @@ from pipelines.lora_layout import ORIGINAL_FILE, write_original
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
 from rewards.remote import RemoteRewardError
-from rl.checkpoints import Checkpointer, CheckpointConfig, Stateful, TrainState
+from rl.checkpoints import CheckpointConfig, Checkpointer, Stateful, TrainState
 from rl.context import RunContext
+from rl.evaluation import SecondsMarks
 from rl.lora import LoraSpec, add_text_encoder_lora, add_transformer_lora, save_lora
 from rl.model_card import write_model_card
 from rl.tracking import plot_eval_curves
@@ -257,6 +259,8 @@ class Session:
     start: int = 0  # the step this invocation started (or resumed) at
     started: float = field(default_factory=time.time)
     timing_since: float = field(default_factory=time.time)  # when the training time now counting began
+    cpu_since: float = field(default_factory=time.process_time)  # the process's CPU time then
+    seconds_marks: SecondsMarks | None = None  # held-out evaluations at training-seconds marks (algo.eval.every_seconds)
     progress: tqdm | None = None
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
     stop_signal: int | None = None  # SIGINT or SIGTERM, once received
@@ -277,6 +281,9 @@ class Session:
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc=desc,
                              disable=not self.accelerator.is_local_main_process)
         self.started = self.timing_since = time.time()
+        self.cpu_since = time.process_time()
+        if self.seconds_marks is not None:
+            self.seconds_marks.start(self)
         previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.state.step < self.total_steps:
@@ -381,6 +388,7 @@ class Session:
         self.state.step += 1
         step = self.state.step
         self.state.seconds += time.time() - self.timing_since
+        self.state.cpu_seconds += time.process_time() - self.cpu_since
         if self.ema is not None:
             self.ema.step(self.parameters)
         if self.progress is not None:
@@ -389,13 +397,14 @@ class Session:
             if self.skipped_nonfinite:  # since the last record
                 metrics = {**metrics, "train/skipped_nonfinite": self.skipped_nonfinite}
                 self.skipped_nonfinite = 0
-            metrics = {**metrics, "train/seconds": self.state.seconds}
+            metrics = {**metrics, "train/seconds": self.state.seconds, "train/cpu_seconds": self.state.cpu_seconds}
             self.accelerator.log(metrics, step=step)
             self._check_weights(step)
         evaluate(step)
         if self.checkpointer.due(step, self.total_steps):
             self._save(step)
         self.timing_since = time.time()  # the held-out evaluation and the checkpoint are not training time
+        self.cpu_since = time.process_time()
         if self._stop_requested():
             if not self.checkpointer.due(step, self.total_steps):
                 self._save(step)
@@ -416,6 +425,15 @@ class Session:
             self.accelerator.end_training()
             return True
         return False
+
+    def training_seconds(self, clock: str = "wall") -> float:
+        """The training seconds so far on `clock` (wall: `train/seconds`, cpu: `train/cpu_seconds`); the largest
+        over the processes, so that every process takes the same decisions from it."""
+        seconds = self.state.seconds if clock == "wall" else self.state.cpu_seconds
+        if self.accelerator.num_processes > 1:
+            value = torch.tensor(seconds, dtype=torch.float64, device=self.accelerator.device)
+            seconds = float(self.accelerator.reduce(value, "max").item())
+        return seconds
 
     @contextmanager
     def saving_on_failure(self, evaluating: bool = False) -> Iterator[None]:
@@ -535,6 +553,10 @@ def open_session(
     weights before any resume). `prompts_only`: the algorithm encodes only its prompt sets (not captions), so their
     embeddings may be precomputed (`prompt_encoder`)."""
     lora, optim, ema, checkpoint = config.lora, config.optim, config.ema, config.checkpoint
+    every_seconds = getattr(getattr(config, "eval", None), "every_seconds", 0)  # algorithms with held-out evaluation
+    if every_seconds and ema.enabled:
+        raise ConfigError("algo.eval.every_seconds evaluates the weights of the last step before each mark, which an "
+                          "EMA does not keep: set algo.ema.enabled=false or algo.eval.every_seconds=0")
     accelerator = ctx.accelerator(gradient_accumulation_steps=accumulation)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = (load_pipeline or ctx.load_pipeline)(device=accelerator.device)
@@ -574,4 +596,5 @@ def open_session(
         checkpointer=checkpointer,
         ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, unit=unit,
         start=counters.step, frozen_reference=frozen, initial_weight_norm=initial_norm, evaluation_pending=pending,
+        seconds_marks=SecondsMarks(every_seconds, config.eval.seconds_clock) if every_seconds else None,
     )

@@ -99,7 +99,7 @@ RUNS = {
         "one": ["algo.train.gradient_accumulation_steps=2"], "two": ["algo.train.gradient_accumulation_steps=1"],
     },
 }
-NOT_COMPARED = ("time", "train/steps_per_second", "train/seconds", "nonfinite")
+NOT_COMPARED = ("time", "train/steps_per_second", "train/seconds", "train/cpu_seconds", "nonfinite")
 
 
 def torchrun(nproc: int) -> list[str]:

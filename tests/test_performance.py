@@ -23,7 +23,7 @@ from rl.rollouts import SamplingConfig, epoch_jobs, sample_rollouts
 from rl.session import OptimConfig
 from rl.tracking import LoggerConfig
 
-WALL_CLOCK = {"train/steps_per_second", "train/seconds"}
+WALL_CLOCK = {"train/steps_per_second", "train/seconds", "train/cpu_seconds"}
 
 
 def context(run_dir, load=None, reward=None):

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 GOLDEN = ROOT / "tests" / "golden"
-WALL_CLOCK = {"train/steps_per_second", "train/seconds"}  # the logged values that depend on the machine's speed
+WALL_CLOCK = {"train/steps_per_second", "train/seconds", "train/cpu_seconds"}  # the logged values that depend on the machine's speed
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 # Overrides that cut a run to a few seconds, per algorithm (the preset's `algo._target_`): one or two epochs or steps,
