@@ -15,15 +15,16 @@ The protocol, the same for every method:
    the image budget is kept. The held-out prompts play no part in any choice.
 2. **Compared runs**: each method with its chosen setting on seeds 0, 1, 2, each until it has sampled `--images`
    training images *and* trained `--seconds` seconds of its process's CPU time (`train/cpu_seconds`: other work on the
-   machine does not change it; held-out evaluations and checkpoints are not counted). Methods whose interval at a
-   budget's end overlaps the best method's get two more seeds (3, 4), and so does the best.
+   machine changes it little; held-out evaluations and checkpoints are not counted). Methods within noise of the
+   best at a budget's end (step 4) get two more seeds (3, 4), and so does the best.
 3. **Evaluation points**: held-out accuracy (20 held-out phrasings x 4 images, 10 ODE steps, guidance 4.5, fixed
    seeds) after every `--images / --evaluations` images (the image table) and at every `--seconds / --evaluations`
    CPU seconds, of the weights of the last step that ended by then (the seconds table, `algo.eval.every_seconds`):
    the same 11 points for every method in each table, so "best" is the best of the same number of looks. Methods that
    train at another guidance than the evaluation's (DiffusionNFT and AWM, 1) are also evaluated at it.
-4. **Statistics**: per method, the mean over seeds with a 95% percentile-bootstrap interval; each method against the
-   best by a paired bootstrap of the difference on their shared seeds, "within noise" where its interval holds 0.
+4. **Statistics**: per method, the mean over seeds with a 95% Student-t interval; each method against the best by
+   the t interval of their per-seed differences on their shared seeds (paired), "within noise" where it holds 0
+   (`experiments/seed_statistics.py` says why not the percentile bootstrap).
 
 Each run is `python -m rl.run experiment=<preset> seed=<s> hydra.run.dir=<out>/<method>/seed_<s> ...`, one run per
 driver at a time. A run whose `metrics.jsonl` shows both budgets used counts as finished from that file alone, so the
@@ -130,8 +131,8 @@ def plan(method: str) -> Plan:
         return Plan(method, preset, algo.sampling.prompts_per_epoch * algo.sampling.images_per_prompt, "algo.epochs",
                     algo.optim.lr, guidance if guidance != algo.eval.guidance_scale else None)
     guidance = algo.refl.guidance_scale  # ReFL, DRaFT
-    return Plan(method, preset, algo.train.batch_size, "algo.train.max_steps", algo.optim.lr,
-                guidance if guidance != algo.eval.guidance_scale else None)
+    return Plan(method, preset, algo.train.batch_size * algo.train.gradient_accumulation_steps, "algo.train.max_steps",
+                algo.optim.lr, guidance if guidance != algo.eval.guidance_scale else None)
 
 
 # ------------------------------------------------------------------------------------------------------- running
@@ -172,8 +173,8 @@ def evaluation_options(plan: Plan, images: int, seconds: float, evaluations: int
         raise SystemExit(f"error: {images} images in {evaluations} evaluations is not a whole number of "
                          f"{plan.method}'s {plan.images_per_step}-image steps apart")
     options = [f"algo.eval.every={spacing // plan.images_per_step}"]
-    if seconds > 0:
-        options += [f"algo.eval.every_seconds={seconds / evaluations:g}", "algo.eval.seconds_clock=cpu"]
+    if seconds > 0:  # the spacing in full (repr), so that the last mark is the budget to the 6th decimal
+        options += [f"algo.eval.every_seconds={seconds / evaluations!r}", "algo.eval.seconds_clock=cpu"]
     if plan.training_guidance is not None:
         options.append(f"algo.eval.extra_guidance_scales=[{plan.training_guidance:g}]")
     return options
@@ -469,6 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.report and args.tune_only:
         parser.error("--report reads finished runs and --tune-only makes tuning runs: give one of them")
+    if args.evaluations < 1 or args.images < args.evaluations or args.seconds <= 0:
+        parser.error("--evaluations must be at least 1, --images at least --evaluations, and --seconds above 0 (the "
+                     "seconds table needs its marks)")
 
     plans = {method: plan(method) for method in METHODS}
     if not args.report:
@@ -517,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
                       "seeds": args.seeds, "extra_seeds": args.extra_seeds, "lr_factors": LR_FACTORS,
                       "knobs": {m: {"option": s.knob, "values": list(s.values), "why": s.why}
                                 for m, s in METHODS.items()},
-                      "tuning_seed": TUNING_SEED, "validation_prompts": VALIDATION_PROMPTS, "threads": args.threads},
+                      "tuning_seed": TUNING_SEED, "validation_prompts": VALIDATION_PROMPTS,
+                      "threads": args.threads if not args.report else "as the runs were made (docs/comparison.md)"},
          "tuned": chosen, "summary": summary,
          "at_training_guidance": {m: g.as_dict() for m, g in guidance.items()},
          "per_seed": values, "pending": pending}, indent=1))

@@ -149,6 +149,10 @@ class OfflineDPO(TrainingConfig):
 
     def __post_init__(self):
         check_values("algo", self, positive=("beta",))
+        if self.eval.every_seconds:
+            raise ConfigError("algo.eval.every_seconds: offline DPO evaluates every algo.train.eval_every steps (its "
+                              "held-out pairs, and held-out prompts when a reward is set), not at seconds marks; set "
+                              "it to 0")
 
     def __call__(self, ctx: RunContext) -> None:
         run_offline(ctx, self)

@@ -228,8 +228,9 @@ class SecondsMarks:
     """Held-out evaluations at fixed marks of training seconds (`algo.eval.every_seconds`), so that methods whose steps
     last different times are evaluated at the same points of their training time: at each mark, the weights of the
     last step that ended at or before it. The session keeps a copy of the trained weights (LoRA adapters: small) from
-    each step's end to the next's; a step that passes a mark evaluates that copy, logged as `eval_seconds/*` at the
-    copy's step with `eval_seconds/mark` and `eval_seconds/seconds` (the copy's own training seconds, at most the mark).
+    each step's end to the next's; a step that passes a mark evaluates that copy, logged as `eval_seconds/*` with
+    `eval_seconds/mark`, `eval_seconds/step` and `eval_seconds/seconds` (the copy's step and its own training seconds,
+    at most the mark), at the step that passed the mark (trackers such as wandb drop records of an earlier step).
     The copy is taken when the loop starts (after a resume, the restored weights), so a resumed run evaluates the
     same weights at the same marks as one that never stopped. Not with an EMA (the EMA's own past is not kept)."""
 
@@ -259,7 +260,7 @@ class SecondsMarks:
                 record = {f"eval_seconds/{name[5:]}": value for name, value in metrics.items()}
                 record.update({"eval_seconds/mark": mark, "eval_seconds/seconds": self.copy_seconds,
                                "eval_seconds/step": self.copy_step})
-                accelerator.log(record, step=self.copy_step)
+                accelerator.log(record, step=step)
                 logger.info("%s %d at %.0f of the %.0f-second mark, held out: %s", session.unit, self.copy_step,
                             self.copy_seconds, mark, "  ".join(f"{metric_name(name[5:-5])} {value:.4f}"
                                                                for name, value in metrics.items()

@@ -9,6 +9,7 @@ from test_policy import context, records, small_configs
 
 from pipelines.errors import ConfigError
 from rl import grpo
+from rl.dpo import OfflineDPO
 from rl.checkpoints import CheckpointConfig
 from rl.evaluation import EvalConfig
 from rl.session import EmaConfig, Session
@@ -29,8 +30,13 @@ def run(run_dir, epochs=5, exit_after=None, **eval_options):
     grpo.GRPO(epochs=epochs, beta=0.0, **configs)(context(run_dir))
 
 
-def by_key(logged, key):
-    return {r["step"]: r for r in logged if key in r}
+def by_key(logged, key, step="step"):
+    return {r[step]: r for r in logged if key in r}
+
+
+def marks_of(logged):
+    """The seconds marks' records by the step whose weights they evaluated."""
+    return by_key(logged, "eval_seconds/reward_mean", step="eval_seconds/step")
 
 
 def test_each_mark_evaluates_the_weights_of_the_last_step_before_it(tmp_path, clock):
@@ -39,8 +45,9 @@ def test_each_mark_evaluates_the_weights_of_the_last_step_before_it(tmp_path, cl
     # mark's numbers must be exactly those of step 2 and step 4.
     run(tmp_path / "run", every_seconds=60, seconds_clock="cpu")
     logged = records(tmp_path / "run")
-    marks = by_key(logged, "eval_seconds/reward_mean")
+    marks = marks_of(logged)
     assert sorted(marks) == [2, 4]
+    assert [marks[s]["step"] for s in (2, 4)] == [3, 5]  # logged at the step that passed the mark
     assert [marks[s]["eval_seconds/mark"] for s in (2, 4)] == [60, 120]
     assert [marks[s]["eval_seconds/seconds"] for s in (2, 4)] == [50.0, 100.0]
     regular = by_key(logged, "eval/reward_mean")
@@ -53,8 +60,8 @@ def test_a_resumed_run_evaluates_the_same_weights_at_the_same_marks(tmp_path, cl
     run(tmp_path / "whole", every_seconds=60)
     run(tmp_path / "split", exit_after=3, every_seconds=60)  # stops after step 3, having evaluated mark 60 ...
     run(tmp_path / "split", every_seconds=60)  # ... and the resumed run starts its copy from step 3's checkpoint
-    whole = by_key(records(tmp_path / "whole"), "eval_seconds/reward_mean")
-    split = by_key(records(tmp_path / "split"), "eval_seconds/reward_mean")
+    whole = marks_of(records(tmp_path / "whole"))
+    split = marks_of(records(tmp_path / "split"))
     assert sorted(split) == sorted(whole) == [2, 4]
     for step in (2, 4):
         assert split[step]["eval_seconds/reward_mean"] == whole[step]["eval_seconds/reward_mean"]
@@ -78,3 +85,5 @@ def test_marks_need_the_trained_weights_themselves(tmp_path):
         grpo.GRPO(epochs=1, ema=EmaConfig(enabled=True), **configs)(context(tmp_path))
     with pytest.raises(ConfigError, match="seconds_clock"):
         EvalConfig(seconds_clock="gpu")
+    with pytest.raises(ConfigError, match="offline DPO"):  # it evaluates every algo.train.eval_every steps
+        OfflineDPO(eval=EvalConfig(every_seconds=60))

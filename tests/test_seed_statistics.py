@@ -1,16 +1,19 @@
-"""experiments/seed_statistics.py against hand-computed cases: the bootstrap interval over seeds and the paired
+"""experiments/seed_statistics.py against hand-computed cases: the Student-t interval over seeds and the paired
 difference of two methods on their shared seeds."""
 
 import pytest
 
-from experiments.seed_statistics import interval, paired_difference, within_noise
+from experiments.seed_statistics import interval, paired_difference, t_quantile, within_noise
 
 
-def test_two_seeds_give_the_range_of_their_resampled_means():
-    # Resampling (0.5, 0.7) gives means 0.5, 0.6 and 0.7 with chances 1/4, 1/2, 1/4: the 2.5th and 97.5th
-    # percentiles are 0.5 and 0.7.
-    result = interval([0.5, 0.7])
-    assert (result.mean, result.low, result.high, result.seeds) == pytest.approx((0.6, 0.5, 0.7, 2))
+def test_three_seeds_by_hand():
+    # (0.9, 0.8, 0.7): mean 0.8, sd 0.1, standard error 0.1 / sqrt(3) = 0.057735; t(0.975, 2) = 4.303:
+    # half-width 0.248434
+    result = interval([0.9, 0.8, 0.7])
+    assert (result.mean, result.low, result.high, result.seeds) == pytest.approx((0.8, 0.551566, 1.048434, 3))
+    # two seeds: (0.5, 0.7), sd 0.141421, standard error 0.1, t(0.975, 1) = 12.706
+    assert (interval([0.5, 0.7]).low, interval([0.5, 0.7]).high) == pytest.approx((0.6 - 1.2706, 0.6 + 1.2706))
+    assert t_quantile(4) == 2.776 and t_quantile(100) == 1.96
 
 
 def test_one_seed_is_a_point_and_no_seed_is_an_error():
@@ -19,11 +22,12 @@ def test_one_seed_is_a_point_and_no_seed_is_an_error():
         interval([])
 
 
-def test_the_interval_is_fixed_by_its_values():
-    values = [0.71, 0.93, 0.88, 0.64, 0.9]
-    assert interval(values) == interval(values)
-    result = interval(values)
-    assert min(values) < result.low < result.mean < result.high < max(values)
+def test_three_differences_of_one_sign_are_not_enough_to_call_two_methods_apart():
+    # The percentile bootstrap's interval of (0.01, 0.02, 0.06) would be its range [0.01, 0.06], excluding 0;
+    # the t interval, mean 0.03 +- 4.303 * 0.026458 / sqrt(3) = +- 0.065730, holds it.
+    difference = paired_difference({0: 0.91, 1: 0.92, 2: 0.96}, {0: 0.90, 1: 0.90, 2: 0.90})
+    assert (difference.low, difference.high) == pytest.approx((0.03 - 0.065730, 0.03 + 0.065730), abs=1e-6)
+    assert within_noise(difference)
 
 
 def test_pairing_cancels_what_a_seed_shares():
@@ -34,7 +38,5 @@ def test_pairing_cancels_what_a_seed_shares():
     assert (difference.mean, difference.low, difference.high, difference.seeds) == pytest.approx((0.05, 0.05, 0.05, 3))
     assert not within_noise(difference)
     assert interval(list(a.values())).low < interval([0.85, 0.75, 0.65]).high  # unpaired: overlapping
-    mixed = paired_difference({0: 0.9, 1: 0.8}, {0: 0.85, 1: 0.85})  # +0.05 and -0.05
-    assert within_noise(mixed) and mixed.mean == pytest.approx(0.0)
     with pytest.raises(ValueError, match="share no seed"):
         paired_difference({0: 1.0}, {1: 1.0})
