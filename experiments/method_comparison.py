@@ -2,7 +2,7 @@
 evaluation points, budgets of sampled images and of CPU seconds, seeds with confidence intervals (`docs/comparison.md`
 states the protocol and reads the results).
 
-    python -m experiments.method_comparison                                  # the whole protocol, into results/method_comparison
+    python -m experiments.method_comparison                                  # the whole protocol, all methods
     python -m experiments.method_comparison --methods nft refl --threads 1   # a part of it (two drivers share 2 cores)
     python -m experiments.method_comparison --tune-only --methods grpo       # the tuning runs only
     python -m experiments.method_comparison --report                         # the finished runs' table; runs nothing

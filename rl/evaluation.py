@@ -44,7 +44,7 @@ class EvalConfig:
     #                             the last step that ended at or before each mark (`eval_seconds/*`; `SecondsMarks`)
     seconds_clock: str = "wall"  # every_seconds counts train/seconds (wall) or train/cpu_seconds (cpu)
     extra_guidance_scales: list[float] = field(default_factory=list)  # also at these guidance scales, e.g. a
-    #                                                                    method's training guidance (`eval_guidance_<g>/*`)
+    #                                                                    method's training guidance (eval_guidance_*)
 
     def __post_init__(self):
         check_values("algo.eval", self, positive=("max_prompts", "images_per_prompt", "num_inference_steps",
@@ -207,8 +207,8 @@ def held_out(session, config: EvalConfig, step: int, force: bool = False) -> Non
             metrics, images = evaluate(session.pipe, session.reward, ctx.eval_prompts, config, ctx.seed, session.text,
                                        accelerator)
             for scale in config.extra_guidance_scales:
-                extra, _ = evaluate(session.pipe, session.reward, ctx.eval_prompts, replace(config, guidance_scale=scale),
-                                    ctx.seed, session.text, accelerator)
+                extra, _ = evaluate(session.pipe, session.reward, ctx.eval_prompts,
+                                    replace(config, guidance_scale=scale), ctx.seed, session.text, accelerator)
                 metrics.update({f"eval_guidance_{scale:g}/{name[5:]}": value for name, value in extra.items()})
         if accelerator.is_main_process:
             metrics["eval/epoch"] = step

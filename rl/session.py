@@ -260,7 +260,7 @@ class Session:
     started: float = field(default_factory=time.time)
     timing_since: float = field(default_factory=time.time)  # when the training time now counting began
     cpu_since: float = field(default_factory=time.process_time)  # the process's CPU time then
-    seconds_marks: SecondsMarks | None = None  # held-out evaluations at training-seconds marks (algo.eval.every_seconds)
+    seconds_marks: SecondsMarks | None = None  # held-out evaluations at training-seconds marks (eval.every_seconds)
     progress: tqdm | None = None
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
     stop_signal: int | None = None  # SIGINT or SIGTERM, once received

@@ -9,8 +9,8 @@ from test_policy import context, records, small_configs
 
 from pipelines.errors import ConfigError
 from rl import grpo
-from rl.dpo import OfflineDPO
 from rl.checkpoints import CheckpointConfig
+from rl.dpo import OfflineDPO
 from rl.evaluation import EvalConfig
 from rl.session import EmaConfig, Session
 

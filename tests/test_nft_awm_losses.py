@@ -12,7 +12,6 @@ from rl.losses import (
     nft_implicit_velocities,
     nft_loss,
     nft_optimality_prob,
-    ppo_clip_loss,
     velocity_kl,
 )
 from rl.policy_copy import PolicyCopy, capped_linear_decay, lerp_params_
