@@ -439,7 +439,7 @@ def report(args, plans: dict[str, Plan]) -> tuple[dict, dict, dict, list[str]]:
     for method in METHODS:
         choice, missing = tune(method, plans[method], args, list(args.overrides), run=False)
         if choice is None:
-            pending.append(f"{METHODS[method].label}: tuning runs unfinished ({len(missing)} of 4)")
+            pending.append(f"{METHODS[method].label}: {len(missing)} of its 4 tuning runs unfinished")
             continue
         chosen[method] = choice
         runs, missing = read_method(args.out, method, plans[method].training_guidance, args)

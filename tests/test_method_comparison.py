@@ -174,7 +174,7 @@ def test_report_runs_nothing_and_tables_only_methods_with_every_run(monkeypatch,
     text = (tmp_path / "results.md").read_text()
     # end of images per seed 0.90, 0.91, 0.92: mean 0.91 +- 4.303 * 0.01 / sqrt(3) = 0.024843
     assert "| DiffusionNFT | lr 0.0015, beta 0.1 | 3 | **0.910 [0.885, 0.935]** |" in text
-    assert "| AWM |" in text and "| ReFL" not in text and "ReFL: tuning runs unfinished (3 of 4)" in text
+    assert "| AWM |" in text and "| ReFL" not in text and "ReFL: 3 of its 4 tuning runs unfinished" in text
     assert "| 0.300 [0.300, 0.300] |" in text  # at the training guidance
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["summary"]["columns"]["end_images"]["best"] == "nft"
