@@ -10,7 +10,9 @@ at every check. `PromptEncoder` encodes each distinct text once and hands out it
   same in any epoch, batch, process count, and whether or not it was precomputed;
 - with a `PrecomputedEmbeddings` store (`model.precompute_prompt_embeds=true`), every training and held-out prompt is
   encoded at start-up into a file on disk, keyed by the encoders' weights, the T5 length and the texts; the encoders
-  then leave the accelerator, and rows are read from the file (memory-mapped) when needed.
+  then leave the accelerator, and rows are read from the file (memory-mapped) when needed. Each row's SHA-256 is kept
+  in the file: a row that no longer matches is encoded again (one warning), and a file that cannot be read is
+  rebuilt (one warning).
 
 The negative prompt is the stock pipeline's default: the empty string.
 """
@@ -21,13 +23,15 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +122,37 @@ def encoder_fingerprint(pipe, max_sequence_length: int) -> str:
     return digest.hexdigest()
 
 
-class PrecomputedEmbeddings:
-    """Every prompt's embeddings in one safetensors file, read row by row (memory-mapped) on the CPU."""
+def row_digest(embeds: torch.Tensor, pooled: torch.Tensor) -> str:
+    """The SHA-256 of one prompt's rows (their bytes as stored)."""
+    digest = hashlib.sha256()
+    for tensor in (embeds, pooled):
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = safe_open(str(path), framework="pt", device="cpu")
-        texts = json.loads(self._file.metadata()["texts"])
+
+class DamagedCacheError(Exception):
+    """A prompt-embedding cache file that cannot be read as written (truncated, overwritten, without its hashes)."""
+
+
+class PrecomputedEmbeddings:
+    """Every prompt's embeddings in one safetensors file, read row by row (memory-mapped) on the CPU. Each row is
+    checked against its SHA-256 when read; one that differs is encoded again by `repair` (a warning names the file
+    and the prompt), or raises `DamagedCacheError` without `repair`."""
+
+    def __init__(self, path: Path, repair: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.path, self.repair = path, repair
+        self.repaired: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            metadata = self._file.metadata() or {}
+            texts, self.digests = json.loads(metadata["texts"]), json.loads(metadata["sha256"])
+            rows = self._file.get_slice("prompt_embeds").get_shape()[0]
+            pooled_rows = self._file.get_slice("pooled_prompt_embeds").get_shape()[0]
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+            raise DamagedCacheError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                                    ) from None
+        if not len(texts) == len(self.digests) == rows == pooled_rows:
+            raise DamagedCacheError(f"{len(texts)} prompts, {len(self.digests)} hashes and {rows} / {pooled_rows} rows")
         self.row = {text: index for index, text in enumerate(texts)}
 
     def __contains__(self, text: str) -> bool:
@@ -133,8 +161,23 @@ class PrecomputedEmbeddings:
     def __getitem__(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         if text not in self.row:
             raise KeyError(f"{text!r} was not precomputed into {self.path}")
+        if text in self.repaired:
+            return self.repaired[text]
         index = self.row[text]
-        return self._file.get_slice("prompt_embeds")[index], self._file.get_slice("pooled_prompt_embeds")[index]
+        try:
+            embeds = self._file.get_slice("prompt_embeds")[index]
+            pooled = self._file.get_slice("pooled_prompt_embeds")[index]
+            intact = row_digest(embeds, pooled) == self.digests[index]
+        except (SafetensorError, OSError) as error:  # the file changed under the run
+            intact, embeds, pooled = False, None, error
+        if intact:
+            return embeds, pooled
+        if self.repair is None:
+            raise DamagedCacheError(f"the row of {text!r} in {self.path} differs from what was written")
+        logger.warning("the prompt-embedding cache %s holds a damaged row (the prompt %r): encoded again for this run; "
+                       "delete the file to rebuild it", self.path, text[:80])
+        self.repaired[text] = self.repair(text)
+        return self.repaired[text]
 
 
 def precompute(pipe, texts: Iterable[str], cache_dir: Path, max_sequence_length: int,
@@ -142,22 +185,41 @@ def precompute(pipe, texts: Iterable[str], cache_dir: Path, max_sequence_length:
     """Encode every distinct text (and the negative prompt) once into `<cache_dir>/<key>.safetensors`, unless that
     file exists; the key is a hash of `encoder_fingerprint` and the texts. Only the main process writes (call it
     inside `main_process_first`); the file is written under a temporary name and renamed, so a killed run never
-    leaves a partial cache."""
+    leaves a partial cache. A file that cannot be read as written (`DamagedCacheError`) is set aside as
+    `<name>.damaged` and rebuilt, with one warning; a folder that takes no file stops the run with one line."""
     distinct = sorted(set(texts) | {NEGATIVE_PROMPT})
     key = hashlib.sha256((encoder_fingerprint(pipe, max_sequence_length) + json.dumps(distinct)).encode())
     path = cache_dir / f"{key.hexdigest()[:24]}.safetensors"
+
+    def repair(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_one(pipe, text, max_sequence_length, "cpu")
+
     if path.is_file():
-        logger.info("prompt embeddings of %d prompts from %s", len(distinct), path)
-        return PrecomputedEmbeddings(path)
+        try:
+            store = PrecomputedEmbeddings(path, repair)
+            logger.info("prompt embeddings of %d prompts from %s", len(distinct), path)
+            return store
+        except DamagedCacheError as error:
+            if not is_main_process:
+                raise RuntimeError(f"the main process did not rebuild {path}: {error}") from None
+            logger.warning("the prompt-embedding cache %s cannot be read as written (%s): rebuilding it; the old file "
+                           "is kept as %s.damaged", path, error, path.name)
+            os.replace(path, path.with_name(f"{path.name}.damaged"))
     if not is_main_process:
         raise RuntimeError(f"the main process did not write {path}")
     rows = [encode_one(pipe, text, max_sequence_length, "cpu")
             for text in tqdm(distinct, desc="prompt embeddings", leave=False)]
-    cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
-    save_file({"prompt_embeds": torch.stack([r[0] for r in rows]).contiguous(),
-               "pooled_prompt_embeds": torch.stack([r[1] for r in rows]).contiguous()},
-              str(partial), metadata={"texts": json.dumps(distinct)})
-    partial.rename(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"prompt_embeds": torch.stack([r[0] for r in rows]).contiguous(),
+                   "pooled_prompt_embeds": torch.stack([r[1] for r in rows]).contiguous()},
+                  str(partial), metadata={"texts": json.dumps(distinct),
+                                          "sha256": json.dumps([row_digest(*row) for row in rows])})
+        partial.rename(path)
+    except (OSError, SafetensorError) as error:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write the prompt-embedding cache {path}: {getattr(error, 'strerror', None) or error}; "
+                        f"free space there or set model.prompt_embeds_cache=<a writable folder>") from None
     logger.info("prompt embeddings of %d prompts computed once into %s", len(distinct), path)
-    return PrecomputedEmbeddings(path)
+    return PrecomputedEmbeddings(path, repair)

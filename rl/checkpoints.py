@@ -3,8 +3,10 @@
 A checkpoint is accelerate's `save_state` folder (the trained model or only its LoRA adapters in diffusers' format,
 the optimiser, the LR scheduler, every process's RNG states) plus one file per named piece of the session's state:
 `train_state.pt` (the counters), `ema.pt` (EMA weights, when kept), `stat_tracker.pt` (DDPO), ... A `done` marker is
-written last: a checkpoint cut off by a kill has none and is never read. Tools find a piece by its name
-(`read_state(checkpoint, "ema")`), whatever else the run kept.
+written last: a checkpoint cut off by a kill has none and is never read. Before it, `manifest.json` records every
+file's size and SHA-256; a resume verifies them (`verify_checkpoint`) and falls back, with one line, from a damaged
+checkpoint (a flipped bit, a truncated or missing file) to the newest intact one, keeping the damaged folder as
+`step_<N>.damaged`. Tools find a piece by its name (`read_state(checkpoint, "ema")`), whatever else the run kept.
 
 Runs written before the pieces were named (accelerate's numbered `custom_checkpoint_<i>.pkl`, in registration order)
 are read too: `read_state` and `Checkpointer.restore` map the numbers to names in that order.
@@ -13,6 +15,8 @@ are read too: `read_state` and `Checkpointer.restore` map the numbers to names i
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import re
@@ -34,6 +38,7 @@ from rl.tracking import flatten_config, trim_metrics
 logger = logging.getLogger(__name__)
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
+MANIFEST = "manifest.json"  # every other file of a checkpoint: its size and SHA-256, written before `done`
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,47 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(16 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record the size and SHA-256 of every file in `checkpoint` (before its `done` marker) in `manifest.json`."""
+    files = {str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name not in (MANIFEST, "done")}
+    (checkpoint / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+
+
+def verify_checkpoint(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against its manifest (the first fault found, in a few words
+    naming the file), or None when every file is as written. A checkpoint written before manifests were kept is
+    taken as it is."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} is unreadable ({error.__class__.__name__})"
+    for name, expected in files.items():
+        path = checkpoint / name
+        try:
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, not the {expected['bytes']} written"
+            if file_digest(path) != expected["sha256"]:
+                return f"{name} differs from what was written (its SHA-256 changed)"
+        except OSError as error:
+            return f"{name} is unreadable ({error.strerror or error})"
+    return None
+
+
 def state_file(checkpoint: Path, name: str, legacy_order: list[str] | None = None) -> Path | None:
     """The file holding the piece `name` of a checkpoint, or None. `legacy_order` is the order in which a run written
     before the pieces were named registered them (its `custom_checkpoint_<i>.pkl` files)."""
@@ -144,6 +190,10 @@ def read_state(checkpoint: Path, name: str, legacy_order: list[str] | None = Non
     """The state dict of the piece `name` of a checkpoint (`train_state`, `ema`, `stat_tracker`, ...), or None."""
     path = state_file(checkpoint, name, legacy_order)
     return torch.load(path, map_location="cpu", weights_only=True) if path is not None else None
+
+
+class CheckpointError(UserError):
+    """Every checkpoint of a run is damaged: it cannot resume, and will not silently start again."""
 
 
 class DiskFullError(UserError):
@@ -248,6 +298,7 @@ class Checkpointer:
                 torch.save(item.state_dict(), partial / f"{name}.pt")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            write_manifest(partial)
             (partial / "done").touch()  # older readers take a folder with this marker as complete
             if path.exists():
                 shutil.rmtree(path)  # the same step saved again (a resumed run stopping where it started)
@@ -260,13 +311,57 @@ class Checkpointer:
         return path
 
     def restore(self) -> int | None:
-        """Load the latest complete checkpoint, if any; returns its step. The metric records are cut back to it (to
-        none without a checkpoint), keeping the original file as `metrics.before-resume.jsonl`."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        """Load the newest complete checkpoint that is intact (`verify_checkpoint`, and it loads); returns its step.
+        Damaged newer ones are set aside as `step_<N>.damaged`, with one line each; when every checkpoint is damaged
+        the run stops (`CheckpointError`) rather than start again from step 0 by itself. The metric records are cut
+        back to the step resumed from (to none without a checkpoint), keeping the original file as
+        `metrics.before-resume.jsonl`."""
+        found = [path for _, path in complete_checkpoints(self.run_dir)]
+        if not found:
             if self.accelerator.is_main_process:
                 trim_metrics(self.run_dir, None)  # killed before its first checkpoint: its metrics start afresh
             return None
+        damaged: list[tuple[Path, str]] = []
+        for path in reversed(found):
+            fault = self._shared(verify_checkpoint(path) if self.accelerator.is_main_process else None)
+            if fault is None:
+                try:
+                    self._load(path)
+                    break
+                except UserError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - a fault the manifest does not see (an older checkpoint)
+                    fault = f"it does not load ({type(error).__name__}: {first_line(error)})"
+            damaged.append((path, fault))
+        else:
+            listed = "; ".join(f"{path.name}: {fault}" for path, fault in damaged)
+            raise CheckpointError(f"every checkpoint in {self.directory} is damaged ({listed}); move them away (or "
+                                  f"delete {self.directory}) to start the run again from step 0, which also restarts "
+                                  f"its metrics, or set algo.checkpoint.resume=false with a new run directory")
+        step = int(path.name.removeprefix("step_"))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for bad, fault in damaged:
+                kept = set_aside(bad)
+                logger.warning("checkpoint %s is damaged (%s): resuming from %s instead; the damaged folder is kept "
+                               "as %s", bad.name, fault, path.name, kept.name)
+            trim_metrics(self.run_dir, step)
+        self.accelerator.wait_for_everyone()
+        logger.info("resumed from %s", path)
+        return step
+
+    def _shared(self, value):
+        """The main process's `value` on every process."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        shared = [value]
+        broadcast_object_list(shared, from_process=0)
+        return shared[0]
+
+    def _load(self, path: Path) -> None:
+        """Load one checkpoint into the accelerator's objects and the named pieces."""
         numbered = sorted(path.glob("custom_checkpoint_*.pkl"))
         if numbered:  # written before the pieces were named: they are told apart by their count and order only
             saved, kept = len(numbered), len(self.state)
@@ -286,8 +381,19 @@ class Checkpointer:
             self.accelerator.load_state(str(path))
         for name, item in self.state.items():
             item.load_state_dict(read_state(path, name, legacy_order=list(self.state)))
-        step = int(path.name.removeprefix("step_"))
-        if self.accelerator.is_main_process:
-            trim_metrics(self.run_dir, step)
-        logger.info("resumed from %s", path)
-        return step
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message, first line only, shortened."""
+    text = str(error).strip().splitlines()
+    return text[0][:160] if text else "no message"
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint to `step_<N>.damaged` (`.damaged.2`, ... when taken), out of every reader's way."""
+    target, count = checkpoint.with_name(f"{checkpoint.name}.damaged"), 1
+    while target.exists():
+        count += 1
+        target = checkpoint.with_name(f"{checkpoint.name}.damaged.{count}")
+    os.replace(checkpoint, target)
+    return target

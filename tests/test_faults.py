@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipelines import load_pipeline
+from pipelines.errors import UserError
+from pipelines.text import encode_one, precompute
 from rewards import Reward
 from rewards.jpeg import JpegSizeReward
 from rl import grpo
-from rl.checkpoints import CheckpointConfig, changed_options, latest_checkpoint
+from rl.checkpoints import CheckpointConfig, CheckpointError, changed_options, latest_checkpoint, verify_checkpoint
 from rl.context import RunContext
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
@@ -121,6 +123,108 @@ def test_a_checkpoint_cut_off_mid_save_is_never_resumed_from(tmp_path, whole):
     small()(context(run_dir))
     assert_same_records(read_metrics(run_dir), whole)
     assert not list(checkpoints.glob(".step_*.partial"))
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("piece, damage", [
+    ("pytorch_lora_weights.safetensors", flip_byte), ("optimizer.bin", flip_byte), ("train_state.pt", flip_byte),
+    ("pytorch_lora_weights.safetensors", truncate), ("optimizer.bin", truncate), ("scheduler.bin", None),
+], ids=["flipped LoRA", "flipped optimizer", "flipped counters", "truncated LoRA", "truncated optimizer",
+        "missing scheduler"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path, whole, piece, damage,
+                                                                                   caplog):
+    """A flipped bit loads silently and a truncated or missing piece fails to load: the manifest finds each, the
+    resume falls back to the previous intact checkpoint with one line naming the file and the step, and the run
+    then gives the uninterrupted run's records."""
+    run_dir = tmp_path / "run"
+    small(exit_after=2)(context(run_dir))
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    if damage is None:
+        (checkpoint / piece).unlink()
+    else:
+        damage(checkpoint / piece)
+    assert verify_checkpoint(checkpoint) is not None and verify_checkpoint(checkpoint.parent / "step_000001") is None
+    small()(context(run_dir))
+    said = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith(f"checkpoint step_000002 is damaged ({piece} ") and "resuming from step_000001" in said[0]
+    assert_same_records(read_metrics(run_dir), whole)
+    assert (run_dir / "checkpoints" / "step_000002.damaged" / piece).exists() or damage is None
+    assert latest_checkpoint(run_dir).name == "step_000003"
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_with_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    small(exit_after=1)(context(run_dir))
+    flip_byte(run_dir / "checkpoints" / "step_000001" / "optimizer.bin")
+    before = files(run_dir)
+    with pytest.raises(CheckpointError, match=r"every checkpoint in \S+ is damaged \(step_000001: optimizer.bin "
+                                              r"differs from what was written.*\); move them away"):
+        small()(context(run_dir))
+    assert files(run_dir) == before  # nothing set aside, nothing trimmed
+
+
+def test_a_checkpoint_written_before_manifests_still_resumes(tmp_path, whole):
+    run_dir = tmp_path / "run"
+    small(exit_after=2)(context(run_dir))
+    for manifest in (run_dir / "checkpoints").glob("step_*/manifest.json"):
+        manifest.unlink()
+    small()(context(run_dir))
+    assert_same_records(read_metrics(run_dir), whole)
+
+
+def tensor_bytes(path: Path, name: str) -> tuple[int, int]:
+    """Where a tensor's data lies in a safetensors file: (first byte, end)."""
+    header_size = int.from_bytes(path.read_bytes()[:8], "little")
+    begin, end = json.loads(path.read_bytes()[8: 8 + header_size])[name]["data_offsets"]
+    return 8 + header_size + begin, 8 + header_size + end
+
+
+def test_a_damaged_row_of_the_prompt_embedding_cache_is_encoded_again(tmp_path, tiny_pipe, caplog):
+    """One changed value in the negative prompt's row (the first: texts are sorted) is found by the row's hash and
+    the row is encoded again, with one warning naming the file; the other rows are read as written."""
+    store = precompute(tiny_pipe, ["a cat", "a dog"], tmp_path, 16)
+    begin, _ = tensor_bytes(store.path, "prompt_embeds")
+    data = bytearray(store.path.read_bytes())
+    data[begin + 1] ^= 0x01
+    store.path.write_bytes(bytes(data))
+    again = precompute(tiny_pipe, ["a cat", "a dog"], tmp_path, 16)
+    for text in ("", "a cat"):
+        embeds, pooled = again[text]
+        want, want_pooled = encode_one(tiny_pipe, text, 16, "cpu")
+        assert torch.equal(embeds, want) and torch.equal(pooled, want_pooled)
+    said = [r.getMessage() for r in caplog.records if "damaged row" in r.getMessage()]
+    assert len(said) == 1 and str(store.path) in said[0] and "(the prompt '')" in said[0], said
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "hashless"])
+def test_an_unreadable_prompt_embedding_cache_is_rebuilt(tmp_path, tiny_pipe, caplog, damage):
+    store = precompute(tiny_pipe, ["a cat"], tmp_path, 16)
+    if damage == "hashless":  # written before the rows' hashes were kept
+        tensors = load_file(store.path)
+        save_file(tensors, str(store.path), metadata={"texts": json.dumps(["", "a cat"])})
+    else:
+        store.path.write_bytes(store.path.read_bytes()[: store.path.stat().st_size // 2 if damage == "truncated" else 0])
+    again = precompute(tiny_pipe, ["a cat"], tmp_path, 16)
+    assert again.path == store.path and torch.equal(again["a cat"][0], encode_one(tiny_pipe, "a cat", 16, "cpu")[0])
+    said = [r.getMessage() for r in caplog.records if "cannot be read as written" in r.getMessage()]
+    assert len(said) == 1 and "rebuilding it" in said[0], said
+    assert store.path.with_name(store.path.name + ".damaged").is_file()
+
+
+def test_an_unwritable_prompt_embedding_cache_folder_stops_with_one_line(tiny_pipe):
+    with pytest.raises(UserError, match=r"cannot write the prompt-embedding cache /sys/rl-cache/\w+.safetensors: .*; "
+                                        r"free space there or set model.prompt_embeds_cache"):
+        precompute(tiny_pipe, ["a cat"], Path("/sys/rl-cache"), 16)
 
 
 def wait_for_record(path: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
