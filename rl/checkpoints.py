@@ -267,6 +267,10 @@ class Checkpointer:
         load_lora(Path(input_dir), **modules)
         models.clear()
 
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of the run, if any."""
+        return latest_checkpoint(self.run_dir)
+
     def due(self, step: int, last: int) -> bool:
         return step % self.config.every == 0 or step == last
 

@@ -9,6 +9,8 @@ stochastic and trained; `sampling.sde_window`), which DDPO's paper does not have
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,6 +24,8 @@ from rl.ppo import PPOConfig, ppo_indices, ppo_layout, ppo_update
 from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch, sde_window
 from rl.session import TrainingConfig, open_session
 
+logger = logging.getLogger(__name__)
+
 
 class PerPromptStatTracker:
     """DDPO's advantage estimator: `A = (r - mean_prompt) / (std_prompt + 1e-6)` over a buffer of each prompt's last
@@ -33,6 +37,8 @@ class PerPromptStatTracker:
 
     def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
         prompts, rewards = np.asarray(prompts), np.asarray(rewards, dtype=np.float64)
+        if not np.isfinite(rewards).all():  # the session skips such an epoch (`Session.rewards_usable`)
+            raise ValueError("the per-prompt statistics take finite rewards only")
         advantages = np.empty_like(rewards)
         for prompt in np.unique(prompts):
             mask = prompts == prompt
@@ -49,7 +55,13 @@ class PerPromptStatTracker:
         return {"buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in state["buffers"].items()}
+        """Restore the buffers; a non-finite reward that a checkpoint written before the session skipped such epochs
+        holds is dropped (it would make every later advantage of its prompt NaN)."""
+        buffers = {p: [v for v in values if math.isfinite(v)] for p, values in state["buffers"].items()}
+        dropped = sum(len(values) for values in state["buffers"].values()) - sum(map(len, buffers.values()))
+        if dropped:
+            logger.warning("the checkpoint's per-prompt statistics held %d NaN or infinite rewards: dropped", dropped)
+        self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in buffers.items()}
 
 
 def prompt_key(prompt) -> str:
@@ -92,6 +104,11 @@ def run(ctx: RunContext, config: DDPO) -> None:
         # 1. Sample and score.
         samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),
                                ppo_indices(sampling, ppo, ctx.seed, epoch))
+        if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
+            metrics = epoch_metrics(samples, {}, s, epoch + 1, layout.samples_per_process)
+            if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
+                return
+            continue
 
         # 2. Advantages from each prompt's running statistics (the same tracker state on every process).
         keys = [prompt_key(ctx.train_prompts[i]) for i in samples.all_prompt_ids.tolist()]

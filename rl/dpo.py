@@ -295,6 +295,11 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
                               s.accelerator.num_processes, s.accelerator.process_index)
         indices = [group * k + j for _, chunk in chunks for group in chunk for j in range(k)]
         samples = sample_epoch(s, sampling, epoch, None, indices)
+        if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
+            metrics = epoch_metrics(samples, {}, s, epoch + 1, local)
+            if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
+                return
+            continue
 
         # 2. Pairs: the best and the worst image of each group.
         rewards = samples.rewards

@@ -71,6 +71,11 @@ def run(ctx: RunContext, config: GRPO) -> None:
         # 1. Sample this process's share of G images for each of the epoch's prompts, and score them.
         samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),
                                ppo_indices(sampling, ppo, ctx.seed, epoch))
+        if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
+            metrics = epoch_metrics(samples, {}, s, epoch + 1, layout.samples_per_process)
+            if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
+                return
+            continue
 
         # 2. Advantages within complete groups, over every process's rewards.
         advantages = group_advantages(samples.all_rewards, samples.all_groups, config.advantage_std,

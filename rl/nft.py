@@ -94,6 +94,11 @@ def run(ctx: RunContext, config: NFT) -> None:
         with old.swapped_in(s.parameters):
             samples = sample_epoch(s, sampling, epoch, None, ppo_indices(sampling, train, ctx.seed, epoch),
                                    final_only=True)
+        if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
+            metrics = epoch_metrics(samples, {}, s, epoch + 1, layout.samples_per_process)
+            if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
+                return
+            continue
 
         # 2. Advantages within complete groups (over every process's rewards), as optimality probabilities.
         advantages = group_advantages(samples.all_rewards, samples.all_groups, config.advantage_std,

@@ -264,7 +264,8 @@ class Session:
     progress: tqdm | None = None
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
     stop_signal: int | None = None  # SIGINT or SIGTERM, once received
-    skipped_nonfinite: int = 0  # optimiser steps skipped for non-finite gradients since the last record
+    skipped_nonfinite: int = 0  # updates skipped for non-finite rewards or gradients since the last record
+    nonfinite_rewards: int = 0  # NaN or infinite rewards since the last record
     nonfinite_in_a_row: int = 0
     zero_gradient_in_a_row: int = 0
     initial_weight_norm: float = 0.0  # of the trained weights as initialised (before any resume)
@@ -326,25 +327,51 @@ class Session:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def rewards_usable(self, rewards: torch.Tensor) -> bool:
+        """Whether an epoch's rewards (gathered from every process, so every process decides alike) are all finite.
+        When one is NaN or infinite, nothing may store or train on them: the epoch's update is skipped (no advantage,
+        no per-prompt statistic, no pair, no optimiser step; logged as `train/nonfinite_rewards` and
+        `train/skipped_nonfinite`), and it counts towards `optim.nonfinite_patience` like a skipped optimiser step."""
+        bad = int((~torch.isfinite(rewards)).sum())
+        if bad == 0:
+            return True
+        self.nonfinite_rewards += bad
+        logger.warning("%s %d: %d of %d rewards are NaN or infinite: this %s's update is skipped", self.unit,
+                       self.state.step + 1, bad, rewards.numel(), self.unit)
+        self._guard(True, False)
+        return False
+
     def _guard(self, skipped: bool, zero: bool) -> None:
         """Count skipped (non-finite) and zero-gradient optimiser steps in a row; stop or warn past their limits."""
         self.skipped_nonfinite += int(skipped)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
         if self.nonfinite_in_a_row >= self.optim.nonfinite_patience:
+            latest = self.checkpointer.latest()
             raise NonFiniteError(
-                f"{self.unit} {self.state.step + 1}: the gradients were NaN or infinite in {self.nonfinite_in_a_row} "
-                f"optimiser steps in a row (non-finite rewards, advantages or losses), so the run stopped; its "
-                f"weights are those of the last finite step, and the latest checkpoint holds finite weights")
+                f"{self.unit} {self.state.step + 1}: {self.nonfinite_in_a_row} updates in a row were skipped for NaN "
+                f"or infinite rewards, advantages, losses or gradients, so the run stopped; its weights are those of "
+                f"the last finite step, and " + (f"the latest checkpoint ({latest.name}) holds finite weights"
+                                                 if latest is not None else "no checkpoint was written yet"))
         self.zero_gradient_in_a_row = self.zero_gradient_in_a_row + 1 if zero else 0
         if self.zero_gradient_in_a_row == self.optim.dead_after:
             self._diverged("dead", f"{self.unit} {self.state.step + 1}: the gradient norm has been exactly 0 for "
                                    f"{self.optim.dead_after} optimiser steps in a row (optim.dead_after): nothing is "
                                    f"learned; a dead run? check the learning rate and the reward")
 
-    def _check_weights(self, step: int) -> None:
-        """At each record: an exploding run's weights grow past `optim.max_weight_growth` times their initial norm."""
+    def _check_weights(self, step: int, record: bool) -> None:
+        """After every step: weights that are NaN, infinite or so large that their norm overflows float32 (an
+        exploding run past repair: such a model only makes NaN images) stop the run before anything evaluates or
+        saves them. At each record (`record`): an exploding run's weights grow past `optim.max_weight_growth` times
+        their initial norm (a warning, or a stop under `optim.stop_on_divergence`)."""
         norm = weight_norm(self.parameters)
-        if math.isfinite(norm) and norm > self.optim.max_weight_growth * self.initial_weight_norm:
+        if not math.isfinite(norm):
+            latest = self.checkpointer.latest()
+            raise NonFiniteError(f"{self.unit} {step}: the trained weights became NaN, infinite or overflowing (their "
+                                 f"norm is not a float32 number): an exploding run, stopped before evaluating or "
+                                 f"saving them; " + (f"the latest checkpoint ({latest.name}) holds earlier weights"
+                                                     if latest is not None else "no checkpoint was written")
+                                 + "; lower the learning rate")
+        if record and norm > self.optim.max_weight_growth * self.initial_weight_norm:
             self._diverged("exploding", f"{self.unit} {step}: the trained weights' norm grew from "
                                         f"{self.initial_weight_norm:.4g} to {norm:.4g}, past optim.max_weight_growth="
                                         f"{self.optim.max_weight_growth:g} times; an exploding run? lower the "
@@ -397,9 +424,12 @@ class Session:
             if self.skipped_nonfinite:  # since the last record
                 metrics = {**metrics, "train/skipped_nonfinite": self.skipped_nonfinite}
                 self.skipped_nonfinite = 0
+            if self.nonfinite_rewards:
+                metrics = {**metrics, "train/nonfinite_rewards": self.nonfinite_rewards}
+                self.nonfinite_rewards = 0
             metrics = {**metrics, "train/seconds": self.state.seconds, "train/cpu_seconds": self.state.cpu_seconds}
             self.accelerator.log(metrics, step=step)
-            self._check_weights(step)
+        self._check_weights(step, record=metrics is not None)
         evaluate(step)
         if self.checkpointer.due(step, self.total_steps):
             self._save(step)
@@ -457,11 +487,8 @@ class Session:
             raise
 
     def _save(self, step: int) -> None:
-        """Checkpoint `step`, unless the trained weights became non-finite: then stop, so that no checkpoint holds
-        them (checked here, not every step: it reads every trained weight)."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.parameters):
-            raise NonFiniteError(f"{self.unit} {step}: the trained weights became NaN or infinite, so the run stopped "
-                                 f"without saving them; the latest checkpoint holds finite weights")
+        """Checkpoint `step`; never weights that are NaN, infinite or overflowing (`_check_weights` stops the run)."""
+        self._check_weights(step, record=False)
         self.checkpointer.save(step)
 
     def _stop_requested(self) -> bool:

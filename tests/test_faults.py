@@ -268,14 +268,15 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_it_resumes_exactly(tmp_pat
 class Faulty(Reward):
     """JPEG compressibility with NaN or inf in place of some scores, from a given call on."""
 
-    def __init__(self, value: float, which: str, from_call: int = 0):
+    def __init__(self, value: float, which: str, from_call: int = 0, only_calls: set[int] | None = None):
         super().__init__()
         self.jpeg, self.value, self.which, self.from_call, self.calls = JpegSizeReward(), value, which, from_call, 0
+        self.only_calls = only_calls  # instead of every call after `from_call`: these calls (counted from 1)
 
     def score(self, images, prompts, metadata):
         scores, info = self.jpeg.score(images, prompts, metadata)
         self.calls += 1
-        if self.calls > self.from_call:
+        if self.calls in self.only_calls if self.only_calls is not None else self.calls > self.from_call:
             scores = scores.clone()
             scores[: 1 if self.which == "one" else len(scores)] = self.value
         return scores, info
@@ -285,21 +286,59 @@ class Faulty(Reward):
                          ids=["one NaN", "all NaN", "one inf"])
 def test_non_finite_rewards_are_skipped_and_stop_the_run_after_three_in_a_row(tmp_path, value, which):
     """From the third training epoch on (the held-out evaluation before training is call 1), the reward returns a
-    non-finite score: those updates are skipped and logged, the third in a row stops the run with one line, and no
-    checkpoint holds a non-finite tensor."""
+    non-finite score: those epochs' updates are skipped and logged, the third in a row stops the run with one line,
+    and no checkpoint holds a non-finite tensor."""
     ctx = context(tmp_path)
     ctx.reward = Faulty(value, which, from_call=1 + 2 * 2)  # epochs 1 and 2 are healthy: a sampling and an eval call each
-    with pytest.raises(NonFiniteError, match=r"epoch 5: the gradients were NaN or infinite in 3 optimiser steps"):
+    with pytest.raises(NonFiniteError, match=r"epoch 5: 3 updates in a row were skipped for NaN or infinite rewards, "
+                                             r".* the latest checkpoint \(step_000004\) holds finite weights"):
         small(epochs=8)(ctx)
     records = read_metrics(tmp_path)  # every line parses as standard JSON
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=pytest.fail)
     skipped = [r for r in records if r.get("train/skipped_nonfinite")]
     assert [r["step"] for r in skipped] == [3, 4] and all(r["train/skipped_nonfinite"] == 1 for r in skipped)
-    assert all(r["train/grad_norm"] is None and "train/grad_norm" in r["nonfinite"] for r in skipped)
+    assert all(r["train/nonfinite_rewards"] == (1 if which == "one" else 8) for r in skipped)
+    assert all("train/grad_norm" not in r and "train/loss" not in r for r in skipped)  # no update was made
     for checkpoint in (tmp_path / "checkpoints").glob("step_*"):
         for name, tensor in load_file(checkpoint / "pytorch_lora_weights.safetensors").items():
             assert torch.isfinite(tensor).all(), (checkpoint.name, name)
     assert latest_checkpoint(tmp_path).name == "step_000004"  # written after the skipped (finite-weight) epochs
+
+
+def test_a_non_finite_reward_never_reaches_ddpos_statistics_or_online_dpos_pairs(tmp_path):
+    """DDPO: an epoch with a NaN reward stores nothing in the per-prompt buffers (so a later healthy epoch trains);
+    online DPO: no pair is chosen among NaN rewards. Both skip that epoch's update only."""
+    from rl import ddpo, dpo
+
+    sampling = SamplingConfig(prompts_per_epoch=2, images_per_prompt=4, batch_size=8, num_inference_steps=2)
+    common = dict(epochs=4, lora=LoraSpec(rank=4), optim=OptimConfig(lr=5e-2),
+                  eval=EvalConfig(every=10, max_prompts=2, num_inference_steps=2),
+                  checkpoint=CheckpointConfig(every=1))
+    runs = {"ddpo": ddpo.DDPO(sampling=sampling, ppo=PPOConfig(batch_size=8, optimizer_steps=1), min_count=2,
+                              **common),
+            "dpo_online": dpo.OnlineDPO(sampling=sampling, train=dpo.OnlineTrainConfig(batch_size=1), **common)}
+    for name, config in runs.items():
+        ctx = context(tmp_path / name)
+        ctx.reward = Faulty(math.nan, "one", only_calls={3})  # the second training epoch (call 1: evaluation)
+        config(ctx)
+        records = {r["step"]: r for r in read_metrics(tmp_path / name) if "train/reward_mean" in r}
+        assert records[2]["train/skipped_nonfinite"] == 1 and records[2]["train/nonfinite_rewards"] == 1, name
+        assert all(math.isfinite(records[step]["train/loss"]) for step in (1, 3, 4)), name  # healthy epochs train
+        if name == "ddpo":
+            for checkpoint in (tmp_path / name / "checkpoints").glob("step_*"):
+                buffers = torch.load(checkpoint / "stat_tracker.pt", weights_only=True)["buffers"]
+                assert all(math.isfinite(v) for values in buffers.values() for v in values), checkpoint.name
+
+
+def test_an_overflowing_learning_rate_stops_before_anything_evaluates_or_saves_the_weights(tmp_path):
+    """lr 3e37: one AdamW step takes every weight near float32's largest value; their norm overflows. The run stops
+    with one line before the held-out evaluation (which would only see NaN images) and before any checkpoint."""
+    config = small(epochs=3)
+    config.optim = OptimConfig(lr=3e37)
+    with pytest.raises(NonFiniteError, match=r"epoch 1: the trained weights became NaN, infinite or overflowing .* "
+                                             r"stopped before evaluating or saving them; no checkpoint was written"):
+        config(context(tmp_path))
+    assert latest_checkpoint(tmp_path) is None and not list((tmp_path / "checkpoints").glob("*"))
 
 
 class Constant(Reward):
