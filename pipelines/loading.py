@@ -17,7 +17,7 @@ import torch
 
 from pipelines.hub import ModelLoadError, check_hub_file, looks_like_hub_id
 from pipelines.pipeline_sd3_logprob import StableDiffusion3LogProbPipeline
-from pipelines.single_file import SingleFileContents, inspect_file, is_single_file, locate
+from pipelines.single_file import SingleFileContents, check_text_encoders, inspect_file, is_single_file, locate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -168,6 +168,8 @@ def resolve_single_file(path: str, config: str | None, drop_t5: bool, revision: 
     when it loads (then the path and contents are None, and so is the config when it is to be read from the file)."""
     file = locate(path, download=download)
     contents = inspect_file(file) if file is not None else None
+    if contents is not None:
+        check_text_encoders(path, contents)
     if config is None:
         if contents is None:
             return None, None, None

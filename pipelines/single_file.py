@@ -4,7 +4,8 @@
 Loading goes through diffusers' own `from_single_file` (pipelines/loading.py); this file only
 
 - looks at a file's header (tensor names and shapes, no weights) to refuse what is not an SD3 checkpoint in one line,
-  to tell which parts it holds (transformer, VAE, CLIP-L, CLIP-G, T5) and which hub config fits it;
+  to tell which parts it holds (transformer, VAE, CLIP-L, CLIP-G, T5) and which hub config fits it, and to refuse a
+  whole-pipeline load whose two CLIP encoders diffusers cannot tell apart (the same width);
 - resolves where a file is: a local path, a hub file URL (`https://huggingface.co/ORG/REPO/blob/REV/FILE`) or
   `ORG/REPO/FILE` (downloaded into the Hugging Face cache, or refused in one line when offline);
 - writes the layout from diffusers weights (`original_state_dict`, `save_single_file`): the inverse of diffusers'
@@ -32,6 +33,7 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.",
                  "text_encoder_2": "text_encoders.clip_g.transformer.",
                  "text_encoder_3": "text_encoders.t5xxl.transformer."}
+CLIP_POSITIONS = "text_model.embeddings.position_embedding.weight"  # [positions, width], the key diffusers reads
 HUB_URL = re.compile(r"^https://huggingface\.co/([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)$")
 # The hub config of each SD3 family, told apart as diffusers' infer_diffusers_model_type does (by shapes).
 DEFAULT_CONFIGS = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
@@ -89,6 +91,7 @@ class SingleFileContents:
     clip_g: bool
     t5: bool
     family: str | None  # sd3, sd35_medium or sd35_large (None: an SD3-layout model of another size, e.g. a tiny one)
+    clip_widths: tuple[int | None, int | None] = (None, None)  # CLIP-L's and CLIP-G's widths (None: not in the file)
 
     @property
     def default_config(self) -> str | None:
@@ -131,7 +134,23 @@ def inspect_file(file: Path) -> SingleFileContents:
         clip_g=any(k.startswith(TEXT_PREFIXES["text_encoder_2"]) for k in shapes),
         t5=any(k.startswith(TEXT_PREFIXES["text_encoder_3"]) for k in shapes),
         family=family,
+        clip_widths=tuple(shapes.get(TEXT_PREFIXES[name] + CLIP_POSITIONS, [None])[-1]
+                          for name in ("text_encoder", "text_encoder_2")),
     )
+
+
+def check_text_encoders(path: str, contents: SingleFileContents) -> None:
+    """Refuse, in one line, a whole-pipeline file whose CLIP-L and CLIP-G have the same width: diffusers'
+    `from_single_file` tells the two apart by width alone (`create_diffusers_clip_model_from_ldm`; SD3's are 768 and
+    1280): with a config of the same widths it loads CLIP-L's weights into both encoders, with another it fails with a
+    bare `ValueError` (diffusers 0.42). `model.transformer_file` reads only the transformer, so any such file serves
+    there."""
+    clip_l, clip_g = contents.clip_widths
+    if clip_l is not None and clip_l == clip_g:
+        raise ModelLoadError(f"model.path={path}: its CLIP-L and CLIP-G text encoders are both {clip_l} wide, and "
+                             f"diffusers tells the two apart by width (it would load CLIP-L into both); set model.path "
+                             f"to a diffusers folder of the model, and model.transformer_file={path} to take only this "
+                             f"file's transformer")
 
 
 # ------------------------------------------------------------------------------- diffusers -> the original layout

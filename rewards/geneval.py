@@ -161,7 +161,8 @@ class GenEvalReward(Reward):
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> list[dict[str, list[tuple[tuple, float, np.ndarray]]]]:
-        """Per image, per class name: `(box, score, mask)` of each instance above GenEval's lower threshold."""
+        """Per image, per class name: `(box, score, mask)` of each instance above GenEval's lower threshold, in the
+        detector's order (the order GenEval breaks ties between equal scores by: `kept_detections`)."""
         arrays = [np.asarray(to_pil(image)) for image in images]
         inputs = self.processor(images=arrays, return_tensors="pt")
         outputs = self.detector(pixel_values=inputs["pixel_values"].to(self.device, self.detector.dtype),

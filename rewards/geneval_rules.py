@@ -5,8 +5,9 @@ separate (issue 19); here a detection is `(box, score)` with `box = (x1, y1, x2,
 a function.
 
 The rules, as GenEval applies them:
-- Detections of a class are kept above a confidence of 0.3 (0.9 for the `counting` tag), most confident first, at
-  most 16 per class (GenEval's `max_overlap` of 1.0 suppresses none).
+- Detections of a class are kept above a confidence of 0.3 (0.9 for the `counting` tag), most confident first (equal
+  confidences in reverse detection order, as GenEval's reversed argsort leaves them), at most 16 per class (GenEval's
+  `max_overlap` of 1.0 suppresses none).
 - An `include` clause `{class, count[, color][, position: [relation, group]]}` holds when at least `count` objects of
   the class were kept; its colour check asks that at least `count` of the `count` most confident be classified as
   the colour; its position check asks that each of them stand in `relation` ("left of", "right of", "above",
@@ -32,14 +33,20 @@ Detection = tuple[Sequence[float], float]  # (x1, y1, x2, y2), confidence
 def kept_detections(detections: Mapping[str, Sequence[Detection]], tag: str, threshold: float = THRESHOLD,
                     counting_threshold: float = COUNTING_THRESHOLD, max_objects: int = MAX_OBJECTS
                     ) -> dict[str, list[Detection]]:
-    """Per class, the detections GenEval keeps: above the tag's confidence threshold, most confident first, at most
-    `max_objects`; classes with none are left out."""
+    """Per class, the detections GenEval keeps: above the tag's confidence threshold, most confident first (equal
+    confidences in reverse detection order), at most `max_objects`; classes with none are left out."""
     floor = counting_threshold if tag == "counting" else threshold
     kept = {}
     for name, found in detections.items():
-        ranked = sorted((d for d in found if d[1] > floor), key=lambda d: -d[1])[:max_objects]
-        if ranked:
-            kept[name] = ranked
+        scores = np.array([score for _, score in found], dtype=float)
+        # GenEval's evaluation/evaluate_images.py:232-234: `np.argsort(scores)[::-1]`, then the threshold, then the cap;
+        # reversed, equal scores come last detected first. "stable" because GenEval's numpy 1.23 (environment.yml)
+        # argsorts up to 16 scores by insertion, which keeps ties in index order, while numpy >= 1.25's default
+        # (a SIMD quicksort on AVX-512 CPUs) leaves them in an order that depends on the machine.
+        ordering = np.argsort(scores, kind="stable")[::-1]
+        ordering = ordering[scores[ordering] > floor][:max_objects]
+        if len(ordering):
+            kept[name] = [found[i] for i in ordering]
     return kept
 
 

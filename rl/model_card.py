@@ -78,14 +78,21 @@ def license_of(config: dict[str, Any]) -> tuple[str, str | None]:
     return "other", "see-the-base-model"
 
 
-def held_out(records: list[dict]) -> list[tuple[str, float, float, float]]:
-    """`(metric, start, end, max)` of every held-out mean (`eval/*_mean`)."""
+def held_out(records: list[dict]) -> list[tuple[str, float | None, float | None, float | None]]:
+    """`(metric, start, end, max)` of every held-out mean (`eval/*_mean`); a value logged as non-finite (`null` in
+    `metrics.jsonl`) is None, and the max is over the finite ones (None if there are none)."""
     keys = sorted({k for r in records for k in r if k.startswith("eval/") and k.endswith("_mean")})
     rows = []
     for key in keys:
         values = [r[key] for r in records if key in r]
-        rows.append((key, values[0], values[-1], max(values)))
+        finite = [v for v in values if v is not None]
+        rows.append((key, values[0], values[-1], max(finite) if finite else None))
     return rows
+
+
+def shown(value: float | None) -> str:
+    """A table cell: 4 decimals, or "non-finite" for a value logged as NaN or infinite."""
+    return "non-finite" if value is None else f"{value:.4f}"
 
 
 def write_model_card(run_dir: Path, config: dict[str, Any], final: Path | None = None,
@@ -144,14 +151,14 @@ def write_model_card(run_dir: Path, config: dict[str, Any], final: Path | None =
     rows = held_out(records)
     if rows:
         lines += ["", "## Held-out evaluation", "", "| metric | start | end | max |", "| --- | --- | --- | --- |"]
-        lines += [f"| {key} | {start:.4f} | {end:.4f} | {best:.4f} |" for key, start, end, best in rows]
+        lines += [f"| {key} | {shown(start)} | {shown(end)} | {shown(best)} |" for key, start, end, best in rows]
     if grids:
         lines += ["", f"![held-out samples at the last evaluation](samples.png) (`{grids[-1].name}`)"]
     pipeline = "StableDiffusion3Img2ImgPipeline" if strength else "StableDiffusion3Pipeline"
     lines += ["", "## How to use", "", "```python", "import torch", f"from diffusers import {pipeline}", ""]
     if lora:
         lines += [f"pipe = {pipeline}.from_pretrained({(hub_id or 'BASE_MODEL')!r}, torch_dtype=torch.bfloat16)",
-                  "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\")"]
+                  "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\", weight_name=\"pytorch_lora_weights.safetensors\")"]
     else:
         lines += [f"pipe = {pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.bfloat16)"]
     if strength:
@@ -159,8 +166,9 @@ def write_model_card(run_dir: Path, config: dict[str, Any], final: Path | None =
     else:
         lines += [f"image = pipe({example_prompt!r}).images[0]", "```"]
     if lora:
-        lines += ["", "ComfyUI: `comfyui_lora.safetensors` (the original SD3 module names; put it "
-                  "in `models/loras`)."]
+        lines += ["", ("ComfyUI and kohya-style tools: `comfyui_lora.safetensors` (the original SD3 module names; put "
+                       "it in `models/loras`). Do not pass it to diffusers: `load_lora_weights` loads no adapter from "
+                       "it (it only logs warnings); diffusers reads `pytorch_lora_weights.safetensors`.")]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     final.mkdir(parents=True, exist_ok=True)
     card.save(final / "README.md")

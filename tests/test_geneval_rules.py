@@ -29,6 +29,22 @@ def test_kept_detections_by_tag():
     assert len(kept_detections(many, "single_object")["cat"]) == 16
 
 
+def test_equal_scores_are_kept_in_reverse_detection_order():
+    """GenEval orders a class's detections by `np.argsort(scores)[::-1]` (evaluate_images.py:232): equal scores come
+    out last detected first, which decides which objects the colour and position checks look at."""
+    found = {"cat": [((i, 0, i + 1, 1), score) for i, score in enumerate([0.9, 0.5, 0.7, 0.5, 0.5, 0.2])]}
+    kept = kept_detections(found, "colors")  # 0.9 (0), 0.7 (2), then the three 0.5s as 4, 3, 1; 0.2 (5) is dropped
+    assert [box[0] for box, _ in kept["cat"]] == [0, 2, 4, 3, 1]
+    ties = {"cat": [((i, 0, i + 1, 1), 0.5) for i in range(6)]}  # six ties, a cap of 3: the last three, reversed
+    assert [box[0] for box, _ in kept_detections(ties, "single_object", max_objects=3)["cat"]] == [5, 4, 3]
+    # One red cat is asked for; two cats tie at 0.5, the red one detected first: GenEval checks the blue one.
+    metadata = {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}]}
+    paint = {(0, 0, 1, 1): "red", (1, 0, 2, 1): "blue"}
+    two = kept_detections({"cat": [((0, 0, 1, 1), 0.5), ((1, 0, 2, 1), 0.5)]}, "colors")
+    assert geneval_correct(two, metadata, lambda name, objects: [paint[box] for box, _ in objects]) == (
+        False, ["expected red cat>=1, found 0 red"])
+
+
 def box(x1, y1, x2, y2, score=0.9):
     return ((x1, y1, x2, y2), score)
 

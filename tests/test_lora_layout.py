@@ -59,6 +59,16 @@ def test_a_stock_load_lora_weights_gives_the_trained_models_images(trained):
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
 
 
+def test_diffusers_loads_no_adapter_from_the_comfyui_file(trained):
+    """What README.md and the model card warn of: `load_lora_weights` given the ComfyUI file raises nothing but loads
+    no adapter (diffusers only warns that no key has its prefix); the images stay the base model's."""
+    stock = StableDiffusion3Pipeline(**build_tiny_components())
+    before = sample(stock)
+    stock.load_lora_weights(trained[1], weight_name=ORIGINAL_FILE)
+    assert stock.get_list_adapters() == {} and not hasattr(stock.transformer, "peft_config")
+    assert torch.equal(sample(stock), before)
+
+
 def test_the_two_layouts_round_trip_to_identical_tensors(trained):
     _, final = trained
     diffusers_state = load_file(str(final / "pytorch_lora_weights.safetensors"))

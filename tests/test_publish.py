@@ -48,6 +48,9 @@ def test_the_model_card_parses_and_says_what_was_trained(tmp_path):
     assert "| eval/correct_mean | 0.5000 | 0.8750 | 0.8750 |" in card.text
     assert "- sampled training images: 128" in card.text and "- learning rate: 0.0003" in card.text
     assert "pipe.load_lora_weights" in card.text and "pipe('a red cube')" in card.text
+    # diffusers' file by name; the ComfyUI file, which diffusers would load nothing from, only for ComfyUI
+    assert 'weight_name="pytorch_lora_weights.safetensors"' in card.text
+    assert "Do not pass it to diffusers" in card.text
     assert (tmp_path / "final" / "samples.png").read_bytes() == b"png 4"  # the last grid
 
 
@@ -80,6 +83,9 @@ def test_a_local_base_folder_lends_its_own_cards_licence(tmp_path):
 def test_held_out_rows_by_hand():
     records = [{"eval/a_mean": 0.1}, {"x": 1}, {"eval/a_mean": 0.3, "eval/a_std": 9}, {"eval/a_mean": 0.2}]
     assert held_out(records) == [("eval/a_mean", 0.1, 0.2, 0.3)]
+    with_null = [{"eval/a_mean": None, "nonfinite": ["eval/a_mean"]}, {"eval/a_mean": 0.3}, {"eval/a_mean": None}]
+    assert held_out(with_null) == [("eval/a_mean", None, None, 0.3)]
+    assert held_out([{"eval/a_mean": None}]) == [("eval/a_mean", None, None, None)]
 
 
 def test_push_without_a_token_or_offline_stops_in_one_line(tmp_path, monkeypatch):

@@ -136,6 +136,26 @@ def test_bad_single_files_fail_in_one_line(tmp_path, tiny_files, monkeypatch):
         assert says in str(error.value) and "\n" not in str(error.value), (model, str(error.value))
 
 
+def test_a_file_whose_two_clips_have_one_width_is_refused_in_one_line(tiny_files, tmp_path):
+    """diffusers tells CLIP-L from CLIP-G by width: with equal widths (the tiny model's default, 32 and 32) it would
+    load CLIP-L into both; the whole-pipeline load is refused before any weights are read, naming the file, and the
+    way out it names (the folder, with the file's transformer alone) passes the same checks."""
+    from pipelines.tiny import build_tiny_components
+
+    file = save_single_file(build_tiny_components(), tmp_path / "same_widths.safetensors", include_t5=False)
+    assert inspect_file(file).clip_widths == (32, 32)
+    assert inspect_file(tiny_files / "full.safetensors").clip_widths == (24, 40)
+    says = (f"model.path={file}: its CLIP-L and CLIP-G text encoders are both 32 wide, and diffusers tells the two "
+            f"apart by width")
+    with pytest.raises(ModelLoadError) as error:
+        check_model_source({"path": str(file), "config": str(tiny_files / "folder")})
+    assert str(error.value).startswith(says) and "\n" not in str(error.value)
+    assert f"model.transformer_file={file}" in str(error.value)
+    with pytest.raises(ModelLoadError, match="both 32 wide"):
+        load_pipeline(str(file), config=str(tiny_files / "folder"), drop_t5=True)
+    check_model_source({"path": str(tiny_files / "folder"), "transformer_file": str(file)})
+
+
 def test_what_counts_as_a_single_file():
     assert is_single_file("/data/sd3.5_medium.safetensors") and is_single_file("org/repo/sd3_medium.safetensors")
     assert is_single_file("https://huggingface.co/org/repo/blob/main/sd3.5_large.safetensors")
