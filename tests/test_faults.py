@@ -341,6 +341,22 @@ def test_an_overflowing_learning_rate_stops_before_anything_evaluates_or_saves_t
     assert latest_checkpoint(tmp_path) is None and not list((tmp_path / "checkpoints").glob("*"))
 
 
+def test_a_non_finite_held_out_value_never_stops_the_runs_end_or_its_readers(tmp_path):
+    """The held-out evaluation of step 0 scores one image NaN: its mean is logged as null, and the run still ends
+    with final/README.md (the model card's table says "non-finite"), curves.png, and a comparison of it."""
+    from experiments import compare
+
+    ctx = context(tmp_path / "run")
+    ctx.reward = Faulty(math.nan, "one", only_calls={1})
+    small(epochs=2)(ctx)
+    assert read_metrics(tmp_path / "run")[0]["eval/reward_mean"] is None
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "| eval/reward_mean | non-finite | " in card
+    assert (tmp_path / "run" / "curves.png").is_file()
+    summary = compare.main([str(tmp_path / "run"), "--out", str(tmp_path / "compared.png")])[0]
+    assert math.isfinite(summary["start"]["mean"]) and summary["curve"]["x"] == [1, 2]  # the null point left out
+
+
 class Constant(Reward):
     """Every image scores the same: every advantage is 0, so the policy gradient is exactly 0 (a dead run)."""
 
