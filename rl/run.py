@@ -15,7 +15,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from rl.threads import limit_openmp_spinning, set_cpu_threads
+from rl.console import stop_on_signal
+
+if __name__ == "__main__":
+    stop_on_signal()  # from here on, SIGINT / SIGTERM stop with one line (rl/console.py), also during the imports
+
+from rl.threads import limit_openmp_spinning, set_cpu_threads  # noqa: E402
 
 limit_openmp_spinning()  # before torch loads OpenMP (rl/threads.py)
 
@@ -36,6 +41,7 @@ from pipelines.loading import check_model_source  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
 from rl.evaluation import check_prompt_images  # noqa: E402
 from rl.context import RunContext  # noqa: E402
+from rl.run_lock import LOCK_FILE, hold_run_dir, release_run_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +192,9 @@ def shared_run_dir(local_run_dir: Path) -> Path:
 def main(cfg: DictConfig) -> None:
     start_processes()
     run_dir = shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
+    if PartialState().is_main_process:
+        with exit_on_user_error():
+            hold_run_dir(run_dir)  # one run per directory (rl/run_lock.py); a second stops here, removing nothing
     fresh = not (run_dir / "config.yaml").exists()
     try:
         with exit_on_user_error():
@@ -200,25 +209,30 @@ def main(cfg: DictConfig) -> None:
         if stop.code == 2 and fresh and PartialState().is_main_process:
             remove_if_only_hydra(run_dir)  # a run stopped on bad input leaves no directory behind
         raise
+    finally:
+        release_run_dir(run_dir)  # a multirun's next job, in this process, is another directory
 
 
 def remove_if_only_hydra(run_dir: Path) -> None:
     """Delete a new run directory that holds nothing but what was written at start: Hydra's `.hydra/`, its `run.log`
     (what the console showed) and the run's `config.yaml`."""
-    started = {Path(".hydra"), Path("config.yaml"), *(Path(".hydra") / p.name for p in (run_dir / ".hydra").glob("*"))}
+    started = {Path(".hydra"), Path("config.yaml"), Path(LOCK_FILE),
+               *(Path(".hydra") / p.name for p in (run_dir / ".hydra").glob("*"))}
     for path in run_dir.rglob("*"):
         if path.relative_to(run_dir) not in started and path.suffix != ".log":
             return
+    release_run_dir(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def check_before_start(argv: list[str]) -> None:
+def check_before_start(argv: list[str]) -> Path | None:
     """Compose the command line's config and `check_config` it before Hydra runs it, so that bad input stops with one
     line and exit code 2 before Hydra creates (or touches) the run directory: a config that does not compose (an
     unknown algo or reward, a key that does not exist; Hydra itself would print several lines and exit 1) and every
-    bad value `check_config` finds. Left to Hydra: its own flags (`--help`, `-m` sweeps, ...)."""
+    bad value `check_config` finds. Left to Hydra: its own flags (`--help`, `-m` sweeps, ...). Returns the run
+    directory (None when left to Hydra)."""
     if any(arg.startswith("-") for arg in argv):
-        return
+        return None
     try:
         with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=argv, return_hydra_config=True)
@@ -234,8 +248,12 @@ def check_before_start(argv: list[str]) -> None:
         sys.exit(2)
     with exit_on_user_error():
         check_config(cfg, run_dir)
+    return run_dir
 
 
 if __name__ == "__main__":
-    check_before_start(sys.argv[1:])
+    checked_dir = check_before_start(sys.argv[1:])
+    if checked_dir is not None and checked_dir.is_dir() and os.environ.get("RANK", "0") == "0":
+        with exit_on_user_error():  # an existing run directory: refuse a second run before Hydra writes into it
+            hold_run_dir(checked_dir, announce=False)  # its warnings, if any, once Hydra has set up logging
     main()

@@ -264,6 +264,7 @@ class Session:
     progress: tqdm | None = None
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
     stop_signal: int | None = None  # SIGINT or SIGTERM, once received
+    outer_handlers: dict = field(default_factory=dict)  # the signal handlers in place before the step loop
     skipped_nonfinite: int = 0  # updates skipped for non-finite rewards or gradients since the last record
     nonfinite_rewards: int = 0  # NaN or infinite rewards since the last record
     nonfinite_in_a_row: int = 0
@@ -277,28 +278,32 @@ class Session:
     def steps(self, desc: str) -> Iterator[int]:
         """The steps still to run, from the resumed one, with a progress bar; the loop body ends with `end_epoch` or
         `end_step`, which advance `state.step`. Meanwhile SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) let the
-        current step finish, then write a checkpoint and exit with 130 / 143 (`_advance`); a second signal acts at
-        once."""
+        current step finish (the progress bar says so), then write a checkpoint and exit with 130 / 143 and one line
+        (`_advance`); a second signal acts at once, through the handler in place before the loop (`rl.console`)."""
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc=desc,
                              disable=not self.accelerator.is_local_main_process)
         self.started = self.timing_since = time.time()
         self.cpu_since = time.process_time()
         if self.seconds_marks is not None:
             self.seconds_marks.start(self)
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.outer_handlers = {signum: signal.signal(signum, self._on_signal)
+                               for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.state.step < self.total_steps:
                 yield self.state.step
         finally:
-            for signum, handler in previous.items():
+            for signum, handler in self.outer_handlers.items():
                 signal.signal(signum, handler)
         self.progress.close()
 
     def _on_signal(self, signum: int, frame) -> None:
         self.stop_signal = signum
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-        logger.warning("%s received: stopping after this %s with a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name, self.unit)
+        for other, handler in self.outer_handlers.items():
+            signal.signal(other, handler)
+        if self.progress is not None:
+            self.progress.set_description(f"{self.progress.desc} (stopping after this {self.unit}: "
+                                          f"{signal.Signals(signum).name}; again: at once)")
+        logger.debug("%s received: stopping after this %s with a checkpoint", signal.Signals(signum).name, self.unit)
 
     def backward_and_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         """Backward, and on a synchronising micro-batch clip the gradients (their norm goes into `stats`); then the

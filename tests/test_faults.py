@@ -7,6 +7,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -257,12 +258,114 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_it_resumes_exactly(tmp_pat
     assert "Traceback" not in output
     stopped = [line for line in output.splitlines() if "stopped by " + signal.Signals(signum).name in line]
     assert len(stopped) == 1 and "start the same command again to resume" in stopped[0], output[-2000:]
+    assert [line for line in output.splitlines() if "[WARNING]" in line] == stopped  # the stop's one line
+    assert "[accelerate" not in output and "[accelerate" in (run_dir / "run.log").read_text()  # run.log only
     step = int(stopped[0].split(" after epoch ")[1].split(";")[0])
     assert 1 <= step < 4 and latest_checkpoint(run_dir).name == f"step_{step:06d}"
     assert not (run_dir / "final").exists()
     subprocess.run([*run, f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True, capture_output=True, env=env,
                    timeout=600)
     assert_same_records(read_metrics(run_dir), read_metrics(whole_dir))
+
+
+# `python -m rl.run` with one phase paused (a print, then a long sleep), for a signal to arrive there.
+PAUSED_RUN = """
+import runpy, sys, time
+phase = sys.argv.pop(1)
+import pipelines, rl.grpo, rl.session
+def paused(original):
+    def pause(*args, **kwargs):
+        print("PAUSED", flush=True)
+        time.sleep(300)
+        return original(*args, **kwargs)
+    return pause
+if phase == "loading":
+    pipelines.load_pipeline = paused(pipelines.load_pipeline)
+elif phase == "evaluation":
+    rl.grpo.held_out = paused(rl.grpo.held_out)
+else:
+    rl.session.save_final = paused(rl.session.save_final)
+sys.argv[0] = "rl.run"
+runpy.run_module("rl.run", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("phase, signum", [  # the other three in the slow suite: the same handler, 20 s each
+    ("loading", signal.SIGINT), ("evaluation", signal.SIGTERM), ("final", signal.SIGINT),
+    *(pytest.param(phase, signum, marks=pytest.mark.slow)
+      for phase, signum in (("loading", signal.SIGTERM), ("evaluation", signal.SIGINT), ("final", signal.SIGTERM)))],
+    ids=["loading SIGINT", "evaluation SIGTERM", "final SIGINT", "loading SIGTERM", "evaluation SIGINT",
+         "final SIGTERM"])
+def test_a_signal_outside_the_steps_stops_with_one_line(tmp_path, phase, signum):
+    """While the model loads, during the step-0 evaluation and while final/ is written: one line, exit 130 / 143,
+    no traceback; the run then resumes (from its last checkpoint, or from the start)."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, phase, *RUN, "algo.epochs=2",
+                                "algo.checkpoint.every=1", f"hydra.run.dir={run_dir}"], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in process.stdout:
+        if line.strip() == "PAUSED":
+            break
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line
+             and "s/it]" not in line and not line.startswith("grpo:")]
+    assert lines == [f"stopped by {signal.Signals(signum).name}: nothing was saved at this point; start the same "
+                     f"command again to resume from the run's last checkpoint"], stderr[-2000:]
+    if phase == "final":
+        assert latest_checkpoint(run_dir).name == "step_000002"
+    subprocess.run([sys.executable, "-m", "rl.run", *RUN, "algo.epochs=2", "algo.checkpoint.every=1",
+                    f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert (run_dir / "final" / "README.md").is_file()
+
+
+def test_a_second_run_in_a_run_directory_is_refused_with_one_line(tmp_path):
+    """While a run writes into a directory, the same command (a resume) stops with exit 2 and one line naming the
+    first, changing nothing there; a run killed with kill -9 leaves no lock behind: the next one takes over with a
+    warning and resumes."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "rl.run", *RUN, "algo.epochs=30", "algo.checkpoint.every=1",
+               f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_record(run_dir / "metrics.jsonl", 1, first)
+        first.send_signal(signal.SIGSTOP)  # holds still while the second tries (and its lock stays held)
+        before = files(run_dir)
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.strip() == (f"error: another run is writing into {run_dir} (pid {first.pid} on "
+                                         f"{socket.gethostname()}, since "
+                                         f"{json.loads((run_dir / '.lock').read_text())['started']}); wait for it to "
+                                         f"end or stop it, or start this one in another run directory "
+                                         f"(hydra.run.dir=...)")
+        assert files(run_dir) == before
+    finally:
+        first.kill()  # SIGKILL: no chance to release the lock
+        first.communicate()
+    resumed = subprocess.run([*command[:-2], "algo.epochs=2", command[-1]], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"[WARNING] - {run_dir} was last held by a run that did not end normally (pid {first.pid} on" in (
+        resumed.stdout)
+    assert "did not end normally" in (run_dir / "run.log").read_text()
+    assert (run_dir / ".lock").read_text() == ""  # released at a normal end
+
+
+def test_the_run_lock_is_exclusive_across_processes_and_released_at_exit(tmp_path, caplog):
+    from rl.run_lock import hold_run_dir, release_run_dir
+
+    hold_run_dir(tmp_path / "run")
+    hold_run_dir(tmp_path / "run")  # held already: fine
+    other = subprocess.run([sys.executable, "-c", "import sys; from rl.run_lock import hold_run_dir; "
+                            "hold_run_dir(sys.argv[1])", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert other.returncode == 1 and "RunDirectoryBusy: another run is writing into" in other.stderr
+    release_run_dir(tmp_path / "run")
+    assert (tmp_path / "run" / ".lock").read_text() == ""  # a normal release empties it
+    hold_run_dir(tmp_path / "run")  # free again, and nothing to warn about
+    release_run_dir(tmp_path / "run")
+    assert "did not end normally" not in caplog.text
 
 
 class Faulty(Reward):
