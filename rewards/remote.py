@@ -5,8 +5,10 @@ GPU, and the trainer sends images and prompts over HTTP.
 The wire format, shared with `rewards/serve.py`: `POST /score` with JSON `{"images": <npy>, "prompts": [...],
 "metadata": [...]}`, where `<npy>` is the base64 of the float32 NCHW array in `numpy.save`'s format (exact: the served
 reward sees the very values the trainer made); the answer is `{"scores": [...], "info": {name: [...]}}`, info values
-being the per-image numbers the reward reports (NaN as null). `GET /info` says which reward is served and whether it is
-differentiable (it never is through HTTP: no gradients cross processes).
+being the per-image numbers the reward reports (NaN as null). `GET /info` says which reward is served, whether it is
+differentiable (it never is through HTTP: no gradients cross processes) and the largest request it takes
+(`max_request_bytes`, which the client checks before sending). An error answer is `{"error": "<one line>"}`: 4xx for
+the request's fault (not retried, except 408 and 429), 500 for a failure inside the reward (retried).
 """
 
 from __future__ import annotations
@@ -64,11 +66,15 @@ def from_wire(values: list) -> torch.Tensor:
 
 
 def http_json(method: str, url: str, body: dict | None, timeout: float, retries: int, backoff: float, what: str,
-              start: str, headers: dict[str, str] | None = None) -> dict:
+              start: str, headers: dict[str, str] | None = None, max_bytes: int | None = None) -> dict:
     """A JSON request with `retries` more tries after a failure (`backoff` x 2^k seconds apart). An answer below
     500 that is an error (bad input) is not retried; `RemoteRewardError` (one line) names `what` failed and how to
-    `start` it."""
+    `start` it. A body over `max_bytes` (the server's bound) is refused here, unsent: a server that refuses a large
+    body before reading it may reset the connection before its answer is read."""
     data = None if body is None else json.dumps(body).encode()
+    if max_bytes is not None and data is not None and len(data) > max_bytes:
+        raise RemoteRewardError(f"{what} takes requests of at most {max_bytes / 2**20:g} MiB, this one is "
+                                f"{len(data) / 2**20:.1f} MiB: send fewer images per request (reward.batch_size)")
     last = ""
     for attempt in range(retries + 1):
         if attempt:
@@ -107,7 +113,8 @@ class RemoteReward(Reward):
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         return http_json(method, self.url + path, body, self.timeout, self.retries, self.backoff,
                          what=f"the reward server at {self.url}",
-                         start="start it with `python -m rewards.serve reward=<name> --port N`")
+                         start="start it with `python -m rewards.serve reward=<name> --port N`",
+                         max_bytes=self.served.get("max_request_bytes") if body is not None else None)
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
         size = self.batch_size or len(prompts)
