@@ -50,12 +50,24 @@ def exit_on_user_error() -> Iterator[None]:
         sys.exit(2)
 
 
+def config_section(config: Any) -> str:
+    """The dotted name of a config node in its root config (`algo`, `prompts.train`), or "config" for a plain dict."""
+    try:
+        return config._get_full_key(None) or "config"
+    except AttributeError:
+        return "config"
+
+
 def build(config: Any, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, except that a user error raised by any (nested) target reaches the caller as itself
-    rather than wrapped in Hydra's `InstantiationException`, so that it can be reported in one line."""
+    """`hydra.utils.instantiate`, except that every option is first checked against its target's annotations
+    (`pipelines/option_types.py`), and a user error raised by any (nested) target reaches the caller as itself rather
+    than wrapped in Hydra's `InstantiationException`, so that it can be reported in one line."""
     from hydra.errors import InstantiationException  # here, so that `import pipelines` does not load Hydra
     from hydra.utils import instantiate
 
+    from pipelines.option_types import check_option_types
+
+    check_option_types(config, config_section(config))
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as error:

@@ -16,6 +16,8 @@ class MultiReward(Reward):
     Differentiable when every component with a non-zero weight is.
     """
 
+    differentiable: bool | None = None  # decided by the components when built (`rl.run` cannot tell before)
+
     def __init__(self, components: dict[str, Reward], weights: dict[str, float]):
         super().__init__()
         if set(components) != set(weights):

@@ -16,7 +16,7 @@ from diffusers.training_utils import _set_state_dict_into_text_encoder
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, check_values
 
 # The attention projections of each MMDiT block: image stream (to_*) and text stream (add_*), as Flow-GRPO and the
 # diffusers SD3 LoRA recipe target them.
@@ -40,11 +40,16 @@ class LoraSpec:
     rank: int = 4
     alpha: float | None = None  # None: alpha = rank (scale 1)
     dropout: float = 0.0
-    init: str = "gaussian"  # peft's init_lora_weights: gaussian (SD3 recipes), true (Kaiming / zeros), pissa, ...
+    init: bool | str = "gaussian"  # peft's init_lora_weights: gaussian (SD3 recipes), true (Kaiming / zeros), pissa, ...
     target_modules: list[str] = field(default_factory=lambda: list(TRANSFORMER_LORA_MODULES))
     blocks: list[int] | None = None  # transformer block indices to adapt; None: all
     text_encoders: bool = False  # also adapt both CLIP text encoders (DreamBooth)
     text_encoder_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_LORA_MODULES))
+
+    def __post_init__(self):
+        check_values("algo.lora", self, positive=("rank", "alpha"))
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"algo.lora.dropout must be in [0, 1), got {self.dropout!r}")
 
     def config(self, target_modules: list[str]) -> LoraConfig:
         init = True if self.init in (True, "true", "True") else self.init

@@ -78,6 +78,21 @@ def resolve_prompt_file(file: str) -> Path:
     raise PromptSetError(f"prompt file {file!r} not found (shipped sets: {available})")
 
 
+def check_template(template: str) -> None:
+    """A prompt template holds exactly one `{}` (where the prompt goes) and no other braces; `{{` and `}}` stand for
+    literal braces."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise PromptSetError(f"prompts template {template!r} is not a format string ({error}); write {{{{ and }}}} "
+                             f"for literal braces") from None
+    if fields != [""]:
+        raise PromptSetError(f"prompts template {template!r} must hold exactly one {{}} (where the prompt goes), "
+                             f"found {len(fields)} fields{(': ' + ', '.join(repr(f) for f in fields)) if fields else ''}")
+
+
 def load_prompts(
     file: str, start: int = 0, stop: int | None = None, template: str = "{}", unique: bool = True
 ) -> list[Prompt]:
@@ -87,8 +102,14 @@ def load_prompts(
     and a held-out slice of one file never share a prompt). A `.jsonl` file needs a `prompt` key on every line; its other keys become metadata.
     Raises `PromptSetError` for a missing or empty file, a malformed line, or an empty slice.
     """
+    check_template(template)
     path = resolve_prompt_file(file)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PromptSetError(f"prompt file {path} is not UTF-8 text (byte {error.start}: {error.reason}); a prompt "
+                             f"set is a text file with one prompt per line, or JSONL") from None
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     prompts = []
     if path.suffix == ".jsonl":

@@ -179,16 +179,22 @@ class ReFL(TrainingConfig):
     def __call__(self, ctx: RunContext) -> None:
         run(ctx, self)
 
+    @staticmethod
+    def check_reward(name: str, differentiable: bool | None) -> None:
+        """ReFL and DRaFT back-propagate through the reward: refuse one that is not differentiable (None: not known
+        yet, e.g. a weighted sum before its parts are built). `rl.run` asks with the reward's class before anything
+        loads, the run again with the built reward."""
+        if differentiable is False:
+            raise ConfigError(
+                f"algo=refl back-propagates through the reward, and {name} is not differentiable; use aesthetic, "
+                f"clip_score, pickscore, hpsv2 or imagereward (or a policy-gradient method: algo=grpo)")
+
 
 def run(ctx: RunContext, config: ReFL) -> None:
     """ReFL or DRaFT-K for `train.max_steps` steps; held-out evaluation every `eval.every` steps."""
     refl, train, loss, eval = config.refl, config.train, config.loss, config.eval
     reward = ctx.require_reward("refl")
-    if not reward.differentiable:
-        raise ConfigError(
-            f"algo=refl back-propagates through the reward, and {type(reward).__name__} is not differentiable; "
-            f"use aesthetic, clip_score, pickscore, hpsv2 or imagereward (or a policy-gradient method: algo=grpo)"
-        )
+    config.check_reward(type(reward).__name__, reward.differentiable)
     pretraining = None
     if train.pretrain_weight > 0:
         if not isinstance(ctx.data, ImageCaptionData):

@@ -49,18 +49,21 @@ class SamplingConfig:
     solver: str = "euler"  # the ODE steps' solver: euler, or dpm2 (DPM-Solver++ 2M: DiffusionNFT)
     flash_ratio: float | None = None  # MixGRPO-Flash: after the window, this fraction of the steps, DPM-Solver++ 2M
     strength: float | None = None  # image-to-image (prompts with an `image`): the source is noised to this strength
-    overlap_scoring: str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
+    overlap_scoring: bool | str = "auto"  # score a batch while the next samples: true, false, or auto (on CUDA only)
     rollouts_on_cpu: bool = False  # keep the trajectories in (pinned) CPU memory; training copies each micro-batch
 
     def __post_init__(self):
         check_values("algo.sampling", self, positive=("prompts_per_epoch", "images_per_prompt", "batch_size",
                                                      "num_inference_steps", "sde_window", "sde_window_every"),
-                     at_least_zero=("noise_level", "sde_window_stride"),
+                     at_least_zero=("noise_level", "sde_window_stride", "guidance_scale"),
                      fraction=("sde_window_range", "flash_ratio"),
                      resolution=("resolution",))
         if self.sde_window_schedule not in ("random", "sliding"):
             raise ConfigError(f"algo.sampling.sde_window_schedule must be random or sliding, got "
                               f"{self.sde_window_schedule!r}")
+        if self.sde_window is not None and self.sde_window > self.num_inference_steps:
+            raise ConfigError(f"algo.sampling.sde_window={self.sde_window} is longer than the "
+                              f"{self.num_inference_steps} steps sampled (algo.sampling.num_inference_steps)")
         if self.flash_ratio is not None and self.sde_window is None:
             raise ConfigError("algo.sampling.flash_ratio (MixGRPO-Flash) re-grids the steps after the SDE window: set "
                               "algo.sampling.sde_window too")

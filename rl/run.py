@@ -31,6 +31,7 @@ from accelerate.utils import broadcast_object_list  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
+from hydra.utils import get_class  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
@@ -38,6 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from pipelines.errors import ConfigError, build, exit_on_user_error  # noqa: E402
 from pipelines.geometry import ModelGeometry, model_geometry  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
+from pipelines.option_types import check_option_types  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
 from rl.evaluation import check_prompt_images  # noqa: E402
 from rl.context import RunContext  # noqa: E402
@@ -54,7 +56,14 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
     config files: a multiple of its patch in pixels, within its positional embedding), a resume's options against the
     run directory's, and write access to the run directory. Sets `data.resolution=null` to the model's native size.
     Returns the algorithm."""
+    check_run_options(cfg)
+    for section in ("model", "reward", "data", "logger"):  # built later; their options are checked now
+        if cfg.get(section) is not None:
+            check_option_types(cfg[section], section)
     algorithm = build(cfg.algo)
+    if hasattr(algorithm, "check_reward") and cfg.get("reward") is not None:  # ReFL, DRaFT: by the reward's class
+        reward_class = get_class(cfg.reward._target_)
+        algorithm.check_reward(reward_class.__name__, getattr(reward_class, "differentiable", None))
     check_precision(cfg, algorithm)
     check_image_prompts(algorithm, build(cfg.prompts.train), build(cfg.prompts.eval))
     if any(cfg.model.get(option) for option in ("path", "config", "transformer_file")):
@@ -68,6 +77,18 @@ def check_config(cfg: DictConfig, run_dir: Path) -> object:
     check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))
     check_writable(run_dir)
     return algorithm
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """The top-level options: `seed` a whole number, `mixed_precision` one of accelerate's, `cpu_threads` auto or a
+    positive number."""
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed must be a whole number, got {cfg.get('seed')!r}")
+    if cfg.get("mixed_precision") not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.get('mixed_precision')!r}")
+    threads = cfg.get("cpu_threads", "auto")
+    if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"cpu_threads must be auto or a positive whole number, got {threads!r}")
 
 
 def check_image_prompts(algorithm: object, train: list, held_out: list) -> None:

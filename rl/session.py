@@ -79,6 +79,18 @@ class OptimConfig:
         check_values("algo.optim", self, positive=("lr", "max_grad_norm", "nonfinite_patience", "dead_after",
                                                    "max_weight_growth"),
                      at_least_zero=("weight_decay", "warmup_steps"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"algo.optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        step = self.lr / (1 - self.betas[0])  # AdamW's first step: lr / (1 - beta1), in float32 arithmetic
+        if step >= torch.finfo(torch.float32).max:
+            raise ConfigError(f"algo.optim.lr={self.lr:g} overflows float32 in AdamW's first step (lr / (1 - beta1) = "
+                              f"{step:g}); no learning rate near that trains anything")
+        from diffusers.optimization import SchedulerType
+
+        schedules = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler not in schedules:
+            raise ConfigError(f"algo.optim.lr_scheduler must be one of {', '.join(schedules)}, got "
+                              f"{self.lr_scheduler!r}")
 
 
 class NonFiniteError(UserError):

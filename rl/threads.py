@@ -72,6 +72,6 @@ def set_cpu_threads(setting: int | str = "auto") -> int:
         if threads < 1:
             from pipelines.errors import ConfigError
 
-            raise ConfigError(f"cpu_threads must be auto or a positive number, got {setting!r}")
+            raise ConfigError(f"cpu_threads must be auto or a positive whole number, got {setting!r}")
     torch.set_num_threads(threads)
     return threads

@@ -7,6 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from pipelines.option_types import check_option_types
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())  # Hydra lists every folder of conf/ as a group
 # Blocks shared by the algos (conf/algo/*.yaml pull them in with `- /<group>@<group>: <option>`); a user picks one with
@@ -60,6 +62,8 @@ def test_config_composes_and_builds(group, option):
     cfg = compose_with(f"{group}={option}", *required)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["seed"] == cfg.seed
+    for section in ("algo", "model", "reward", "prompts", "data", "logger"):  # every value of its declared type
+        check_option_types(cfg.get(section), section)
     assert callable(instantiate(cfg.algo))
     assert callable(instantiate(cfg.model, _partial_=True))
     train, held_out = instantiate(cfg.prompts.train), instantiate(cfg.prompts.eval)

@@ -628,6 +628,26 @@ BAD_INPUTS = [  # (command line, what its one line says): each stops before Hydr
     ([*RUN, "algo.lora.rank=8"], "algo.lora.rank: 32 -> 8"),
     ([*RUN, "algo.lora=null"], "algo.lora.rank: 32 -> '(removed)'"),
     ([*RUN, "algo.sampling.images_per_prompt=8", "algo.sampling.batch_size=16"], "images_per_prompt: 4 -> 8"),
+    # values of the wrong type (pipelines/option_types.py) and the top-level options
+    ([*RUN, "algo.sampling.strength=half"], "algo.sampling.strength must be a number or null, got 'half'"),
+    ([*RUN, "algo.optim.betas=[0.9]"], "algo.optim.betas must be a list of 2 numbers, got [0.9]"),
+    ([*RUN, "algo.epochs=1.5"], "algo.epochs must be a whole number, got 1.5"),
+    ([*RUN, "model.tiny_seed=abc"], "model.tiny_seed must be a whole number, got 'abc'"),
+    ([*RUN, "algo.advantage_std=foo"], "algo.advantage_std must be one of global, group, got 'foo'"),
+    ([*RUN, "+reward.clip=3"], "reward.clip is not an option of rewards.jpeg.JpegSizeReward"),
+    ([*RUN, "seed=abc"], "seed must be a whole number, got 'abc'"),
+    ([*RUN, "mixed_precision=fp8"], "mixed_precision must be no, fp16 or bf16, got 'fp8'"),
+    ([*RUN, "cpu_threads=0"], "cpu_threads must be auto or a positive whole number, got 0"),
+    # values out of range, and contradictions
+    ([*RUN, "algo.lora.rank=0"], "algo.lora.rank must be a positive number, got 0"),
+    ([*RUN, "algo.lora.alpha=-4"], "algo.lora.alpha must be a positive number, got -4"),
+    ([*RUN, "algo.optim.lr_scheduler=bogus"], "algo.optim.lr_scheduler must be one of linear, cosine"),
+    ([*RUN, "algo.optim.lr=1e38"], "algo.optim.lr=1e+38 overflows float32 in AdamW's first step"),
+    ([*RUN, "algo.sampling.guidance_scale=-1"], "algo.sampling.guidance_scale must be 0 or more, got -1"),
+    ([*RUN, "algo.sampling.sde_window=10"], "algo.sampling.sde_window=10 is longer than the 2 steps sampled"),
+    ([*RUN, 'prompts.train.template="{} {}"'], "prompts template '{} {}' must hold exactly one {}"),
+    ([*RUN, 'prompts.train.template="{"'], "prompts template '{' is not a format string"),
+    (["experiment=refl_digits", "reward=jpeg_compressibility"], "JpegSizeReward is not differentiable"),
     # configs that do not compose (Hydra alone would print several lines and exit 1)
     (["algo=nope"], "Could not find 'algo/nope'"),
     ([*RUN, "reward=nope"], "Could not find 'reward/nope'"),
@@ -658,6 +678,17 @@ def test_bad_input_stops_with_one_line_before_hydra_or_any_weights_load(stopped_
     assert stop.value.code == 2 and message.startswith("error: ") and "\n" not in message, message
     assert says in message, message
     assert files(stopped_run) == before
+
+
+def test_a_binary_prompt_file_stops_with_one_line(tmp_path, capsys):
+    from rl.run import check_before_start
+
+    (tmp_path / "prompts.txt").write_bytes(b"a cat\n\xff\xfe\x00\x01")
+    with pytest.raises(SystemExit) as stop:
+        check_before_start([*RUN, f"prompts.train.file={tmp_path / 'prompts.txt'}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: prompt file {tmp_path / 'prompts.txt'} is not UTF-8 text (byte 6: invalid start byte); a prompt set "
+        f"is a text file with one prompt per line, or JSONL")
 
 
 def test_the_stopped_run_itself_passes_the_checks(stopped_run, capsys):

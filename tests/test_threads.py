@@ -43,7 +43,7 @@ def test_set_cpu_threads(monkeypatch):
         torch.set_num_threads(1)
         assert set_cpu_threads("auto") == 1  # the environment's count is left in force
         for bad in (0, -2, "many"):
-            with pytest.raises(ConfigError, match="cpu_threads must be auto or a positive number"):
+            with pytest.raises(ConfigError, match="cpu_threads must be auto or a positive whole number"):
                 set_cpu_threads(bad)
     finally:
         torch.set_num_threads(before)
@@ -73,4 +73,4 @@ def test_a_run_reports_bad_cpu_threads_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rl.run", "algo=sample", "cpu_threads=none",
                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "error: cpu_threads must be auto or a positive number, got 'none'"
+    assert out.stderr.strip().splitlines()[-1] == "error: cpu_threads must be auto or a positive whole number, got 'none'"
