@@ -9,10 +9,17 @@ which part of the input is at fault, for callers that want to catch one kind.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+# An OS error with one of these numbers while writing is the disk's or the folder's fault, not the code's.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG)
 
 
 class UserError(ValueError):
@@ -42,12 +49,47 @@ def check_values(section: str, config: Any, *, positive: tuple[str, ...] = (), a
 
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Around an entry point's work: a `UserError` becomes `error: <message>` on stderr and exit code 2."""
+    """Around an entry point's work: a `UserError` becomes `error: <message>` on stderr and exit code 2, and so does
+    an OS error while writing (a full disk, a folder that takes no file: `WRITE_ERRORS`), naming the path. The line
+    goes above any progress bar."""
     try:
         yield
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(f"error: {error}")
         sys.exit(2)
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        report(f"error: cannot write{where}: {error.strerror or os.strerror(error.errno)}; free space there or make it "
+               f"writable, then start the same command again (a training run resumes from its last checkpoint)")
+        sys.exit(2)
+
+
+def report(line: str) -> None:
+    """Print a line on stderr, above any progress bar (tqdm's bars are cleared and redrawn around it)."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        print(line, file=sys.stderr)
+
+
+@contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Around a write by a library that reports I/O failures in its own exception (safetensors' `SafetensorError`):
+    such a failure becomes an `OSError` naming `path`, with the OS error's number when the message gives it."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+        raise
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        number = re.search(r"os error (\d+)|code: (\d+)", str(error))
+        code = int(next(g for g in number.groups() if g)) if number else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def config_section(config: Any) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.errors import writing
 from pipelines.single_file import _swap_halves, transformer_modules
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -154,9 +155,10 @@ def write_original(final: Path, layers: int | None = None) -> Path:
     if not metadata:  # a file saved before the metadata was written: the run's config.yaml has the adapter's size
         metadata = _metadata_from_run(Path(final).parent / "config.yaml", state)
     target = Path(final) / ORIGINAL_FILE
-    save_file({k: v.contiguous() for k, v in to_original(state, metadata, layers).items()}, str(target),
-              metadata={"format": "pt", "ss_network_module": "networks.lora", "modelspec.architecture":
-                        "stable-diffusion-v3/lora"})
+    with writing(target):
+        save_file({k: v.contiguous() for k, v in to_original(state, metadata, layers).items()}, str(target),
+                  metadata={"format": "pt", "ss_network_module": "networks.lora", "modelspec.architecture":
+                            "stable-diffusion-v3/lora"})
     return target
 
 

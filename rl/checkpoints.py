@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -67,15 +68,17 @@ class TrainState:
     seconds: float = 0.0  # wall time spent training so far, held-out evaluations and checkpoints left out
     cpu_seconds: float = 0.0  # the process's CPU time (all its threads) over the same spans
     extra: dict = field(default_factory=dict)
+    threads: int | None = None  # torch's CPU threads when the checkpoint was written (None: not recorded)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "micro_batches": self.micro_batches, "seconds": self.seconds,
-                "cpu_seconds": self.cpu_seconds, "extra": self.extra}
+                "cpu_seconds": self.cpu_seconds, "extra": self.extra, "threads": torch.get_num_threads()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.micro_batches, self.extra = state["step"], state["micro_batches"], state.get("extra", {})
         self.seconds = state.get("seconds", 0.0)  # checkpoints written before it was kept start the count at 0
         self.cpu_seconds = state.get("cpu_seconds", 0.0)
+        self.threads = state.get("threads")
 
 
 class Stateful(Protocol):
@@ -98,7 +101,13 @@ def changed_options(saved: dict, new: dict) -> list[str]:
     the `data.*` options of a run that read no data (neither `data.path` nor `data.dataset` set)."""
     unused = () if saved.get("data.path") is not None or saved.get("data.dataset") is not None else ("data.",)
     return [f"{key}: {saved[key]!r} -> {new.get(key, '(removed)')!r}" for key in sorted(saved)
-            if not key.startswith(RESUMABLE_CHANGES + unused) and new.get(key, "(removed)") != saved[key]]
+            if not key.startswith(RESUMABLE_CHANGES + unused) and not same_value(new.get(key, "(removed)"), saved[key])]
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal, with NaN equal to NaN (an option set to nan is not changed by the same nan)."""
+    nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return nan or a == b
 
 
 def check_resume(run_dir: Path, new: dict) -> None:
@@ -334,14 +343,19 @@ class Checkpointer:
                     break
                 except UserError:
                     raise
-                except Exception as error:  # noqa: BLE001 - a fault the manifest does not see (an older checkpoint)
-                    fault = f"it does not load ({type(error).__name__}: {first_line(error)})"
+                except Exception as error:  # noqa: BLE001 - whatever the loaders raise, in one line
+                    if (path / MANIFEST).exists():  # intact files that do not fit: the run's options differ
+                        raise ConfigError(f"{path} does not fit this run ({type(error).__name__}: "
+                                          f"{first_line(error)}): it was written with other options (algo.lora, the "
+                                          f"model, ...); resume with the run's own options or start a new run "
+                                          f"directory") from None
+                    fault = f"it does not load ({type(error).__name__}: {first_line(error)})"  # written before manifests
             damaged.append((path, fault))
         else:
             listed = "; ".join(f"{path.name}: {fault}" for path, fault in damaged)
-            raise CheckpointError(f"every checkpoint in {self.directory} is damaged ({listed}); move them away (or "
-                                  f"delete {self.directory}) to start the run again from step 0, which also restarts "
-                                  f"its metrics, or set algo.checkpoint.resume=false with a new run directory")
+            raise CheckpointError(f"every checkpoint in {self.directory} is damaged or was written with other options "
+                                  f"({listed}); move them away (or delete {self.directory}) to start the run again "
+                                  f"from step 0, which also restarts its metrics, or start a new run directory")
         step = int(path.name.removeprefix("step_"))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -349,10 +363,26 @@ class Checkpointer:
                 kept = set_aside(bad)
                 logger.warning("checkpoint %s is damaged (%s): resuming from %s instead; the damaged folder is kept "
                                "as %s", bad.name, fault, path.name, kept.name)
+            if not (self.run_dir / "metrics.jsonl").is_file():
+                logger.warning("%s has no metrics.jsonl: the records of steps up to %d are lost (an earlier copy may "
+                               "be in metrics.before-resume*.jsonl); the run resumes from %s and logs the steps after",
+                               self.run_dir, step, path.name)
             trim_metrics(self.run_dir, step)
+        self._compare_threads(path)
         self.accelerator.wait_for_everyone()
         logger.info("resumed from %s", path)
         return step
+
+    def _compare_threads(self, path: Path) -> None:
+        """On the CPU, torch's kernels add in an order that depends on the thread count, so a run resumed with
+        another count than its checkpoint's may differ from an uninterrupted run in the last bits (SFT: about 1e-7):
+        say so (the run goes on)."""
+        counters = self.state.get("train_state")
+        saved = getattr(counters, "threads", None)
+        if self.accelerator.device.type == "cpu" and saved is not None and saved != torch.get_num_threads():
+            logger.warning("%s was written with %d CPU threads and the run resumes with %d: on the CPU its numbers "
+                           "may then differ from an uninterrupted run's in the last bits (cpu_threads=%d resumes "
+                           "exactly)", path.name, saved, torch.get_num_threads(), saved)
 
     def _shared(self, value):
         """The main process's `value` on every process."""

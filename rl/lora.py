@@ -16,7 +16,7 @@ from diffusers.training_utils import _set_state_dict_into_text_encoder
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from pipelines.errors import ConfigError, check_values
+from pipelines.errors import ConfigError, check_values, writing
 
 # The attention projections of each MMDiT block: image stream (to_*) and text stream (add_*), as Flow-GRPO and the
 # diffusers SD3 LoRA recipe target them.
@@ -101,13 +101,14 @@ def save_lora(
     file's metadata: without it a stock `load_lora_weights` takes alpha = rank, and any other alpha (Flow-GRPO's 64 for
     rank 32) would load at the wrong scale."""
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    StableDiffusion3Pipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=adapter_metadata(transformer),
-        **{f"{name}_lora_layers": get_peft_model_state_dict(m) for name, m in encoders.items() if m is not None},
-        **{f"{name}_lora_adapter_metadata": adapter_metadata(m) for name, m in encoders.items() if m is not None},
-    )
+    with writing(Path(directory) / "pytorch_lora_weights.safetensors"):  # a full disk: an OSError naming the file
+        StableDiffusion3Pipeline.save_lora_weights(
+            directory,
+            transformer_lora_layers=get_peft_model_state_dict(transformer),
+            transformer_lora_adapter_metadata=adapter_metadata(transformer),
+            **{f"{name}_lora_layers": get_peft_model_state_dict(m) for name, m in encoders.items() if m is not None},
+            **{f"{name}_lora_adapter_metadata": adapter_metadata(m) for name, m in encoders.items() if m is not None},
+        )
 
 
 def adapter_metadata(module: torch.nn.Module) -> dict:

@@ -2,6 +2,7 @@
 checkpoint, a torn metrics line and a checkpoint cut off mid-save all resume to the uninterrupted run's records;
 metrics.jsonl stays standard JSON with non-finite values."""
 
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines import load_pipeline
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 from pipelines.text import encode_one, precompute
 from rewards import Reward
 from rewards.jpeg import JpegSizeReward
@@ -168,10 +169,42 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_with_one_line(tmp_path):
     small(exit_after=1)(context(run_dir))
     flip_byte(run_dir / "checkpoints" / "step_000001" / "optimizer.bin")
     before = files(run_dir)
-    with pytest.raises(CheckpointError, match=r"every checkpoint in \S+ is damaged \(step_000001: optimizer.bin "
-                                              r"differs from what was written.*\); move them away"):
+    with pytest.raises(CheckpointError, match=r"every checkpoint in \S+ is damaged or was written with other options "
+                                              r"\(step_000001: optimizer.bin differs from what was written.*\); move "
+                                              r"them away"):
         small()(context(run_dir))
     assert files(run_dir) == before  # nothing set aside, nothing trimmed
+
+
+@pytest.mark.parametrize("lora", [LoraSpec(rank=8), None], ids=["another rank", "no LoRA"])
+def test_a_forced_resume_with_an_adapter_that_does_not_fit_stops_with_one_line(tmp_path, lora):
+    run_dir = tmp_path / "run"
+    small(exit_after=1)(context(run_dir))
+    before = files(run_dir)
+    config = small(resume="force")
+    config.lora = lora
+    with pytest.raises(ConfigError, match=r"step_000001 does not fit this run \(\w+: .*\): it was written with other "
+                                          r"options \(algo.lora, the model, ...\); resume with the run's own options"):
+        config(context(run_dir))
+    assert {k: v for k, v in files(run_dir).items() if k.name != "metrics.jsonl"} == {
+        k: v for k, v in before.items() if k.name != "metrics.jsonl"}  # the checkpoint is where it was
+
+
+def test_a_resume_without_its_metrics_or_with_another_thread_count_says_so(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    small(exit_after=1)(context(run_dir))
+    (run_dir / "metrics.jsonl").unlink()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        small(epochs=2)(context(run_dir))
+    finally:
+        torch.set_num_threads(threads)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{run_dir} has no metrics.jsonl: the records of steps up to 1 are lost" in m for m in said), said
+    assert any(f"step_000001 was written with {threads} CPU threads and the run resumes with {threads + 1}" in m
+               for m in said), said
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [2]
 
 
 def test_a_checkpoint_written_before_manifests_still_resumes(tmp_path, whole):
@@ -516,6 +549,9 @@ def test_changed_options_are_those_a_resume_must_not_change():
     with_data = {**no_data, "data.path": "/data/digits"}
     assert changed_options({**saved, **with_data}, {**saved, **with_data, "data.resolution": 32}) == [
         "data.resolution: 512 -> 32"]
+    nan = {**saved, "algo.optim.max_grad_norm": math.nan}
+    assert changed_options(nan, {**nan, "algo.optim.max_grad_norm": float("nan")}) == []  # nan is nan here
+    assert changed_options(nan, {**nan, "algo.optim.max_grad_norm": 1.0}) == ["algo.optim.max_grad_norm: nan -> 1.0"]
 
 
 @pytest.mark.slow  # three short runs in subprocesses (about 45 s)
@@ -763,6 +799,71 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_resumes(tmp_pat
         small()(context(run_dir))
     monkeypatch.undo()
     assert latest_checkpoint(run_dir).name == "step_000001"
+    small()(context(run_dir))
+    assert_same_records(read_metrics(run_dir), whole)
+
+
+def stops_in_one_line(run, capsys) -> str:
+    """Run `run()` as an entry point does (`exit_on_user_error`): its one line on stderr, after exit code 2."""
+    from pipelines.errors import exit_on_user_error
+
+    with pytest.raises(SystemExit) as stop, exit_on_user_error():
+        run()
+    captured = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # the bars' cursor moves
+    lines = [line.strip() for line in captured.replace("\r", "\n").splitlines()
+             if line.strip().startswith("error: ")]  # a progress bar is cleared around the line (`\r`)
+    assert stop.value.code == 2 and len(lines) == 1, (lines, captured[-3000:])
+    return lines[0]
+
+
+def no_space(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("where", ["checkpoint LoRA file", "sample grid", "curves.png", "checkpoints folder"])
+def test_a_full_disk_or_unwritable_folder_anywhere_stops_with_one_line_naming_the_path(tmp_path, whole, monkeypatch,
+                                                                                         capsys, where):
+    """Writes outside accelerate's own files fail with the disk's error: safetensors' own exception (the checkpoint's
+    LoRA file), PIL's (the held-out grid), matplotlib's (curves.png), a folder that takes no rename. Each stops the
+    run with one line naming the path; the run then resumes as if nothing had happened."""
+    import matplotlib.figure
+    import PIL.Image
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    run_dir = tmp_path / "run"
+    if where == "checkpoint LoRA file":
+        def fail(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(safetensors.torch, "save_file", fail)
+        says = None  # a full disk while a checkpoint is written: the folder and the step (DiskFullError)
+    elif where == "sample grid":
+        original = PIL.Image.Image.save
+
+        def fail(self, path, *args, **kwargs):
+            if isinstance(path, (str, Path)) and "samples" in str(path):  # not the JPEG reward's in-memory files
+                raise no_space(path)
+            return original(self, path, *args, **kwargs)
+        monkeypatch.setattr(PIL.Image.Image, "save", fail)
+        says = f"{run_dir}/samples/step_000000.png: No space left on device"
+    elif where == "curves.png":
+        def fail(self, path, *args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail)
+        says = f"{run_dir}/curves.png: Permission denied"
+    else:
+        original = os.replace
+
+        def fail(source, target, *args, **kwargs):
+            if "checkpoints" in str(target):
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source), str(target))
+            return original(source, target, *args, **kwargs)
+        monkeypatch.setattr(os, "replace", fail)
+        says = f"{run_dir}/checkpoints/.step_000001.partial: Operation not permitted"
+    line = stops_in_one_line(lambda: small()(context(run_dir)), capsys)
+    assert line.startswith(f"error: cannot write {says}; free space there or make it writable" if says else
+                           f"error: no space left on {run_dir}/checkpoints while writing the checkpoint of step 1"), line
+    monkeypatch.undo()
     small()(context(run_dir))
     assert_same_records(read_metrics(run_dir), whole)
 
