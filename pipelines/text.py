@@ -130,7 +130,7 @@ def row_digest(embeds: torch.Tensor, pooled: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-class DamagedCacheError(Exception):
+class DamagedCacheError(UserError):
     """A prompt-embedding cache file that cannot be read as written (truncated, overwritten, without its hashes)."""
 
 

@@ -48,7 +48,7 @@ DEFAULT_TIMEOUT = 30.0
 ROUTES = {"/info": "GET", "/score": "POST"}  # path -> the one method it answers
 
 
-class RequestError(Exception):
+class RequestError(UserError):
     """A request refused for the client's mistake: its HTTP status and a one-line message."""
 
     def __init__(self, status: int, message: str):
