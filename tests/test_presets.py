@@ -80,6 +80,8 @@ def data_kind(cfg) -> str | None:
 def short_overrides(name: str, cfg, tmp: Path) -> list[str]:
     """The preset, cut short, with its data and (for the digits world) its model folder in `tmp`."""
     overrides = [f"experiment={name}", *SHORT[cfg.algo._target_]]
+    if (cfg.algo.get("sampling") or {}).get("sde_window") is not None:  # a window spans at most the 2 steps
+        overrides.append("algo.sampling.sde_window=2")
     if data_kind(cfg):
         overrides.append(f"data.path={tmp / 'data'}")
     if "world" in cfg.model:  # model=digits: unpack the shipped base model here, not into the repository's data/
