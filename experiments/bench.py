@@ -49,8 +49,12 @@ from rl.threads import limit_openmp_spinning, set_cpu_threads
 limit_openmp_spinning()  # before torch loads OpenMP (rl/threads.py)
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel  # noqa: E402
-from diffusers import StableDiffusion3Pipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from omegaconf import OmegaConf
 
 from pipelines.errors import UserError, exit_on_user_error
@@ -184,7 +183,7 @@ def group_runs(runs: list[Run], labels: list[tuple[str, str]]) -> list[Group]:
             by_config.setdefault(key if key is not None else ("path", str(run.path)), []).append(run)
     groups = [Group(name, members) for name, members in labelled.items() if members]
     unnamed = list(by_config.values())
-    groups += [Group(label, members) for label, members in zip(auto_labels(unnamed), unnamed)]
+    groups += [Group(label, members) for label, members in zip(auto_labels(unnamed), unnamed, strict=True)]
     return groups
 
 
@@ -280,7 +279,7 @@ def summarise(group: Group, maximise: bool) -> dict:
         "runs": [str(r.path) for r in group.runs],
         "seeds": [(r.config or {}).get("seed") for r in group.runs],
         "curve": mean_curve([r.curve for r in group.runs]),
-        **{name: dict(zip(("mean", "std"), mean_std(values))) for name, values in per_run.items()},
+        **{name: dict(zip(("mean", "std"), mean_std(values), strict=True)) for name, values in per_run.items()},
         "samples": statistics.mean(samples) if samples else None,
         "wall_seconds": statistics.mean(walls) if walls else None,
     }
@@ -302,8 +301,8 @@ def format_table(summaries: list[dict], key: str) -> str:
     rows = [[s["label"], str(len(s["runs"])), pm(s["start"]), pm(s["best"]), pm(s["final"]), pm(s["change"]),
              "-" if s["samples"] is None else f"{s['samples']:.0f}", duration(s["wall_seconds"])] for s in summaries]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [f"{key} (mean +- std over runs)", "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = [f"{key} (mean +- std over runs)", "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
 
 
@@ -332,8 +331,8 @@ def plot(path: Path, summaries: list[dict], key: str, x: str) -> None:
         runs = len(s["runs"])
         line, = ax.plot(c["x"], c["mean"], marker="o", markersize=3, label=f"{s['label']} (n={runs})")
         if runs > 1:
-            ax.fill_between(c["x"], [m - d for m, d in zip(c["mean"], c["std"])],
-                            [m + d for m, d in zip(c["mean"], c["std"])], color=line.get_color(), alpha=0.2)
+            ax.fill_between(c["x"], [m - d for m, d in zip(c["mean"], c["std"], strict=True)],
+                            [m + d for m, d in zip(c["mean"], c["std"], strict=True)], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("training samples" if x == "samples" else "step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key)

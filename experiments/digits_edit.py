@@ -36,7 +36,7 @@ def write_edit_prompts(out: Path, steps: int = 10, guidance_scale: float = 4.5) 
             prompt = f"a handwritten digit {digit}"
             images = pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance_scale,
                           generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pil").images
-            for seed, image in zip(seeds, images):
+            for seed, image in zip(seeds, images, strict=True):
                 name = f"images/{split}_{digit}_{seed}.png"
                 image.save(out / name)
                 lines.append(json.dumps({"prompt": prompt, "image": name, "digit": digit}))

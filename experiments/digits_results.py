@@ -52,7 +52,7 @@ def markdown(accuracy: list[dict], reward: list[dict], methods: list[str]) -> st
         "| method | held-out accuracy, start | end | held-out reward, start | end | samples | minutes |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for method, a, r in zip(methods, accuracy, reward):
+    for method, a, r in zip(methods, accuracy, reward, strict=True):
         lines.append(
             f"| {a['label']}, `experiment={method}_digits` | {cell(a['start'])} | **{cell(a['final'])}** | "
             f"{cell(r['start'])} | {cell(r['final'])} | {a['samples'] or 0:.0f} | "
@@ -74,7 +74,7 @@ def main() -> None:
             run_method(method, seed, args.out / method / f"seed_{seed}", args.overrides)
     accuracy, reward = (summaries(args.out, args.methods, key) for key in (ACCURACY, REWARD))
     for summary in accuracy:
-        curve_text = " ".join(f"{x:.0f}:{m:.3f}" for x, m in zip(summary["curve"]["x"], summary["curve"]["mean"]))
+        curve_text = " ".join(f"{x:.0f}:{m:.3f}" for x, m in zip(summary["curve"]["x"], summary["curve"]["mean"], strict=True))
         print(f"{summary['label']}: held-out accuracy against samples (mean over seeds) {curve_text}")
     text = markdown(accuracy, reward, args.methods)
     print(text)

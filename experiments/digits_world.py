@@ -55,7 +55,7 @@ def write_imagefolder(folder: Path, resolution: int = 32) -> Path:
     images, labels = digits_split("generator")
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         picture = PIL.Image.fromarray((image * 255).round().astype(np.uint8)).resize((resolution, resolution),
                                                                                       PIL.Image.BICUBIC)
         name = f"{i:04d}.png"

@@ -47,16 +47,15 @@ limit_openmp_spinning()  # before torch loads OpenMP (rl/threads.py)
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
-
+from experiments.protocols import Protocol, load_protocol, pinned_options, report, split_protocol  # noqa: E402
 from pipelines.errors import UserError, build, exit_on_user_error  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
-from experiments.protocols import Protocol, load_protocol, pinned_options, report, split_protocol  # noqa: E402
 from rl.checkpoints import complete_checkpoints, has_ema, read_ema  # noqa: E402
 from rl.evaluation import EvalConfig, check_prompt_images, eval_metrics, evaluate, held_out_prompts  # noqa: E402
 from rl.legacy import upgrade_config  # noqa: E402
@@ -169,7 +168,7 @@ def split_reward_overrides(overrides: list[str]) -> tuple[list[str], list[list[s
     except HydraException as error:
         raise UserError(f"cannot parse the reward overrides: {str(error).splitlines()[0]}") from None
     own, groups = [], []
-    for text, override in zip(overrides, parsed):
+    for text, override in zip(overrides, parsed, strict=True):
         key, package = override.key_or_group, override.package
         choice = key == "reward" and package is None and not (override.is_add() or override.is_delete())
         of_reward = key.startswith("reward.") or (key == "reward" and package is not None)
@@ -333,7 +332,7 @@ def load_weights(checkpoint: Checkpoint, modules: list[torch.nn.Module], lora, u
         if not isinstance(ema, dict) or len(ema.get("shadow_params", [])) != len(parameters):
             raise UserError(f"the EMA in {path} is not the EMA of this run's trained weights")
         with torch.no_grad():
-            for parameter, shadow in zip(parameters, ema["shadow_params"]):
+            for parameter, shadow in zip(parameters, ema["shadow_params"], strict=True):
                 parameter.copy_(shadow)
 
 
@@ -426,16 +425,16 @@ def plot_curve(path: Path, rows: list[dict], rewards: list[str], logged: list[tu
 
     rows = sorted(rows, key=lambda r: r["step"])
     fig, axes = plt.subplots(1, len(rewards), figsize=(5 * len(rewards), 3.6), squeeze=False)
-    for i, (ax, name) in enumerate(zip(axes[0], rewards)):
+    for i, (ax, name) in enumerate(zip(axes[0], rewards, strict=True)):
         prefix = "eval/" if i == 0 else f"eval/{name}/"
         steps = [r["step"] for r in rows]
         means = [r[f"{prefix}reward_mean"] for r in rows]
         errors = [r[f"{prefix}reward_std"] / math.sqrt(r["images"]) for r in rows]
         ax.plot(steps, means, marker="o", label="evaluated")
-        ax.fill_between(steps, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)],
+        ax.fill_between(steps, [m - e for m, e in zip(means, errors, strict=True)], [m + e for m, e in zip(means, errors, strict=True)],
                         alpha=0.25, label="+- s.e. over images")
         if i == 0 and logged:
-            ax.plot(*zip(*logged), linestyle="--", marker=".", color="grey", label="logged in training")
+            ax.plot(*zip(*logged, strict=True), linestyle="--", marker=".", color="grey", label="logged in training")
         ax.set_xlabel(unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{name} reward")

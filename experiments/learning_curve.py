@@ -46,7 +46,7 @@ def main() -> None:
 
     starts, ends = [r["start"] for r in rows], [r["end"] for r in rows]
     spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-    deltas = [e - s for s, e in zip(starts, ends)]
+    deltas = [e - s for s, e in zip(starts, ends, strict=True)]
     print(f"{args.key} over {len(rows)} seed(s): start {statistics.mean(starts):.4f} +- {spread(starts):.4f}, "
           f"end {statistics.mean(ends):.4f} +- {spread(ends):.4f}, change {statistics.mean(deltas):+.4f} "
           f"+- {spread(deltas):.4f}")

@@ -66,7 +66,7 @@ def fits(value: Any, hint: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         if args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(fits(v, a) for v, a in zip(value, args))
+            return len(value) == len(args) and all(fits(v, a) for v, a in zip(value, args, strict=True))
         return all(fits(v, args[0]) for v in value) if args else True
     if origin in (list, typing.Sequence) or hint is list:
         return isinstance(value, (list, tuple)) and (not args or all(fits(v, args[0]) for v in value))

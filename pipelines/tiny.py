@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "assets" / "prompts"
 
@@ -96,7 +103,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             byte_values.append(b)
             characters.append(256 + extra)
             extra += 1
-    return dict(zip(byte_values, (chr(c) for c in characters)))
+    return dict(zip(byte_values, (chr(c) for c in characters), strict=True))
 
 
 def build_clip_tokenizer() -> CLIPTokenizer:

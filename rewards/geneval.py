@@ -150,7 +150,7 @@ class GenEvalReward(Reward):
         """Each prompt carries GenEval's metadata (a task tag and include clauses) naming classes the detector
         knows; one line otherwise (called on the prompt sets before the model loads, and at scoring)."""
         known = set(self.labels.values())
-        for prompt, meta in zip(prompts, metadata):
+        for prompt, meta in zip(prompts, metadata, strict=True):
             if "tag" not in meta or "include" not in meta:
                 raise RewardInputError(f"reward=geneval needs GenEval metadata (tag, include) with each prompt, and "
                                        f"{prompt[:60]!r} has none; use prompts=geneval")
@@ -218,11 +218,11 @@ class GenEvalReward(Reward):
         self.check_metadata(prompts, metadata)
         found = [f for start in range(0, len(images), self.batch_size)  # the detector's memory grows with the batch
                  for f in self.detect(images[start:start + self.batch_size])]
-        judged = [self.judge(to_pil(image), objects, meta) for image, objects, meta in zip(images, found, metadata)]
+        judged = [self.judge(to_pil(image), objects, meta) for image, objects, meta in zip(images, found, metadata, strict=True)]
         info: dict[str, Any] = {key: torch.tensor([j[key] for j in judged]) for key in ("correct", "strict_correct",
                                                                                         "partial")}
         for task in TASKS:
             info[f"correct_{task}"] = torch.tensor([j["correct"] if m["tag"] == task else math.nan
-                                                    for j, m in zip(judged, metadata)])
+                                                    for j, m in zip(judged, metadata, strict=True)])
         key = {"partial": "partial", "correct": "correct", "strict": "strict_correct"}[self.score_name]
         return info[key].clone(), info

@@ -156,5 +156,5 @@ class OcrReward(Reward):
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
         readings = self.read(images)
-        scores = torch.tensor([ocr_score(quoted_text(p), read) for p, read in zip(prompts, readings)])
+        scores = torch.tensor([ocr_score(quoted_text(p), read) for p, read in zip(prompts, readings, strict=True)])
         return scores, {"ocr_exact": (scores == 1).float()}

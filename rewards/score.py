@@ -112,7 +112,7 @@ def main(cfg: DictConfig) -> None:
         reward.check_prompts(prompts)
         reward.check_metadata(prompts, metadata)
         records = score_images(reward, images, prompts, cfg.batch_size, device, metadata)
-        for path, prompt, record in zip(files, prompts, records):
+        for path, prompt, record in zip(files, prompts, records, strict=True):
             print(json.dumps({"image": str(path), "prompt": prompt, **record}), flush=True)
 
 

@@ -129,7 +129,7 @@ def run(ctx: RunContext, config: AWM) -> None:
             v = batch.velocity()
             log_prob, squared_error = log_likelihood(batch, v)
             old = log_prob.detach() if batch.old is None else batch.old
-            loss, stats = awm_policy_loss(log_prob, old, advantages[batch.rows], config.clip_range)
+            loss, stats = awm_policy_loss(log_prob, old, advantages[batch.rows], config.clip_range)  # noqa: B023
             stats.update(policy_loss=loss.detach(), flow_matching_error=squared_error.detach().mean())
             if reference is not None:
                 with torch.no_grad(), reference():

@@ -235,7 +235,7 @@ def digits_imagefolder(folder: Path, resolution: int = 32, limit: int | None = N
     import json
 
     with (folder / "metadata.jsonl").open("w") as metadata:
-        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
             if limit is not None and i >= limit:
                 break
             array = (image / 16.0 * 255).round().astype(np.uint8)

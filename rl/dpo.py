@@ -368,9 +368,9 @@ def online_update(s: Session, config: OnlineDPO, reference, scheduler, rollouts,
             chosen = torch.tensor([pair_of[group] for group in batch_groups], device=winners.device)
             batch_number = seeds.online_pair_batch(epoch, inner, train.inner_epochs, start)
             generator = seeds.training_step(s.ctx.seed, batch_number, accelerator.device)
-            w, l = winners[chosen], losers[chosen]
+            w, lose = winners[chosen], losers[chosen]
             with accelerator.accumulate(s.transformer):
-                batch = noised_pair(final[w], final[l], scheduler, config.loss, generator)
+                batch = noised_pair(final[w], final[lose], scheduler, config.loss, generator)
                 total, step_stats = dpo_step(s.transformer, reference, batch, rollouts.prompt_embeds[w],
                                              rollouts.pooled_prompt_embeds[w], loss=config.loss, beta=config.beta,
                                              keep=valid[chosen])

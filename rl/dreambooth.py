@@ -42,7 +42,7 @@ def generate_class_images(
                 width=resolution,
                 generator=generators,
             ).images
-            for i, image in zip(chunk, images):
+            for i, image in zip(chunk, images, strict=True):
                 image.save(folder / f"class_{i:05d}.png")
     state.wait_for_everyone()
 

@@ -120,7 +120,7 @@ def matching_update(
         x0 = final[rows].to(accelerator.device, torch.float32)
         noise = torch.stack([
             torch.randn(x0.shape[1:], generator=seeds.generator(seeds.training_noise(seed, epoch, inner, i, c)))
-            for i, c in zip(chunk, column)
+            for i, c in zip(chunk, column, strict=True)
         ]).to(x0.device)
         t = sigmas[steps].to(x0.device)
         noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
@@ -147,7 +147,7 @@ def matching_update(
                      for position, (chunk, column) in enumerate(layout)] for inner, layout in enumerate(layouts)]
     stats: dict[str, list[torch.Tensor]] = {}
     for inner, layout in enumerate(layouts):
-        for (chunk, column), old in zip(layout, olds[inner]):
+        for (chunk, column), old in zip(layout, olds[inner], strict=True):
             batch = noised(inner, chunk, column)
             batch.old = old
             with accelerator.accumulate(transformer):

@@ -111,7 +111,7 @@ def run(ctx: RunContext, config: NFT) -> None:
             with torch.no_grad(), old.swapped_in(s.parameters):
                 v_old = batch.velocity()
             v = batch.velocity()
-            policy_loss = nft_loss(v, v_old, batch.x0, batch.noise, batch.sigmas, optimality[batch.rows],
+            policy_loss = nft_loss(v, v_old, batch.x0, batch.noise, batch.sigmas, optimality[batch.rows],  # noqa: B023
                                    config.beta, config.adaptive_loss, config.adv_clip).mean()
             stats = {"policy_loss": policy_loss.detach(),
                      "velocity_change": ((v.detach() - v_old) ** 2).mean()}  # how far theta has left the old policy

@@ -39,7 +39,7 @@ class PolicyCopy:
         if self.tensors is None:
             self.tensors = [p.detach().clone() for p in parameters]
         else:
-            self.tensors = [t.to(p.device) for t, p in zip(self.tensors, parameters)]
+            self.tensors = [t.to(p.device) for t, p in zip(self.tensors, parameters, strict=True)]
 
     def update(self, parameters: Sequence[torch.Tensor], decay: float) -> None:
         """`copy <- decay * copy + (1 - decay) * parameters`."""
@@ -49,18 +49,18 @@ class PolicyCopy:
     def swapped_in(self, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
         """Within the block `parameters` hold the copy's values (use it without gradients); restored afterwards."""
         saved = [p.data for p in parameters]
-        for p, t in zip(parameters, self.tensors):
+        for p, t in zip(parameters, self.tensors, strict=True):
             p.data = t
         try:
             yield
         finally:
-            for p, data in zip(parameters, saved):
+            for p, data in zip(parameters, saved, strict=True):
                 p.data = data
 
     def deviation(self, parameters: Sequence[torch.Tensor]) -> float:
         """`|theta - copy| / |copy|` over all parameters: how far the trained weights have moved from the copy."""
         difference = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm((p.detach() - t).float())
-                                                           for p, t in zip(parameters, self.tensors)]))
+                                                           for p, t in zip(parameters, self.tensors, strict=True)]))
         size = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in self.tensors]))
         return float(difference / size.clamp(min=1e-12))
 

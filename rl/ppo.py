@@ -197,8 +197,8 @@ def ppo_update(
     else:
         olds = [[(rollouts.log_probs[index, column], None) for index, column in layout] for layout in layouts]
 
-    for layout, layout_olds in zip(layouts, olds):
-        for (index, column), old in zip(layout, layout_olds):
+    for layout, layout_olds in zip(layouts, olds, strict=True):
+        for (index, column), old in zip(layout, layout_olds, strict=True):
             with accelerator.accumulate(transformer):
                 log_prob, mean, std_dev_t = forward(index, column)
                 old_log_prob, old_mean = (log_prob.detach(), mean.detach()) if old is None else old

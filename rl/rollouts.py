@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from pipelines import StableDiffusion3LogProbPipeline
+from pipelines.errors import ConfigError, check_values
 from pipelines.pipeline_sd3_logprob import SOLVERS
 from pipelines.solvers import flash_sigmas
-from pipelines.errors import ConfigError, check_values
 from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds

@@ -41,8 +41,8 @@ from pipelines.geometry import ModelGeometry, model_geometry  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
 from pipelines.option_types import check_option_types  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
-from rl.evaluation import check_prompt_images  # noqa: E402
 from rl.context import RunContext  # noqa: E402
+from rl.evaluation import check_prompt_images  # noqa: E402
 from rl.run_lock import LOCK_FILE, hold_run_dir, release_run_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -78,7 +78,7 @@ def run(ctx: RunContext, config: Sample) -> None:
                 generator=generators,
                 output_type="pil",
             ).images
-            for job, image in zip(batch, images):
+            for job, image in zip(batch, images, strict=True):
                 image.save(sample_dir / job["file"])
     accelerator.wait_for_everyone()
 

@@ -111,7 +111,7 @@ class Encoder:
             todo = [i for i, key in enumerate(keys) if key not in self.latent_cache]
             if todo:
                 mean, std = self._encode(pixels[todo])
-                self.latent_cache.update({keys[i]: (m, s) for i, m, s in zip(todo, mean, std)})
+                self.latent_cache.update({keys[i]: (m, s) for i, m, s in zip(todo, mean, std, strict=True)})
             mean = torch.stack([self.latent_cache[key][0] for key in keys])
             std = torch.stack([self.latent_cache[key][1] for key in keys])
         else:
@@ -126,7 +126,7 @@ class Encoder:
 
     def text(self, captions: list[str], keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt and pooled embeddings; the cache is keyed by sample key plus caption (a dropped caption is "")."""
-        cache_keys = [f"{key}\n{caption}" for key, caption in zip(keys, captions)]
+        cache_keys = [f"{key}\n{caption}" for key, caption in zip(keys, captions, strict=True)]
         if self.cache_text and all(k in self.text_cache for k in cache_keys):
             embeds = [self.text_cache[k] for k in cache_keys]
             return torch.stack([e for e, _ in embeds]), torch.stack([p for _, p in embeds])
@@ -140,7 +140,7 @@ class Encoder:
                 max_sequence_length=self.max_sequence_length,
             )
         if self.cache_text:
-            self.text_cache.update({k: (e, p) for k, e, p in zip(cache_keys, prompt_embeds, pooled)})
+            self.text_cache.update({k: (e, p) for k, e, p in zip(cache_keys, prompt_embeds, pooled, strict=True)})
         return prompt_embeds, pooled
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import numbers
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,9 +309,9 @@ def plot_eval_curves(run_dir: Path) -> Path | None:
         return None
     unit = step_unit(records)
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for axis, name in zip(axes[0], names):
+    for axis, name in zip(axes[0], names, strict=True):
         points = [(step, value) for step, value in metric_curve(records, f"eval/{name}_mean") if value is not None]
-        axis.plot(*zip(*points), marker="o")
+        axis.plot(*zip(*points, strict=True), marker="o")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel(unit)
         axis.set_title(f"held-out {metric_name(name)}", fontsize=10)

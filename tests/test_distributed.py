@@ -119,7 +119,7 @@ def assert_same_run(got: Path, want: Path, absolute: float = 1e-5) -> None:
     differences of float32 errors near 1, so they move in steps of about 1e-5: `absolute` is 1e-4 there.)"""
     a, b = records(got), records(want)
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 4
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert set(x) == set(y), x["step"]
         for key, value in x.items():
             if key not in NOT_COMPARED and isinstance(value, (int, float)):

@@ -290,7 +290,7 @@ def test_refl_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path):
     refl.ReFL(train=train, checkpoint=CheckpointConfig(every=2), **kwargs)(context(tmp_path / "split", Brightness()))
     whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split]
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=True):
         for key in ("train/reward_mean", "train/loss", "eval/reward_mean"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
@@ -313,7 +313,7 @@ def test_offline_dpo_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, 
     dpo.OfflineDPO(train=train, checkpoint=every_2, **kwargs)(context(tmp_path / "split", data=data))
     whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split]
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=True):
         for key in ("train/loss", "eval/implicit_acc", "eval/loss"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)

@@ -14,8 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments import compare, evaluate
 import pipelines
+from experiments import compare, evaluate
 from pipelines.errors import build
 from rl.data import digits_imagefolder
 from rl.run import build_context

@@ -64,7 +64,7 @@ def small(epochs: int = 3, **checkpoint) -> grpo.GRPO:
 
 def assert_same_records(got: list[dict], want: list[dict]) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         for key in COMPARED:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
@@ -926,7 +926,7 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_run(tmp_pat
     got, want = read_metrics(run_dir), read_metrics(whole)
     keys = (*COMPARED, "eval/implicit_acc", "eval/loss")
     assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         for key in keys:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)

@@ -36,8 +36,12 @@ COCO = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "t
 
 def save_tiny_mask2former(folder: Path) -> Path:
     """A random Mask2Former (Swin backbone, COCO's 80 labels) with its image processor, as a hub folder."""
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                              SwinConfig)
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     backbone = SwinConfig(image_size=64, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
                           out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -138,7 +142,7 @@ def test_tiny_detector_scores_geneval_prompts(reward):
     found = reward.detect(images)
     assert any(found), "the random detector found nothing above 0.3: the test would not exercise the rules"
     pictures = [PIL.Image.fromarray((i.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for i in images]
-    for picture, detections, meta, partial in zip(pictures, found, metas, info["partial"].tolist()):
+    for picture, detections, meta, partial in zip(pictures, found, metas, info["partial"].tolist(), strict=True):
         assert reward.judge(picture, detections, meta)["partial"] == pytest.approx(partial)
     # the colour path: "a red dog" is correct exactly when the most confident dog's crop is classified red
     index = next(i for i, f in enumerate(found) if "dog" in f)

@@ -2,7 +2,6 @@
 
 import json
 
-
 from rewards.geneval_rules import geneval_correct, kept_detections, relative_position
 from rl.prompts import SHIPPED_PROMPTS
 

@@ -139,7 +139,7 @@ def test_grpo_trains_on_image_prompts_and_resumes_exactly(photo_prompts, tmp_pat
     records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in ("whole", "split")}
     assert [r["step"] for r in records["whole"]] == [r["step"] for r in records["split"]]
-    for a, b in zip(records["whole"], records["split"]):
+    for a, b in zip(records["whole"], records["split"], strict=True):
         for key in ("train/reward_mean", "train/loss", "eval/reward_mean"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_policy import context, records
 
 from pipelines.errors import ConfigError
 from rl import awm, nft
@@ -18,7 +19,6 @@ from rl.lora import LoraSpec
 from rl.matching import MatchingConfig
 from rl.rollouts import SamplingConfig
 from rl.session import OptimConfig
-from test_policy import context, records
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -84,7 +84,7 @@ def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
     assert [r["step"] for r in whole] == [r["step"] for r in split]
     deviation = "train/old_deviation" if algo is nft else "train/ema_policy_deviation"
     assert [r[deviation] for r in whole if deviation in r][-1] > 0
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=True):
         for key in ("train/reward_mean", "train/loss", "eval/reward_mean", deviation):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)

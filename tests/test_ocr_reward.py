@@ -151,7 +151,7 @@ def test_engines_that_cannot_run_fail_in_one_line(monkeypatch, tmp_path):
 def test_score_cli_on_a_folder_of_images(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
-    for (photo, text), name in zip(RENDERED[:2], ("a.png", "b.png")):
+    for (photo, text), name in zip(RENDERED[:2], ("a.png", "b.png"), strict=True):
         image = (render(photo, text).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         PIL.Image.fromarray(image).save(folder / name)
     (tmp_path / "prompts.txt").write_text(f"{prompt(RENDERED[0][1])}\n{prompt('Closed')}\n")

@@ -110,7 +110,7 @@ def test_an_old_run_directory_evaluates_and_resumes(tmp_path, case):
     train(run_dir, CASES[case]["run"])
     resumed, whole = records(run_dir), expected["records"]
     assert [r["step"] for r in resumed] == [r["step"] for r in whole]
-    for a, b in zip(resumed, whole):
+    for a, b in zip(resumed, whole, strict=True):
         for key in COMPARED:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)

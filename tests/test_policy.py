@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rl.ppo
 from pipelines import load_pipeline
 from pipelines.errors import ConfigError
 from rewards.jpeg import JpegSizeReward
@@ -22,7 +23,6 @@ from rl.context import RunContext
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
 from rl.ppo import PPOConfig
-import rl.ppo
 from rl.prompts import load_prompts
 from rl.rollouts import SamplingConfig, epoch_jobs
 from rl.session import OptimConfig
@@ -140,7 +140,7 @@ def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
     config_class(algo)(epochs=4, checkpoint=every_2, **small_configs(), **extra)(context(tmp_path / "split"))
     whole, split = records(tmp_path / "whole"), records(tmp_path / "split")
     assert [r["step"] for r in whole] == [r["step"] for r in split]
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=True):
         for key in ("train/reward_mean", "train/loss", "eval/reward_mean"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
@@ -220,7 +220,7 @@ def test_n_processes_train_in_each_optimiser_step_what_one_process_trains(order,
         assert {i for chunk, _ in batches for i in chunk} == set(mine)  # it trains what it sampled, all of it
         per_step = len(batches) // ppo.optimizer_steps
         return [{(i, c) for chunk, columns in batches[k * per_step : (k + 1) * per_step]
-                 for i, c in zip(chunk, columns)} for k in range(ppo.optimizer_steps)]
+                 for i, c in zip(chunk, columns, strict=True)} for k in range(ppo.optimizer_steps)]
 
     one = steps(1, 0)
     many = [steps(num_processes, rank) for rank in range(num_processes)]
@@ -259,7 +259,7 @@ def test_gradient_checkpointing_trains_the_same(tmp_path):
         configs["ppo"] = PPOConfig(batch_size=4, clip_range=1e-2, gradient_checkpointing=on)
         grpo.GRPO(epochs=2, beta=0.04, **configs)(context(tmp_path / str(on)))
         runs[on] = [r for r in records(tmp_path / str(on)) if "train/loss" in r]
-    for plain, checkpointed in zip(runs[False], runs[True]):
+    for plain, checkpointed in zip(runs[False], runs[True], strict=True):
         for key in ("train/loss", "train/grad_norm", "train/kl", "train/reward_mean"):
             assert checkpointed[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-9), key
 
@@ -439,7 +439,7 @@ def test_mixgrpo_flash_regrids_after_the_window_and_trains_only_the_window(tmp_p
     grpo.GRPO(epochs=2, **configs)(context(tmp_path))
     reference = load_pipeline(None).scheduler
     reference.set_timesteps(8)
-    for rollouts, window in zip(seen, [[0, 1], [1, 2]]):
+    for rollouts, window in zip(seen, [[0, 1], [1, 2]], strict=True):
         last = window[-1]
         assert rollouts.sde_steps == window
         steps = last + 1 + int((8 - last) * 0.5) - 1  # 4 then 5: L = 1 -> 2 + 2; L = 2 -> 3 + 2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl.ddpo import PerPromptStatTracker
 from pipelines.sde import sde_step_with_logprob
+from rl.ddpo import PerPromptStatTracker
 from rl.losses import group_advantages, kl_to_reference, ppo_clip_loss, ratio_norm_log_ratio
 
 

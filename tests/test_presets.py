@@ -139,7 +139,7 @@ def test_cpu_preset_runs_end_to_end(tmp_path, name):
     assert golden.is_file(), f"no golden metrics for {name}: record them with GOLDEN_RECORD=1 (see this module)"
     expected = json.loads(golden.read_text())["records"]
     assert len(logged) == len(expected), (len(logged), len(expected))
-    for index, (got, want) in enumerate(zip(logged, expected)):
+    for index, (got, want) in enumerate(zip(logged, expected, strict=True)):
         assert got.keys() == want.keys(), (index, sorted(got.keys() ^ want.keys()))
         differ = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
         assert not differ, f"record {index} (step {want.get('step')}) differs from the golden run: {differ}"

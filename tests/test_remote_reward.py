@@ -58,7 +58,7 @@ def test_served_rewards_score_as_in_process(jpeg_server):
     prompts = ["a photo of the number 3", "an image of the number 7", "a photo of the number 0"]
     remote = RemoteReward(jpeg_server)
     assert remote.served["differentiable"] is False and remote.served["reward"] == "rewards.jpeg.JpegSizeReward"
-    for got, want in zip(remote(images, prompts), JpegSizeReward()(images, prompts)):
+    for got, want in zip(remote(images, prompts), JpegSizeReward()(images, prompts), strict=True):
         if isinstance(got, dict):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in got)
         else:

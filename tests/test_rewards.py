@@ -93,7 +93,7 @@ def test_real_laion_head_computes_its_documented_linear_map():
 def test_shipped_head_by_name_equals_the_file():
     by_name = load_head_file("sac+logos+ava1-l14-linearMSE.pth")
     by_path = load_head_file(str(REAL_HEAD))
-    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values(), strict=True))
 
 
 def test_head_file_with_wrong_keys_names_the_expected_format(tmp_path):

@@ -102,7 +102,7 @@ def test_full_fine_tune_saves_a_pipeline_that_from_pretrained_loads(tmp_path, di
     )(context(tmp_path, digits))
     tuned = StableDiffusion3Pipeline.from_pretrained(tmp_path / "final")
     base = load_pipeline()
-    changed = [not torch.equal(a, b) for a, b in zip(tuned.transformer.parameters(), base.transformer.parameters())]
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.transformer.parameters(), base.transformer.parameters(), strict=True)]
     assert any(changed)
     tuned.set_progress_bar_config(disable=True)
     assert tuned("a digit", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 32, 32)
@@ -130,7 +130,7 @@ def test_resumed_run_ends_with_the_same_weights_and_losses(tmp_path, digits):
 
     whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
     assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6, abs=1e-7)
         assert a["train/lr"] == pytest.approx(b["train/lr"])
     a = load_file(tmp_path / "whole" / "final" / "pytorch_lora_weights.safetensors")
@@ -283,7 +283,7 @@ def test_full_fine_tune_resumes_exactly(tmp_path, digits):
         [r["train/loss"] for r in metrics(tmp_path / "split")], rel=1e-6)
     a = SD3Transformer2DModel.from_pretrained(tmp_path / "whole" / "final", subfolder="transformer")
     b = SD3Transformer2DModel.from_pretrained(tmp_path / "split" / "final", subfolder="transformer")
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 
 

@@ -11,8 +11,14 @@ from safetensors.torch import save_file
 
 from pipelines import ModelLoadError, load_pipeline
 from pipelines.loading import check_model_source
-from pipelines.single_file import (DEFAULT_CONFIGS, inspect_file, is_single_file, save_single_file,
-                                   transformer_to_original, vae_to_original)
+from pipelines.single_file import (
+    DEFAULT_CONFIGS,
+    inspect_file,
+    is_single_file,
+    save_single_file,
+    transformer_to_original,
+    vae_to_original,
+)
 from scripts.save_tiny_model import save_tiny_single_file
 
 
@@ -195,7 +201,7 @@ def test_rl_run_samples_from_a_single_file_as_from_its_folder(tiny_files, tmp_pa
                                 cwd=root, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[name] = [np.asarray(PIL.Image.open(p)) for p in sorted((tmp_path / name / "samples").glob("0*.png"))]
-    assert len(outputs["file"]) == 2 and all(np.array_equal(a, b) for a, b in zip(outputs["file"], outputs["folder"]))
+    assert len(outputs["file"]) == 2 and all(np.array_equal(a, b) for a, b in zip(outputs["file"], outputs["folder"], strict=True))
 
 
 def test_checks_before_a_run_do_not_download_a_hub_file(monkeypatch):

@@ -99,7 +99,7 @@ def test_flash_schedule_regrids_the_steps_after_the_window():
         assert len(regridded.timesteps) == total
         assert regridded.sigmas[:5].tolist() == pytest.approx(sigmas[:5], abs=1e-6)  # steps 0..3, and sigma[L + 1]
         assert regridded.sigmas[-1] == 0
-        gaps = [a - b for a, b in zip(flash[4:], flash[5:] + [0.0])]
+        gaps = [a - b for a, b in zip(flash[4:], flash[5:] + [0.0], strict=True)]
         assert gaps == pytest.approx([gaps[0]] * len(gaps))  # linear before the shift, down to 0
         assert time_shift(flash[4], 3.0) == pytest.approx(sigmas[4], abs=1e-6)
     unchanged = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -42,7 +42,7 @@ def jobs(sweep: dict) -> list[dict]:
     """Every parameter combination of a sweep (for a range, both ends)."""
     names = list(sweep["parameters"])
     choices = [parameter_values(name, sweep["parameters"][name]) for name in names]
-    return [dict(zip(names, values)) for values in itertools.product(*choices)]
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*choices)]
 
 
 def args_no_hyphens(job: dict) -> list[str]:
@@ -111,7 +111,7 @@ def test_hydra_multirun_gives_one_run_directory_per_job(tmp_path):
     run_dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert [p.name for p in run_dirs] == ["0", "1", "2", "3"]  # one folder per job, named by its number
     first_rewards = {}
-    for run_dir, (algo, seed) in zip(run_dirs, itertools.product(["ddpo", "grpo"], [0, 1])):
+    for run_dir, (algo, seed) in zip(run_dirs, itertools.product(["ddpo", "grpo"], [0, 1]), strict=True):
         config = OmegaConf.load(run_dir / "config.yaml")
         assert config.algo._target_.startswith(f"rl.{algo}.") and config.seed == seed and config.algo.epochs == 1
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
