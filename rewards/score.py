@@ -11,6 +11,7 @@ Every image is opened and checked before the reward model loads, so a corrupt fi
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -116,5 +117,22 @@ def main(cfg: DictConfig) -> None:
             print(json.dumps({"image": str(path), "prompt": prompt, **record}), flush=True)
 
 
+def usage() -> str:
+    """`--help`: this command's own options and the rewards it takes (Hydra's help would list every training
+    group), each reward with the first line of its config file."""
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    rewards = []
+    for path in sorted((conf / "reward").glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        rewards.append(f"  {path.stem:24} {first.removeprefix('#').strip()}")
+    options = [line for line in (conf / "score.yaml").read_text().splitlines()
+               if line and not line.startswith((" ", "#", "-", "defaults", "hydra"))]
+    return "\n".join([__doc__.strip(), "", "Options (conf/score.yaml; reward.<option>=... sets a reward's own):",
+                      *(f"  {line}" for line in options), "", "Rewards (reward=<name>; conf/reward/):", *rewards])
+
+
 if __name__ == "__main__":
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     main()

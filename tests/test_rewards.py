@@ -417,3 +417,13 @@ def test_a_clip_reward_in_bf16_scores_as_in_float32_within_a_stated_tolerance(ba
     assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     with pytest.raises(ModelLoadError, match="clip.dtype must be one of"):
         clip("float8")
+
+
+def test_score_help_lists_its_options_and_every_reward_not_the_training_groups():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "rewards.score", "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=root, check=True).stdout
+    listed = {line.split()[0] for line in out.split("Rewards (reward=<name>; conf/reward/):")[1].splitlines() if line}
+    assert listed == {p.stem for p in (root / "conf" / "reward").glob("*.yaml")}
+    assert "images:" in out and "prompts_file:" in out
+    assert "algo" not in out and "experiment" not in out and "lora" not in out
