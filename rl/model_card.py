@@ -59,6 +59,25 @@ def base_model(config: dict[str, Any]) -> tuple[str | None, str]:
     return (path if looks_like_hub_id(path) else None), words
 
 
+def load_base(config: dict[str, Any], pipeline: str) -> list[str]:
+    """The model card's lines that load the base model a LoRA was trained on: a hub id or local folder by its path, a
+    single file with `from_single_file`, and the two models sd3-rl makes (the digits world's, unpacked by
+    `pipelines.digits`; the tiny one, built in code) with sd3-rl's own loaders."""
+    model = config.get("model", {})
+    target, path = str(model.get("_target_", "")), model.get("path")
+    if target.endswith("load_digits_pipeline"):
+        world = model.get("world", "data/digits_world")
+        return ["# the digits world's base model: sd3-rl unpacks it into <world>/base (pip install sd3-rl, or a checkout)",
+                "from pipelines.digits import load_digits_pipeline", "",
+                f"base = load_digits_pipeline({str(world)!r})", f"pipe = {pipeline}(**base.components)"]
+    if not path:
+        return ["# the tiny random SD3.5-architecture model, built in code by sd3-rl", "from pipelines import load_pipeline",
+                "", f"base = load_pipeline(None, tiny_seed={model.get('tiny_seed', 0)})",
+                f"pipe = {pipeline}(**base.components)"]
+    loader = "from_single_file" if str(path).endswith(".safetensors") else "from_pretrained"
+    return [f"pipe = {pipeline}.{loader}({str(path)!r}, torch_dtype=torch.bfloat16)"]
+
+
 def license_of(config: dict[str, Any]) -> tuple[str, str | None]:
     """`(license, license_name)`: a published base's, a local folder's own card's, or this project's for the models
     it builds."""
@@ -157,7 +176,7 @@ def write_model_card(run_dir: Path, config: dict[str, Any], final: Path | None =
     pipeline = "StableDiffusion3Img2ImgPipeline" if strength else "StableDiffusion3Pipeline"
     lines += ["", "## How to use", "", "```python", "import torch", f"from diffusers import {pipeline}", ""]
     if lora:
-        lines += [f"pipe = {pipeline}.from_pretrained({(hub_id or 'BASE_MODEL')!r}, torch_dtype=torch.bfloat16)",
+        lines += [*load_base(config, pipeline),
                   "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\", weight_name=\"pytorch_lora_weights.safetensors\")"]
     else:
         lines += [f"pipe = {pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.bfloat16)"]
