@@ -20,6 +20,12 @@ import torch
 from pipelines.errors import UserError
 
 
+class RewardUnavailableError(UserError):
+    """A reward computed by another process or machine (a served reward, a VLM judge's API) failed for good. The
+    reward contract's one failure that a training run survives: it checkpoints the step it reached, then stops, and
+    the same command resumes there (`rl.session.Session.saving_on_failure`)."""
+
+
 class RewardInputError(UserError):
     """The images or prompts passed to a reward are not what the contract asks for."""
 

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.errors import UserError
-from rewards.base import Reward
+from rewards.base import Reward, RewardUnavailableError
 
 
 def error_detail(body: str) -> str:
@@ -42,7 +41,7 @@ def error_detail(body: str) -> str:
     return " ".join(str(detail).split())[:500]
 
 
-class RemoteRewardError(UserError):
+class RemoteRewardError(RewardUnavailableError):
     """The reward server cannot be reached, or answered with an error."""
 
 

@@ -45,7 +45,7 @@ from pipelines.errors import ConfigError, UserError, check_values
 from pipelines.lora_layout import ORIGINAL_FILE, write_original
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
-from rewards.remote import RemoteRewardError
+from rewards.base import RewardUnavailableError
 from rl.checkpoints import CheckpointConfig, Checkpointer, Stateful, TrainState
 from rl.context import RunContext
 from rl.evaluation import SecondsMarks
@@ -484,15 +484,15 @@ class Session:
 
     @contextmanager
     def saving_on_failure(self, evaluating: bool = False) -> Iterator[None]:
-        """Around work that depends on another process (a served reward, `reward=remote`): when it fails for good,
-        write a checkpoint of the current step (the weights as the last completed step left them) before the error
-        stops the run, so that the same command resumes there rather than at the last periodic checkpoint; a failure
-        while `evaluating` the step marks the checkpoint so that the resumed run evaluates that step first. One
-        process only: a checkpoint is collective, and one process's failure cannot make the others join it (several
-        processes resume from their last periodic checkpoint)."""
+        """Around work that depends on another process (a served reward, a judge's API): when it fails for good
+        (`rewards.base.RewardUnavailableError`), write a checkpoint of the current step (the weights as the last
+        completed step left them) before the error stops the run, so that the same command resumes there rather than
+        at the last periodic checkpoint; a failure while `evaluating` the step marks the checkpoint so that the
+        resumed run evaluates that step first. One process only: a checkpoint is collective, and one process's failure
+        cannot make the others join it (several processes resume from their last periodic checkpoint)."""
         try:
             yield
-        except RemoteRewardError:
+        except RewardUnavailableError:
             step = self.state.step
             done = self.checkpointer.directory / f"step_{step:06d}"
             if step > 0 and self.accelerator.num_processes == 1 and not done.exists():
