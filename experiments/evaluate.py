@@ -54,7 +54,8 @@ from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from experiments.protocols import Protocol, load_protocol, pinned_options, report, split_protocol  # noqa: E402
-from pipelines.errors import UserError, build, exit_on_user_error  # noqa: E402
+from pipelines.configs import build  # noqa: E402
+from pipelines.errors import UserError, exit_on_user_error  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
 from rl.checkpoints import complete_checkpoints, has_ema, read_ema  # noqa: E402
 from rl.evaluation import EvalConfig, check_prompt_images, eval_metrics, evaluate, held_out_prompts  # noqa: E402

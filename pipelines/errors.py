@@ -1,5 +1,5 @@
-"""The one base class of the user's input errors, on the lowest layer so that every package can raise it (and
-`build`, which instantiates Hydra configs without hiding those errors).
+"""The one base class of the user's input errors, on the lowest layer so that every package can raise it, and how an
+entry point reports them (`exit_on_user_error`). Checking and building configs is `pipelines/configs.py`.
 
 A `UserError` means the input is wrong (a missing file, offline weights, a bad value, two options that contradict each
 other), not the code: every entry point (`rl.run`, `rewards.score`, `experiments.evaluate`, `experiments.compare`)
@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 # An OS error with one of these numbers while writing is the disk's or the folder's fault, not the code's.
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG)
@@ -28,23 +27,6 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration value is invalid or two values contradict each other; the message names the option."""
-
-
-def check_values(section: str, config: Any, *, positive: tuple[str, ...] = (), at_least_zero: tuple[str, ...] = (),
-                 fraction: tuple[str, ...] = (), resolution: tuple[str, ...] = ()) -> None:
-    """Raise `ConfigError` naming `<section>.<field>` for the first field of `config` out of its range: `positive`
-    (> 0), `at_least_zero` (>= 0), `fraction` (in (0, 1]), `resolution` (None, or a positive whole number of pixels;
-    whether it fits the model, `pipelines/geometry.py` checks from the model's config before any weights load). None
-    is accepted where a field may be None."""
-    rules = [(positive, lambda v: v > 0, "a positive number"), (at_least_zero, lambda v: v >= 0, "0 or more"),
-             (fraction, lambda v: 0 < v <= 1, "in (0, 1]"),
-             (resolution, lambda v: v > 0 and v == int(v), "a positive whole number of pixels")]
-    for names, valid, meaning in rules:
-        for name in names:
-            value = getattr(config, name)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and valid(value)):
-                raise ConfigError(f"{section}.{name} must be {meaning}, got {value!r}")
 
 
 @contextmanager
@@ -90,32 +72,3 @@ def writing(path: Path | str) -> Iterator[None]:
         number = re.search(r"os error (\d+)|code: (\d+)", str(error))
         code = int(next(g for g in number.groups() if g)) if number else errno.EIO
         raise OSError(code, os.strerror(code), str(path)) from None
-
-
-def config_section(config: Any) -> str:
-    """The dotted name of a config node in its root config (`algo`, `prompts.train`), or "config" for a plain dict."""
-    try:
-        return config._get_full_key(None) or "config"
-    except AttributeError:
-        return "config"
-
-
-def build(config: Any, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, except that every option is first checked against its target's annotations
-    (`pipelines/option_types.py`), and a user error raised by any (nested) target reaches the caller as itself rather
-    than wrapped in Hydra's `InstantiationException`, so that it can be reported in one line."""
-    from hydra.errors import InstantiationException  # here, so that `import pipelines` does not load Hydra
-    from hydra.utils import instantiate
-
-    from pipelines.option_types import check_option_types
-
-    check_option_types(config, config_section(config))
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        while isinstance(cause, InstantiationException):
-            cause = cause.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise

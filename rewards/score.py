@@ -20,7 +20,8 @@ import PIL.Image
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from pipelines.errors import UserError, build, exit_on_user_error
+from pipelines.configs import build
+from pipelines.errors import UserError, exit_on_user_error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

@@ -34,7 +34,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from pipelines.errors import UserError, build, exit_on_user_error
+from pipelines.configs import build
+from pipelines.errors import UserError, exit_on_user_error
 from rewards.base import check_reward_inputs
 from rewards.remote import to_wire
 

@@ -25,7 +25,8 @@ from typing import Literal
 
 import torch
 
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import awm_advantages, awm_log_prob, awm_policy_loss, group_advantages, velocity_kl

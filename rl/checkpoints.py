@@ -31,7 +31,8 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from pipelines.errors import ConfigError, UserError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError, UserError
 from rl.legacy import upgrade_config
 from rl.lora import load_lora, save_lora
 from rl.tracking import flatten_config, trim_metrics

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipelines.errors import check_values
+from pipelines.configs import check_values
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.ppo import PPOConfig, ppo_indices, ppo_layout, ppo_update

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from rl import seeds
 from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext

@@ -16,7 +16,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds

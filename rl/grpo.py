@@ -14,7 +14,8 @@ from typing import Literal
 
 import torch
 
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import group_advantages, kl_to_reference

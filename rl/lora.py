@@ -16,7 +16,9 @@ from diffusers.training_utils import _set_state_dict_into_text_encoder
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from pipelines.errors import ConfigError, check_values, writing
+# The attention projections of each MMDiT block: image stream (to_*) and text stream (add_*), as Flow-GRPO and the
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError, writing
 
 # The attention projections of each MMDiT block: image stream (to_*) and text stream (add_*), as Flow-GRPO and the
 # diffusers SD3 LoRA recipe target them.

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from pipelines import guided_velocity
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from rl import seeds
 from rl.losses import awm_timestep_indices
 from rl.ppo import micro_batches

@@ -19,7 +19,8 @@ from typing import Literal
 
 import torch
 
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import group_advantages, nft_loss, nft_optimality_prob, velocity_kl

@@ -14,7 +14,8 @@ import torch
 from accelerate import PartialState
 
 from pipelines import transition_log_probs
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from pipelines.sde import sigmas_for_timesteps
 from rl import seeds
 from rl.losses import ppo_clip_loss, ratio_norm_log_ratio

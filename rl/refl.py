@@ -23,7 +23,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from pipelines import StableDiffusion3LogProbPipeline, guided_velocity
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from pipelines.text import PromptEncoder
 from rewards import Reward
 from rl import seeds

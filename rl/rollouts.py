@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from pipelines.pipeline_sd3_logprob import SOLVERS
 from pipelines.solvers import flash_sigmas
 from pipelines.text import PromptEncoder

@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
-from pipelines.errors import ConfigError, build, exit_on_user_error  # noqa: E402
+from pipelines.configs import build  # noqa: E402
+from pipelines.errors import ConfigError, exit_on_user_error  # noqa: E402
 from pipelines.geometry import ModelGeometry, model_geometry  # noqa: E402
 from pipelines.loading import check_model_source  # noqa: E402
 from pipelines.option_types import check_option_types  # noqa: E402

@@ -41,7 +41,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.errors import ConfigError, UserError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError, UserError
 from pipelines.lora_layout import ORIGINAL_FILE, write_original
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward

@@ -11,7 +11,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.utils.data import DataLoader
 
-from pipelines.errors import ConfigError, check_values
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
 from rl import seeds
 from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import pipelines
 from experiments import compare, evaluate
-from pipelines.errors import build
+from pipelines.configs import build
 from rl.data import digits_imagefolder
 from rl.run import build_context
 from scripts.make_preference_pairs import make_pairs

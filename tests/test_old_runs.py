@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from experiments import evaluate
-from pipelines.errors import ConfigError, build
+from pipelines.configs import build
+from pipelines.errors import ConfigError
 from rl import legacy
 from rl.checkpoints import check_resume
 from rl.run import build_context

@@ -167,7 +167,7 @@ def train_in_process(run_dir, overrides, every=4):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pipelines.errors import build
+    from pipelines.configs import build
     from rl.run import build_context
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

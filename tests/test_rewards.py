@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from skimage import data
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from pipelines.errors import build
+from pipelines.configs import build
 from pipelines.hub import ModelLoadError
 from pipelines.tiny import build_clip_tokenizer
 from rewards import RewardInputError
