@@ -12,7 +12,8 @@ The protocol, the same for every method:
    times 0.5 and 2, crossed with two values of one method-specific knob named in advance (`METHODS`; the first value is
    the preset's). The runs are evaluated on the *validation* phrasings (`digits_world_validation.txt`: neither the
    training nor the held-out phrasings) and the setting with the highest validation accuracy over the last quarter of
-   the image budget is kept. The held-out prompts play no part in any choice.
+   the image budget is kept; a tie (within float rounding, `TIE`) keeps the earlier setting of the grid. The held-out
+   prompts play no part in any choice.
 2. **Compared runs**: each method with its chosen setting on seeds 0, 1, 2, each until it has sampled `--images`
    training images *and* trained `--seconds` seconds of its process's CPU time (`train/cpu_seconds`: other work on the
    machine changes it little; held-out evaluations and checkpoints are not counted). Methods within noise of the
@@ -52,6 +53,10 @@ CLOCK = "train/cpu_seconds"
 TUNING_SEED = 100
 VALIDATION_PROMPTS = "digits_world_validation.txt"
 LR_FACTORS = (0.5, 2.0)
+# Validation accuracies are counts of correct looks logged as float32 means: two settings with the same counts can
+# differ by ~1e-7 of rounding, while one correct look more moves the score (the mean of 3 evaluations of 80 looks at
+# the default budget) by 1/240.
+TIE = 1e-6
 BASE_SEEDS = (0, 1, 2)
 EXTRA_SEEDS = (3, 4)
 DEFAULT_OUT = Path("results/method_comparison")
@@ -180,10 +185,22 @@ def evaluation_options(plan: Plan, images: int, seconds: float, evaluations: int
     return options
 
 
+def ran_with(run_dir: Path, options: list[str]) -> bool:
+    """Whether the run in `run_dir` was launched with every one of `options` (True where nothing ran yet)."""
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides.exists():
+        return True
+    given = {line.removeprefix("- ").strip() for line in overrides.read_text().splitlines()}
+    return all(option in given for option in options)
+
+
 def run_to_budgets(plan: Plan, seed: int, run_dir: Path, images: int, seconds: float, evaluations: int,
                    extra: list[str], threads: int | None = None) -> None:
     """Run (or resume, or continue) one seed until it has sampled `images` and trained `seconds` CPU seconds. Past
     the image budget, only the seconds marks are evaluated."""
+    if not ran_with(run_dir, extra):
+        raise SystemExit(f"{run_dir} ran with other settings than {' '.join(extra)} (a tuning choice changed since?): "
+                         "move it away and run again")
     steps = math.ceil(images / plan.images_per_step)
     options = [*evaluation_options(plan, images, seconds, evaluations), *extra]
     if used_budgets(read_metrics(run_dir), images, seconds):  # finished: its metrics.jsonl alone is enough
@@ -252,11 +269,15 @@ class Runs:
 
 
 def read_runs(out: Path, method: str, seeds: list[int], images: int, seconds: float, evaluations: int,
-              guidance: float | None) -> tuple[Runs, list[int]]:
-    """The finished runs among `seeds`, and the seeds not finished."""
+              guidance: float | None, options: list[str]) -> tuple[Runs, list[int]]:
+    """The finished runs among `seeds` made with `options`, and the seeds not finished (or made with others)."""
     runs, missing = Runs({}, {}, {}), []
     for seed in seeds:
-        records = read_metrics(out / method / f"seed_{seed}")
+        run_dir = out / method / f"seed_{seed}"
+        if not ran_with(run_dir, options):
+            missing.append(seed)
+            continue
+        records = read_metrics(run_dir)
         by_images = image_points(records, images, evaluations)
         by_seconds = seconds_points(records, seconds, evaluations)
         if not used_budgets(records, images, seconds) or by_images is None or by_seconds is None:
@@ -411,21 +432,22 @@ def tune(method: str, base: Plan, args, extra: list[str], run: bool) -> tuple[di
                 missing.append(name)
                 continue
             scores[name] = score
-            if chosen is None or score > scores[chosen["run"]]:  # a tie keeps the earlier setting of the grid
+            if chosen is None or score > scores[chosen["run"]] + TIE:  # a tie keeps the earlier setting of the grid
                 chosen = {"run": name, "options": options, "setting": f"lr {lr:.3g}, {knob} {show(value)}"}
     if missing:
         return None, missing
     return {**chosen, "validation_accuracy": scores}, []
 
 
-def read_method(out: Path, method: str, guidance: float | None, args) -> tuple[Runs | None, list[int]]:
-    """A method's finished base seeds, with its extra seeds once all of them are in; None and the unfinished base
-    seeds if any is."""
-    runs, missing = read_runs(out, method, args.seeds, args.images, args.seconds, args.evaluations, guidance)
+def read_method(out: Path, method: str, guidance: float | None, options: list[str],
+                args) -> tuple[Runs | None, list[int]]:
+    """A method's finished base seeds made with the tuned `options`, with its extra seeds once all of them are in;
+    None and the unfinished base seeds if any is."""
+    runs, missing = read_runs(out, method, args.seeds, args.images, args.seconds, args.evaluations, guidance, options)
     if missing:
         return None, missing
     more, more_missing = read_runs(out, method, args.extra_seeds, args.images, args.seconds, args.evaluations,
-                                   guidance)
+                                   guidance, options)
     if args.extra_seeds and not more_missing:
         for part in ("by_images", "by_seconds", "at_training_guidance"):
             getattr(runs, part).update(getattr(more, part))
@@ -442,9 +464,10 @@ def report(args, plans: dict[str, Plan]) -> tuple[dict, dict, dict, list[str]]:
             pending.append(f"{METHODS[method].label}: {len(missing)} of its 4 tuning runs unfinished")
             continue
         chosen[method] = choice
-        runs, missing = read_method(args.out, method, plans[method].training_guidance, args)
+        runs, missing = read_method(args.out, method, plans[method].training_guidance, choice["options"], args)
         if runs is None:
-            pending.append(f"{METHODS[method].label}: seeds {missing} unfinished")
+            pending.append(f"{METHODS[method].label}: seeds {missing} unfinished (or run with other settings than "
+                           "the tuned ones)")
             continue
         runs_of[method] = runs
     values = {m: per_seed(r) for m, r in runs_of.items()}

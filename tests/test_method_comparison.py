@@ -157,6 +157,36 @@ def test_tune_only_runs_four_settings_on_the_validation_phrasings(monkeypatch, t
     assert not (tmp_path / "results.md").exists()
 
 
+def test_a_tie_within_float_rounding_keeps_the_earlier_setting_and_one_look_more_wins(monkeypatch, tmp_path):
+    # AWM's real tuning: the same counts of correct looks read 0.7708333134651184 and 0.7708333532015482 (float32 means)
+    scores = {"lr_0.0015_beta_1": 0.7708333134651184, "lr_0.0015_beta_0.1": 0.7708333532015482,
+              "lr_0.006_beta_1": 0.7541666825612386, "lr_0.006_beta_0.1": 0.712499996026357}
+    monkeypatch.setattr(mc, "read_metrics", lambda run_dir: run_records(accuracy=lambda k: scores[run_dir.name]))
+    args = mc.argparse.Namespace(out=tmp_path, images=3200, evaluations=10, threads=None)
+    choice, _ = mc.tune("awm", mc.plan("awm"), args, [], run=False)
+    assert choice["run"] == "lr_0.0015_beta_1" and choice["options"][1] == "algo.ema_policy.beta=1"
+    scores["lr_0.0015_beta_0.1"] = scores["lr_0.0015_beta_1"] + 1 / 240  # one correct look more of 3 x 80
+    assert mc.tune("awm", mc.plan("awm"), args, [], run=False)[0]["run"] == "lr_0.0015_beta_0.1"
+
+
+def test_a_seed_run_made_with_other_settings_than_the_tuned_ones_is_refused_and_not_tabled(monkeypatch, tmp_path):
+    monkeypatch.setattr(mc, "launch", lambda *args, **kw: pytest.fail("a run with other settings was continued"))
+    run_dir = tmp_path / "awm" / "seed_0"
+    write(run_dir, run_records(cpu=500.0))
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- experiment=awm_digits\n- seed=0\n- algo.optim.lr=0.0015\n"
+                                                        "- algo.ema_policy.beta=0.1\n")
+    tuned = ["algo.optim.lr=0.0015", "algo.ema_policy.beta=1"]
+    assert mc.ran_with(run_dir, tuned[:1]) and not mc.ran_with(run_dir, tuned)
+    assert mc.ran_with(tmp_path / "awm" / "seed_1", tuned)  # nothing ran there yet
+    with pytest.raises(SystemExit, match="seed_0 ran with other settings than algo.optim.lr=0.0015 algo.ema_policy"):
+        mc.run_to_budgets(mc.plan("awm"), 0, run_dir, 3200, 600.0, 10, tuned)
+    write(run_dir, run_records())  # finished, but with beta 0.1: not one of the tuned setting's seeds
+    runs, missing = mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned)
+    assert missing == [0] and runs.by_images == {}
+    assert mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned[:1])[1] == []
+
+
 def test_report_runs_nothing_and_tables_only_methods_with_every_run(monkeypatch, tmp_path):
     monkeypatch.setattr(mc, "launch", lambda *args, **kw: pytest.fail("--report launched a run"))
     for method, level in (("nft", 0.0), ("awm", -0.1)):
