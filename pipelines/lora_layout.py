@@ -179,8 +179,9 @@ def _metadata_from_run(config_file: Path, state: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a run's diffusers LoRA in the layout ComfyUI reads")
     parser.add_argument("final", type=Path, help="a folder holding pytorch_lora_weights.safetensors (a run's final/)")
-    parser.add_argument("--layers", type=int, help="the transformer's block count (SD3 Medium 24, SD3.5 Medium 24, "
-                                                   "SD3.5 Large 38); needed only when the context modulation is adapted")
+    parser.add_argument("--layers", type=int,
+                        help="the transformer's block count (SD3 Medium 24, SD3.5 Medium 24, SD3.5 Large 38); needed "
+                             "only when the context modulation is adapted")
     args = parser.parse_args(argv)
     try:
         if not (args.final / DIFFUSERS_FILE).is_file():

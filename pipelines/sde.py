@@ -71,10 +71,10 @@ def sde_step_with_logprob(
             `s' = 0` makes the transition deterministic).
 
     Returns:
-        `(prev_sample, log_prob, prev_sample_mean, std_dev_t)`, all float32: the next latents (B, C, H, W); the per-pixel
-        *mean* log-density (B,), or None when `noise_level == 0`; the transition mean; and the noise scale `std_dev_t`
-        with shape (B, 1, 1, 1). For "sde" the transition's standard deviation is `std_dev_t * sqrt(s - s')` (Flow-GRPO
-        returns and uses `std_dev_t` alone, e.g. in its KL term); for "cps" it is `std_dev_t` itself.
+        `(prev_sample, log_prob, prev_sample_mean, std_dev_t)`, all float32: the next latents (B, C, H, W); the
+        per-pixel *mean* log-density (B,), or None when `noise_level == 0`; the transition mean; and the noise scale
+        `std_dev_t` with shape (B, 1, 1, 1). For "sde" the transition's standard deviation is `std_dev_t * sqrt(s - s')`
+        (Flow-GRPO returns and uses `std_dev_t` alone, e.g. in its KL term); for "cps" it is `std_dev_t` itself.
     """
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")

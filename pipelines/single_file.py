@@ -217,8 +217,8 @@ def transformer_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def vae_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An `AutoencoderKL` state dict in the LDM names (no prefix): the inverse of diffusers' `convert_ldm_vae_checkpoint`
-    (decoder up blocks in reverse order, the mid-block attention as 1x1 convolutions)."""
+    """An `AutoencoderKL` state dict in the LDM names (no prefix): the inverse of diffusers'
+    `convert_ldm_vae_checkpoint` (decoder up blocks in reverse order, the mid-block attention as 1x1 convolutions)."""
     ups = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.up_blocks."))
     attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     out = {}
@@ -248,7 +248,8 @@ def original_state_dict(components: dict, include_t5: bool = True, transformer_o
     """A pipeline's weights in the single-file layout: `model.diffusion_model.*`, `first_stage_model.*` and
     `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*` (T5 left out with `include_t5=False`, as in
     `sd3_medium_incl_clips.safetensors`; only the transformer with `transformer_only`)."""
-    out = {TRANSFORMER_PREFIX + k: v for k, v in transformer_to_original(components["transformer"].state_dict()).items()}
+    out = {TRANSFORMER_PREFIX + k: v
+           for k, v in transformer_to_original(components["transformer"].state_dict()).items()}
     if transformer_only:
         return out
     out.update({VAE_PREFIX + k: v for k, v in vae_to_original(components["vae"].state_dict()).items()})

@@ -61,7 +61,8 @@ class AWM(TrainingConfig):
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip] ...
     advantage_max: float = 1.0  # ... and scaled to [-advantage_max, advantage_max]
     clip_range: float = 1.0  # the ratio exp(l - l_old) is clipped to [1 - clip_range, 1 + clip_range] (AWM: 1)
-    advantage_std: Literal["global", "group"] = "global"  # normalise advantages by the std of all rewards ("global") or of each group
+    advantage_std: Literal["global", "group"] = "global"  # normalise advantages by the std of all rewards ("global") or
+    #                                                       of each group
     advantage_ddof: int = 0  # the std divides by n - ddof: 0 as AWM (np.std)
     weighting: str = "ghuber"  # the log-likelihood surrogate: ghuber (AWM's generalised Huber) or uniform (-m)
     power: float = 0.25  # ghuber's power p

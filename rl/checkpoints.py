@@ -350,7 +350,8 @@ class Checkpointer:
                                           f"{first_line(error)}): it was written with other options (algo.lora, the "
                                           f"model, ...); resume with the run's own options or start a new run "
                                           f"directory") from None
-                    fault = f"it does not load ({type(error).__name__}: {first_line(error)})"  # written before manifests
+                    # written before manifests
+                    fault = f"it does not load ({type(error).__name__}: {first_line(error)})"
             damaged.append((path, fault))
         else:
             listed = "; ".join(f"{path.name}: {fault}" for path, fault in damaged)

@@ -78,7 +78,8 @@ class ImageCaptionData:
             except Exception as error:
                 raise DataError(f"cannot load dataset {self.dataset!r}: {str(error).splitlines()[0]}") from None
         if self.image_column not in table.column_names:
-            raise DataError(f"{self.path or self.dataset} has no image column {self.image_column!r}: {table.column_names}")
+            raise DataError(f"{self.path or self.dataset} has no image column {self.image_column!r}: "
+                            f"{table.column_names}")
         has_captions = self.caption_column in table.column_names
         if require_captions and not has_captions:
             raise DataError(

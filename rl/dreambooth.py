@@ -1,4 +1,5 @@
-"""`algo=dreambooth`: teach the model a subject from a few instance images and an instance prompt ("a photo of sks dog").
+"""`algo=dreambooth`: teach the model a subject from a few instance images and an instance prompt
+("a photo of sks dog").
 
 With prior preservation, images of the subject's class ("a photo of a dog") are generated with the base model when the
 class folder holds fewer than `num_class_images` (and kept there, so later runs reuse them), and their loss is added

@@ -42,7 +42,8 @@ class GRPO(TrainingConfig):
 
     epochs: int = 100
     beta: float = 0.04  # the weight of the KL to the reference
-    advantage_std: Literal["global", "group"] = "global"  # normalise advantages by the std of all rewards ("global") or of each group
+    advantage_std: Literal["global", "group"] = "global"  # normalise advantages by the std of all rewards ("global") or
+    #                                                       of each group
     advantage_ddof: int = 0  # the std divides by n - ddof: 0 as Flow-GRPO, 1 the unbiased std
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -42,7 +42,8 @@ class LoraSpec:
     rank: int = 4
     alpha: float | None = None  # None: alpha = rank (scale 1)
     dropout: float = 0.0
-    init: bool | str = "gaussian"  # peft's init_lora_weights: gaussian (SD3 recipes), true (Kaiming / zeros), pissa, ...
+    init: bool | str = "gaussian"  # peft's init_lora_weights: gaussian (SD3 recipes), true (Kaiming / zeros),
+    #                                pissa, ...
     target_modules: list[str] = field(default_factory=lambda: list(TRANSFORMER_LORA_MODULES))
     blocks: list[int] | None = None  # transformer block indices to adapt; None: all
     text_encoders: bool = False  # also adapt both CLIP text encoders (DreamBooth)
@@ -127,10 +128,12 @@ def load_lora(
 ) -> None:
     """Set the weights of already-added adapters from a directory written by `save_lora` (used when resuming)."""
     state_dict = StableDiffusion3Pipeline.lora_state_dict(directory)
-    transformer_state = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
+    transformer_state = {k.removeprefix("transformer."): v for k, v in state_dict.items()
+                         if k.startswith("transformer.")}
     incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(transformer_state), "default")
     if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
-        raise ConfigError(f"LoRA checkpoint {directory} does not match the adapter (another algo.lora?): {incompatible.unexpected_keys[:3]}")
+        raise ConfigError(f"LoRA checkpoint {directory} does not match the adapter (another algo.lora?): "
+                          f"{incompatible.unexpected_keys[:3]}")
     if text_encoder is not None:
         _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
     if text_encoder_2 is not None:

@@ -191,7 +191,7 @@ def best_worst_pairs(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[to
     return torch.stack(winners), torch.stack(losers), torch.tensor(valid, device=rewards.device)
 
 
-# ------------------------------------------------------------------------------------- DiffusionNFT and AWM (section 10)
+# ------------------------------------------------------------------------------------ DiffusionNFT and AWM (section 10)
 
 
 def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:

@@ -67,12 +67,14 @@ def load_base(config: dict[str, Any], pipeline: str) -> list[str]:
     target, path = str(model.get("_target_", "")), model.get("path")
     if target.endswith("load_digits_pipeline"):
         world = model.get("world", "data/digits_world")
-        return ["# the digits world's base model: sd3-rl unpacks it into <world>/base (pip install sd3-rl, or a checkout)",
+        return ["# the digits world's base model: sd3-rl unpacks it into <world>/base "
+                "(pip install sd3-rl, or a checkout)",
                 "from pipelines.digits import load_digits_pipeline", "",
                 f"base = load_digits_pipeline({str(world)!r})", f"pipe = {pipeline}(**base.components)"]
     if not path:
-        return ["# the tiny random SD3.5-architecture model, built in code by sd3-rl", "from pipelines import load_pipeline",
-                "", f"base = load_pipeline(None, tiny_seed={model.get('tiny_seed', 0)})",
+        return ["# the tiny random SD3.5-architecture model, built in code by sd3-rl",
+                "from pipelines import load_pipeline", "",
+                f"base = load_pipeline(None, tiny_seed={model.get('tiny_seed', 0)})",
                 f"pipe = {pipeline}(**base.components)"]
     loader = "from_single_file" if str(path).endswith(".safetensors") else "from_pretrained"
     return [f"pipe = {pipeline}.{loader}({str(path)!r}, torch_dtype=torch.bfloat16)"]

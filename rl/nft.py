@@ -56,7 +56,8 @@ class NFT(TrainingConfig):
     #                     KL weight (that is kl_beta)
     kl_beta: float = 1e-4  # the weight of the KL (mean squared velocity difference) to the base model
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip], then mapped to r in [0, 1]
-    advantage_std: Literal["global", "group"] = "global"  # normalise advantages by the std of all rewards ("global") or of each group
+    advantage_std: Literal["global", "group"] = "global"  # normalise advantages by the std of all rewards ("global") or
+    #                                                       of each group
     advantage_ddof: int = 0  # the std divides by n - ddof: 0 as DiffusionNFT (np.std)
     adaptive_loss: bool = True  # the released self-normalised x0-space loss; false: the paper's velocity loss
     old_policy: OldPolicyDecay = field(default_factory=OldPolicyDecay)

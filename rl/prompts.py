@@ -90,7 +90,8 @@ def check_template(template: str) -> None:
                              f"for literal braces") from None
     if fields != [""]:
         raise PromptSetError(f"prompts template {template!r} must hold exactly one {{}} (where the prompt goes), "
-                             f"found {len(fields)} fields{(': ' + ', '.join(repr(f) for f in fields)) if fields else ''}")
+                             f"found {len(fields)} fields"
+                             f"{(': ' + ', '.join(repr(f) for f in fields)) if fields else ''}")
 
 
 def load_prompts(
@@ -99,7 +100,8 @@ def load_prompts(
     """Read prompts `[start:stop]` of `file`, each formatted into `template` (e.g. "a photo of a {}").
 
     Blank lines are skipped; with `unique`, so are repeats of an earlier prompt (before slicing, so that a train slice
-    and a held-out slice of one file never share a prompt). A `.jsonl` file needs a `prompt` key on every line; its other keys become metadata.
+    and a held-out slice of one file never share a prompt). A `.jsonl` file needs a `prompt` key on every line; its
+    other keys become metadata.
     Raises `PromptSetError` for a missing or empty file, a malformed line, or an empty slice.
     """
     check_template(template)

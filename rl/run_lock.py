@@ -72,7 +72,8 @@ def hold_run_dir(run_dir: Path, announce: bool = True) -> None:
                                f"it, or start this one in another run directory (hydra.run.dir=...)") from None
     previous = read_holder(descriptor)
     if previous is not None:
-        message = f"{run_dir} was last held by a run that did not end normally ({describe(previous)}; killed?): taken over"
+        message = (f"{run_dir} was last held by a run that did not end normally ({describe(previous)}; killed?): "
+                   f"taken over")
         if announce:
             logger.warning(message)
         else:
