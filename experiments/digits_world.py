@@ -4,7 +4,7 @@
     python -m experiments.digits_world --build --out DIR       # train it from scratch instead (about 15 minutes)
     python -m experiments.digits_world --build --ship          # ... and replace the shipped weights with the new ones
 
-1. **Data**: the "generator" half of scikit-learn's `load_digits` (`scripts/train_digit_classifier.digits_split`),
+1. **Data**: the "generator" half of scikit-learn's `load_digits` (`experiments/digits_data.py`),
    upscaled to 32 px, captioned in three phrasings ("a handwritten digit 7", "the number seven", "a 7"). The digits
    reward's classifier trains on another part, so the reward never scores digits the generator saw.
 2. **VAE**: an `AutoencoderKL` with 4 latent channels, trained on those images (reconstruction + a small KL term); its
@@ -35,6 +35,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from experiments.digits_data import digits_split
 from pipelines.digits import DEFAULT_DIR, SHIPPED, digits_components, text_fingerprint, unpack
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ def caption(template: str, digit: int) -> str:
 
 def write_imagefolder(folder: Path, resolution: int = 32) -> Path:
     """The generator split as an imagefolder; each image appears once per training phrasing."""
-    from scripts.train_digit_classifier import digits_split
-
     images, labels = digits_split("generator")
     folder.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -2,9 +2,9 @@
 
     python -m scripts.train_digit_classifier            # writes assets/digits/classifier.pt
 
-scikit-learn's `load_digits` (1797 real 8 x 8 digits) is split once, with a fixed seed, into a classifier half and a
-held-out part; the digits world's *generator* trains on the other half (`split="generator"`), so the reward never
-scores images of digits it was trained on. The held-out accuracy is printed and stored next to the weights.
+scikit-learn's `load_digits` (1797 real 8 x 8 digits) is split once, with a fixed seed, into a classifier part and a
+held-out part (`experiments/digits_data.py`); the digits world's *generator* trains on the other half, so the reward
+never scores images of digits it was trained on. The held-out accuracy is printed and stored next to the weights.
 """
 
 from __future__ import annotations
@@ -13,22 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from experiments.digits_data import digits_split
 from rewards.digits import ASSETS, DigitClassifier
-from rl.data import import_data_extra
-
-
-def digits_split(part: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N x 8 x 8 in [0, 1]) and labels of one fixed part of `load_digits`: "generator" (the first 50%, for
-    the text-to-image model), "classifier" (30%, to train the reward) or "held_out" (20%, to test the reward)."""
-    digits = import_data_extra("sklearn.datasets").load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    bounds = {"generator": (0.0, 0.5), "classifier": (0.5, 0.8), "held_out": (0.8, 1.0)}
-    low, high = (int(f * len(order)) for f in bounds[part])
-    chosen = order[low:high]
-    return digits.images[chosen] / 16.0, digits.target[chosen]
 
 
 def train_classifier(epochs: int = 300, hidden: int = 128, seed: int = 0) -> tuple[DigitClassifier, float]:

@@ -7,11 +7,11 @@ import PIL.Image
 import pytest
 import torch
 
+from experiments.digits_data import digits_split
 from rewards.base import RewardInputError
 from rewards.digits import ASSETS, DigitReward, asked_digit, to_digit_grid
 from rewards.jpeg import JpegSizeReward
 from rewards.multi import MultiReward
-from scripts.train_digit_classifier import digits_split
 
 
 def as_generated_images(digits: np.ndarray) -> torch.Tensor:
