@@ -14,7 +14,8 @@ CPU mode (the default; under 10 minutes on two cores):
 - P2: where an epoch's time goes, in short runs of GRPO, DDPO, online DPO, ReFL, DiffusionNFT and AWM in the digits
   world through the real entry point (`rl.run`'s config, check and context): the transformer while sampling, the
   training forwards (KL reference and old policy included), backward, the VAE, the text encoders, the reward, the
-  old-log-prob re-scoring, held-out evaluation, and everything else. Each part's time is its own (nested parts are subtracted from their parent).
+  old-log-prob re-scoring, held-out evaluation, and everything else. Each part's time is its own (nested parts are
+  subtracted from their parent).
   Also GRPO's epoch time with rewards scored in a worker thread beside sampling / in line (`overlap_scoring`).
 - P3: text-encoder rows per distinct prompt, counted with forward hooks: per epoch for the training prompts, per run
   for the held-out prompts and the negative prompt, and what encoding every image's prompt would have cost.

@@ -39,7 +39,8 @@ from rl.tracking import flatten_config, metric_curve, read_metrics
 
 # Keys that differ between seeds of one configuration without changing it.
 IGNORED_KEYS = ("seed", "algo.checkpoint.resume", "algo.checkpoint.exit_after",
-                "algo.resume", "algo.exit_after_epochs", "algo.train.resume", "algo.train.exit_after_steps")  # older runs
+                # older runs
+                "algo.resume", "algo.exit_after_epochs", "algo.train.resume", "algo.train.exit_after_steps")
 # What training writes into a run directory (its file times give the wall time), and folders never searched for runs.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.before-resume.jsonl", "run.log")
 RUN_FOLDERS = (".hydra", "samples", "checkpoints", "final", "class_images", "tensorboard")
@@ -332,7 +333,8 @@ def plot(path: Path, summaries: list[dict], key: str, x: str) -> None:
         line, = ax.plot(c["x"], c["mean"], marker="o", markersize=3, label=f"{s['label']} (n={runs})")
         if runs > 1:
             ax.fill_between(c["x"], [m - d for m, d in zip(c["mean"], c["std"], strict=True)],
-                            [m + d for m, d in zip(c["mean"], c["std"], strict=True)], color=line.get_color(), alpha=0.2)
+                            [m + d for m, d in zip(c["mean"], c["std"], strict=True)], color=line.get_color(),
+                            alpha=0.2)
     ax.set_xlabel("training samples" if x == "samples" else "step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key)

@@ -74,7 +74,8 @@ def main() -> None:
             run_method(method, seed, args.out / method / f"seed_{seed}", args.overrides)
     accuracy, reward = (summaries(args.out, args.methods, key) for key in (ACCURACY, REWARD))
     for summary in accuracy:
-        curve_text = " ".join(f"{x:.0f}:{m:.3f}" for x, m in zip(summary["curve"]["x"], summary["curve"]["mean"], strict=True))
+        curve_text = " ".join(f"{x:.0f}:{m:.3f}"
+                              for x, m in zip(summary["curve"]["x"], summary["curve"]["mean"], strict=True))
         print(f"{summary['label']}: held-out accuracy against samples (mean over seeds) {curve_text}")
     text = markdown(accuracy, reward, args.methods)
     print(text)

@@ -432,8 +432,8 @@ def plot_curve(path: Path, rows: list[dict], rewards: list[str], logged: list[tu
         means = [r[f"{prefix}reward_mean"] for r in rows]
         errors = [r[f"{prefix}reward_std"] / math.sqrt(r["images"]) for r in rows]
         ax.plot(steps, means, marker="o", label="evaluated")
-        ax.fill_between(steps, [m - e for m, e in zip(means, errors, strict=True)], [m + e for m, e in zip(means, errors, strict=True)],
-                        alpha=0.25, label="+- s.e. over images")
+        ax.fill_between(steps, [m - e for m, e in zip(means, errors, strict=True)],
+                        [m + e for m, e in zip(means, errors, strict=True)], alpha=0.25, label="+- s.e. over images")
         if i == 0 and logged:
             ax.plot(*zip(*logged, strict=True), linestyle="--", marker=".", color="grey", label="logged in training")
         ax.set_xlabel(unit)
@@ -563,7 +563,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unit = step_unit(records)
     plot_curve(out / "curve.png", table, [r.name for r in named_rewards], logged, title, unit)
     for row in table:
-        values = "  ".join(f"{label} {row[key]:.4g} +- {row[key[:-5] + '_std']:.3g}" for key, label in mean_columns(row))
+        values = "  ".join(f"{label} {row[key]:.4g} +- {row[key[:-5] + '_std']:.3g}"
+                           for key, label in mean_columns(row))
         print(f"{row['checkpoint']:>12}  {unit} {row['step']:>6}  {values}")
         summary = {k: v for k, v in row.items() if k.startswith("geneval/")}
         if summary:

@@ -1,6 +1,7 @@
 """Run a training configuration over several seeds and print its held-out reward curve: start, end, and every point.
 
-    python -m experiments.learning_curve --seeds 0 1 2 --out outputs/curves/grpo -- algo=grpo reward=jpeg_compressibility
+    python -m experiments.learning_curve --seeds 0 1 2 --out outputs/curves/grpo -- \
+        algo=grpo reward=jpeg_compressibility
 
 Everything after `--` is passed to `python -m rl.run`. Each seed runs in `<out>/seed_<S>/` (an existing run directory
 resumes from its checkpoint). Prints one line per seed and the mean and spread over seeds, and writes `summary.json`.

@@ -51,7 +51,8 @@ def hub_access() -> str:
         huggingface_hub.whoami(token=token)
     except Exception as error:  # network failures come as many types (httpx, OSError, timeouts); a bad token as 401
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PushError(f"the Hugging Face hub does not answer for this token ({reason}); nothing was uploaded") from None
+        raise PushError(f"the Hugging Face hub does not answer for this token ({reason}); "
+                        f"nothing was uploaded") from None
     return token
 
 

@@ -65,14 +65,17 @@ def load_head_file(path: str) -> nn.Module:
     if not file.is_file() and (SHIPPED_HEADS / path).is_file():
         file = SHIPPED_HEADS / path
     if not file.is_file():
-        raise ModelLoadError(f"aesthetic head {path}: no such file (shipped: {sorted(p.name for p in SHIPPED_HEADS.iterdir())})")
+        raise ModelLoadError(f"aesthetic head {path}: no such file "
+                             f"(shipped: {sorted(p.name for p in SHIPPED_HEADS.iterdir())})")
     try:
         # The LAION files were saved on a GPU; map_location lets them load anywhere.
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ModelLoadError(f"cannot read aesthetic head {file} ({type(error).__name__}): expected {EXPECTED_FORMATS}") from None
+        raise ModelLoadError(f"cannot read aesthetic head {file} ({type(error).__name__}): "
+                             f"expected {EXPECTED_FORMATS}") from None
     if not isinstance(state_dict, dict):
-        raise ModelLoadError(f"{file} holds a {type(state_dict).__name__}, not a state dict: expected {EXPECTED_FORMATS}")
+        raise ModelLoadError(f"{file} holds a {type(state_dict).__name__}, not a state dict: "
+                             f"expected {EXPECTED_FORMATS}")
     return head_from_state_dict(state_dict, str(file))
 
 
@@ -84,7 +87,8 @@ def load_hf_predictor(name: str) -> tuple[ClipModel, nn.Module]:
     folder = Path(name).expanduser()
     if not folder.is_dir():
         if not looks_like_hub_id(name):
-            raise ModelLoadError(f"aesthetic predictor {name}: no such folder (and not a hub id of the form 'org/name')")
+            raise ModelLoadError(f"aesthetic predictor {name}: no such folder "
+                                 f"(and not a hub id of the form 'org/name')")
         check_hub_file(name, "config.json", "set the reward's head=DIR")
         folder = Path(snapshot_download(name))
     weights = {}
@@ -121,10 +125,13 @@ class AestheticReward(Reward):
         head_width = next(self.head.parameters()).shape[1]
         embed_width = self.clip.embed_dim
         if head_width != embed_width:
-            raise ModelLoadError(f"the aesthetic head takes {head_width}-d embeddings but the CLIP tower gives {embed_width}-d")
+            raise ModelLoadError(f"the aesthetic head takes {head_width}-d embeddings but the CLIP tower gives "
+                                 f"{embed_width}-d")
         self.freeze()
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         embeds = self.clip.embed_images(images).float()
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return self.head(embeds).squeeze(-1), {}

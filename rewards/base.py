@@ -52,7 +52,8 @@ def check_reward_inputs(
             raise RewardInputError("images contain NaN values")
         low, high = images.min().item(), images.max().item()
     if low < -1e-3 or high > 1 + 1e-3:
-        raise RewardInputError(f"images must be in [0, 1], got values in [{low:.3f}, {high:.3f}] (were they in [-1, 1]?)")
+        raise RewardInputError(f"images must be in [0, 1], got values in [{low:.3f}, {high:.3f}] "
+                               f"(were they in [-1, 1]?)")
 
 
 class Reward(torch.nn.Module):

@@ -1,7 +1,8 @@
 """CLIP image and text towers from open_clip or transformers, behind one small interface, for reward models.
 
 Two tiny open_clip architectures ship in `rewards/clip_configs/` (`tiny-ViT-768`, the embedding width of ViT-L/14, and
-`tiny-ViT-1024`, that of ViT-H/14); with `pretrained=None` they give random weights (always the same ones) for tests and CPU experiments.
+`tiny-ViT-1024`, that of ViT-H/14); with `pretrained=None` they give random weights (always the same ones) for tests
+and CPU experiments.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class ClipModel(torch.nn.Module):
         if self.backend == "open_clip":
             return self.model.encode_text(self.tokenizer(prompts).to(device)).float()
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-        text = self.model.text_model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+        text = self.model.text_model(input_ids=tokens.input_ids.to(device),
+                                     attention_mask=tokens.attention_mask.to(device))
         return self.model.text_projection(text.pooler_output).float()
 
     @property

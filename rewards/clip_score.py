@@ -38,7 +38,9 @@ class ClipSimilarityReward(Reward):
         self.clamp_negative = clamp_negative
         self.freeze()
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         cosine = cosine_similarity(self.clip.embed_images(images).float(), self.clip.embed_texts(prompts).float())
         similarity = cosine.clamp(min=0) if self.clamp_negative else cosine
         if self.use_logit_scale:

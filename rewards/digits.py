@@ -70,7 +70,8 @@ class DigitReward(Reward):
         path = Path(weights).expanduser() if weights else ASSETS / "classifier.pt"
         if not path.is_file():
             raise RewardInputError(
-                f"digit classifier weights not found at {path}; write them with python -m scripts.train_digit_classifier"
+                f"digit classifier weights not found at {path}; write them with "
+                f"python -m scripts.train_digit_classifier"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.classifier = DigitClassifier(hidden=state["net.1.weight"].shape[0])
@@ -81,7 +82,9 @@ class DigitReward(Reward):
         for prompt in prompts:
             asked_digit(prompt)
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         asked = torch.tensor([asked_digit(p) for p in prompts], device=images.device)
         logits = self.classifier(to_digit_grid(images))
         probabilities = logits.softmax(dim=-1)

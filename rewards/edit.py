@@ -58,7 +58,9 @@ class BolderDigit(Reward):
     def check_prompts(self, prompts) -> None:
         self.digits.check_prompts(prompts)
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         keep, info = self.digits.score(images, prompts, metadata)
         sources = source_images(metadata, tuple(images.shape[-2:]), "digits_bolder").to(images.device)
         gain = ink(images) - ink(sources)

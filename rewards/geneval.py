@@ -214,11 +214,14 @@ class GenEvalReward(Reward):
         strict, partial = geneval_partial_score(kept, metadata, colors_of)
         return {"correct": float(correct), "strict_correct": float(strict), "partial": partial}
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         self.check_metadata(prompts, metadata)
         found = [f for start in range(0, len(images), self.batch_size)  # the detector's memory grows with the batch
                  for f in self.detect(images[start:start + self.batch_size])]
-        judged = [self.judge(to_pil(image), objects, meta) for image, objects, meta in zip(images, found, metadata, strict=True)]
+        judged = [self.judge(to_pil(image), objects, meta)
+                  for image, objects, meta in zip(images, found, metadata, strict=True)]
         info: dict[str, Any] = {key: torch.tensor([j[key] for j in judged]) for key in ("correct", "strict_correct",
                                                                                         "partial")}
         for task in TASKS:

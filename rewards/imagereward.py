@@ -1,8 +1,8 @@
 """ImageReward (Xu et al. 2023): a BLIP-based human-preference reward, from the optional `image-reward` package.
 
-Install it with `pip install image-reward` (it pins `timm==0.6.13`, which older open_clip releases accept; use a separate
-environment if that conflicts). Its weights (`THUDM/ImageReward`) and BLIP's `bert-base-uncased` tokenizer come from the
-Hugging Face hub, or from a local checkpoint file and `med_config.json`. Scored through the package's own
+Install it with `pip install image-reward` (it pins `timm==0.6.13`, which older open_clip releases accept; use a
+separate environment if that conflicts). Its weights (`THUDM/ImageReward`) and BLIP's `bert-base-uncased` tokenizer
+come from the Hugging Face hub, or from a local checkpoint file and `med_config.json`. Scored through the package's own
 differentiable path (`score_gard`) on images preprocessed in torch, so ReFL can use it.
 """
 
@@ -46,7 +46,9 @@ class ImageRewardReward(Reward):
         self.model = image_reward.load(checkpoint, device="cpu", download_root=download_root, med_config=med_config)
         self.freeze()
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         self.model.device = images.device  # the package builds attention masks on `model.device`
         tokens = self.model.blip.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"

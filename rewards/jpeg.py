@@ -34,6 +34,8 @@ class JpegSizeReward(Reward):
         self.quality = quality
         self.scale = scale
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         sizes = torch.tensor([jpeg_size_kb(image, self.quality) for image in images])
         return self.sign * self.scale * sizes, {"jpeg_kb": sizes}

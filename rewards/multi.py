@@ -36,7 +36,9 @@ class MultiReward(Reward):
         for component in self.components.values():
             component.check_metadata(prompts, metadata)
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         total = torch.zeros(images.shape[0], device=images.device)
         info: dict[str, Any] = {}
         for name, component in self.components.items():

@@ -77,8 +77,9 @@ class PaddleOcrEngine:
         try:
             from paddleocr import PaddleOCR
         except ImportError:
-            raise RewardInputError("reward.engine=paddleocr needs PaddleOCR 2.x, as Flow-GRPO: pip install paddlepaddle "
-                                   "'paddleocr<3' (or reward.engine=rapidocr, the PP-OCRv4 models on onnxruntime)") from None
+            raise RewardInputError("reward.engine=paddleocr needs PaddleOCR 2.x, as Flow-GRPO: pip install "
+                                   "paddlepaddle 'paddleocr<3' (or reward.engine=rapidocr, the PP-OCRv4 models on "
+                                   "onnxruntime)") from None
         options: dict[str, Any] = {"use_angle_cls": False, "lang": "en", "show_log": False,
                                    "use_gpu": device.startswith("cuda")}
         if model_dir is not None:
@@ -154,7 +155,9 @@ class OcrReward(Reward):
         """What the engine reads in each image (the kept lines, joined)."""
         return [joined_text(self.engine.read(array), self.min_confidence) for array in to_uint8_arrays(images)]
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         readings = self.read(images)
         scores = torch.tensor([ocr_score(quoted_text(p), read) for p, read in zip(prompts, readings, strict=True)])
         return scores, {"ocr_exact": (scores == 1).float()}

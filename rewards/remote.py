@@ -115,7 +115,9 @@ class RemoteReward(Reward):
                          start="start it with `python -m rewards.serve reward=<name> --port N`",
                          max_bytes=self.served.get("max_request_bytes") if body is not None else None)
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         size = self.batch_size or len(prompts)
         scores, info = [], {}
         for start in range(0, len(prompts), size):

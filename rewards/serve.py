@@ -9,8 +9,8 @@ scores and per-image info out; the wire format is in `rewards/remote.py`) and `G
 sends nothing for `--timeout` seconds is closed); the reward itself scores one request at a time (models are not
 thread-safe and share the GPU's memory). Requests over `--max-request-mb` are refused before their body is read, and
 every field is checked before the reward sees it: the client's mistakes get 400 (or 408, 411, 413, 404, 405) with a
-one-line JSON `{"error": ...}`, which `RemoteReward` reports without retrying; only a failure inside the reward gets 500.
-Stop it with Ctrl-C.
+one-line JSON `{"error": ...}`, which `RemoteReward` reports without retrying; only a failure inside the reward
+gets 500. Stop it with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -250,7 +250,8 @@ class Handler(BaseHTTPRequestHandler):
             data = self.rfile.read(size)
         except TimeoutError:
             raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
-                               f"no data for {self.timeout:g} s while reading the body; the connection is closed") from None
+                               f"no data for {self.timeout:g} s while reading the body; "
+                               f"the connection is closed") from None
         self.body_unread = False
         if len(data) < size:
             raise bad_request(f"the body ended after {len(data)} of its {size} bytes")

@@ -97,7 +97,9 @@ class VlmJudgeReward(Reward):
             raise RewardInputError(f"the judge at {self.url} answered without choices[0].message.content: "
                                    f"{str(answer)[:200]}") from None
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             answers = list(pool.map(self.ask, images.cpu(), prompts))
         numbers = [parse_score(answer, self.score_pattern) for answer in answers]
