@@ -81,8 +81,8 @@ TINY_EVAL = ["algo.eval.every=1", "algo.eval.max_prompts=2", "algo.eval.num_infe
              "cpu_threads=1", "algo.optim.eps=1e-6", *REWARD]
 # Each algorithm's short run with the same global batch on one process (`one`) and on two (`two`).
 PPO_RUN = ["algo.epochs=3", "algo.optim.lr=1e-3", "algo.sampling.prompts_per_epoch=2",
-           "algo.sampling.images_per_prompt=4", "algo.sampling.batch_size=4", "algo.sampling.num_inference_steps=3", "algo.ppo.batch_size=2",
-           "algo.ppo.optimizer_steps=2", *TINY_EVAL]
+           "algo.sampling.images_per_prompt=4", "algo.sampling.batch_size=4", "algo.sampling.num_inference_steps=3",
+           "algo.ppo.batch_size=2", "algo.ppo.optimizer_steps=2", *TINY_EVAL]
 RUNS = {
     "grpo": {"run": ["algo=grpo", "algo.beta=0.04", "algo.ppo.clip_range=1e-2", *PPO_RUN], "one": [], "two": []},
     "ddpo": {"run": ["algo=ddpo", "algo.min_count=2", *PPO_RUN], "one": [], "two": []},

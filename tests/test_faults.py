@@ -247,7 +247,8 @@ def test_an_unreadable_prompt_embedding_cache_is_rebuilt(tmp_path, tiny_pipe, ca
         tensors = load_file(store.path)
         save_file(tensors, str(store.path), metadata={"texts": json.dumps(["", "a cat"])})
     else:
-        store.path.write_bytes(store.path.read_bytes()[: store.path.stat().st_size // 2 if damage == "truncated" else 0])
+        store.path.write_bytes(
+            store.path.read_bytes()[: store.path.stat().st_size // 2 if damage == "truncated" else 0])
     again = precompute(tiny_pipe, ["a cat"], tmp_path, 16)
     assert again.path == store.path and torch.equal(again["a cat"][0], encode_one(tiny_pipe, "a cat", 16, "cpu")[0])
     said = [r.getMessage() for r in caplog.records if "cannot be read as written" in r.getMessage()]
@@ -335,7 +336,8 @@ def test_a_signal_outside_the_steps_stops_with_one_line(tmp_path, phase, signum)
     run_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, phase, *RUN, "algo.epochs=2",
                                 "algo.checkpoint.every=1", f"hydra.run.dir={run_dir}"], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in process.stdout:
         if line.strip() == "PAUSED":
             break
@@ -425,7 +427,8 @@ def test_non_finite_rewards_are_skipped_and_stop_the_run_after_three_in_a_row(tm
     non-finite score: those epochs' updates are skipped and logged, the third in a row stops the run with one line,
     and no checkpoint holds a non-finite tensor."""
     ctx = context(tmp_path)
-    ctx.reward = Faulty(value, which, from_call=1 + 2 * 2)  # epochs 1 and 2 are healthy: a sampling and an eval call each
+    # epochs 1 and 2 are healthy: a sampling and an eval call each
+    ctx.reward = Faulty(value, which, from_call=1 + 2 * 2)
     with pytest.raises(NonFiniteError, match=r"epoch 5: 3 updates in a row were skipped for NaN or infinite rewards, "
                                              r".* the latest checkpoint \(step_000004\) holds finite weights"):
         small(epochs=8)(ctx)
@@ -862,7 +865,8 @@ def test_a_full_disk_or_unwritable_folder_anywhere_stops_with_one_line_naming_th
         says = f"{run_dir}/checkpoints/.step_000001.partial: Operation not permitted"
     line = stops_in_one_line(lambda: small()(context(run_dir)), capsys)
     assert line.startswith(f"error: cannot write {says}; free space there or make it writable" if says else
-                           f"error: no space left on {run_dir}/checkpoints while writing the checkpoint of step 1"), line
+                           f"error: no space left on {run_dir}/checkpoints while writing "
+                           f"the checkpoint of step 1"), line
     monkeypatch.undo()
     small()(context(run_dir))
     assert_same_records(read_metrics(run_dir), whole)

@@ -238,8 +238,9 @@ def test_score_cli_reads_prompts_with_their_metadata(tiny_detector, tmp_path):
         PIL.Image.fromarray((torch.rand(32, 32, 3).numpy() * 255).astype(np.uint8)).save(folder / name)
     metas = [next(m for m in METADATA if m["tag"] == tag) for tag in ("counting", "position")]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
-    result = subprocess.run([sys.executable, "-m", "rewards.score", "reward=geneval", f"reward.detector={tiny_detector}",
-                             "reward.clip.model=tiny-ViT-768", "reward.clip.pretrained=null", f"images={folder}",
+    result = subprocess.run([sys.executable, "-m", "rewards.score", "reward=geneval",
+                             f"reward.detector={tiny_detector}", "reward.clip.model=tiny-ViT-768",
+                             "reward.clip.pretrained=null", f"images={folder}",
                              f"prompts_file={tmp_path / 'prompts.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -248,8 +249,9 @@ def test_score_cli_reads_prompts_with_their_metadata(tiny_detector, tmp_path):
     assert math.isnan(lines[0]["correct_position"]) and lines[0]["correct_counting"] == lines[0]["correct"]
     assert math.isnan(lines[1]["correct_counting"]) and lines[1]["correct_position"] == lines[1]["correct"]
     (tmp_path / "plain.txt").write_text("a photo of a cat\na photo of a dog\n")  # no metadata: one line, before scoring
-    result = subprocess.run([sys.executable, "-m", "rewards.score", "reward=geneval", f"reward.detector={tiny_detector}",
-                             "reward.clip.model=tiny-ViT-768", "reward.clip.pretrained=null", f"images={folder}",
+    result = subprocess.run([sys.executable, "-m", "rewards.score", "reward=geneval",
+                             f"reward.detector={tiny_detector}", "reward.clip.model=tiny-ViT-768",
+                             "reward.clip.pretrained=null", f"images={folder}",
                              f"prompts_file={tmp_path / 'plain.txt'}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (weights' progress aside)

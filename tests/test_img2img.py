@@ -104,7 +104,8 @@ def test_image_prompts_and_strength_go_together(photo_prompts):
 
 def context(run_dir: Path, prompts: Path) -> RunContext:
     return RunContext(run_dir=run_dir, seed=0, load_pipeline=partial(load_pipeline, None),
-                      train_prompts=load_prompts(str(prompts), stop=4), eval_prompts=load_prompts(str(prompts), start=4),
+                      train_prompts=load_prompts(str(prompts), stop=4),
+                      eval_prompts=load_prompts(str(prompts), start=4),
                       logger=LoggerConfig(), config={}, reward=JpegSizeReward())
 
 

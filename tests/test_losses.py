@@ -58,4 +58,5 @@ def test_logit_normal_concentrates_on_middle_sigmas_before_the_shift():
 
 def test_unknown_weighting_scheme_fails():
     with pytest.raises(ValueError, match="unknown weighting_scheme 'karras'"):
-        flow_matching_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), "karras")
+        flow_matching_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1),
+                           "karras")

@@ -62,7 +62,8 @@ class EncoderCalls:
         pipe = load_pipeline(None, **kwargs)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             getattr(pipe, name).register_forward_hook(
-                lambda module, args, kw, out, name=name: self.rows.update({name: (args[0] if args else kw["input_ids"]).shape[0]}),
+                lambda module, args, kw, out, name=name: self.rows.update(
+                    {name: (args[0] if args else kw["input_ids"]).shape[0]}),
                 with_kwargs=True)
         original = pipe.encode_prompt
 
@@ -194,10 +195,11 @@ def test_first_ppo_ratio_is_one_across_precision_and_batch_layout(dtype):
             for column, step in enumerate(stored.sde_steps):
                 with torch.no_grad(), autocast():
                     log_prob, _, _ = transition_log_probs(
-                        pipe.transformer, stored.scheduler, stored.latents[index, step], stored.latents[index, step + 1],
-                        stored.timesteps[step].expand(len(index)), stored.prompt_embeds[index],
-                        stored.pooled_prompt_embeds[index], sampling.guidance_scale, sampling.noise_level,
-                        stored.negative_prompt_embeds[index], stored.negative_pooled_prompt_embeds[index])
+                        pipe.transformer, stored.scheduler, stored.latents[index, step],
+                        stored.latents[index, step + 1], stored.timesteps[step].expand(len(index)),
+                        stored.prompt_embeds[index], stored.pooled_prompt_embeds[index], sampling.guidance_scale,
+                        sampling.noise_level, stored.negative_prompt_embeds[index],
+                        stored.negative_pooled_prompt_embeds[index])
                 ratios.append(torch.exp(log_prob - stored.log_probs[index, column]))
     ratios = torch.cat(ratios)
     assert len(ratios) == 2 * 8 * 4

@@ -82,9 +82,11 @@ def test_group_advantages_by_hand():
     # Flow-GRPO's global std is numpy's (ddof 0): mean 7, squares 36 + 16 + 9 + 49 = 110, std = sqrt(110 / 4)
     torch.testing.assert_close(group_advantages(rewards, groups, "global", eps=0.0), centred / math.sqrt(27.5))
     # the unbiased std (ddof 1): sqrt(110 / 3)
-    torch.testing.assert_close(group_advantages(rewards, groups, "global", eps=0.0, ddof=1), centred / math.sqrt(110 / 3))
+    torch.testing.assert_close(group_advantages(rewards, groups, "global", eps=0.0, ddof=1),
+                               centred / math.sqrt(110 / 3))
     # per-group std, ddof 0: sqrt((1 + 1) / 2) = 1 and sqrt((4 + 4) / 2) = 2
-    torch.testing.assert_close(group_advantages(rewards, groups, "group", eps=0.0), torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    torch.testing.assert_close(group_advantages(rewards, groups, "group", eps=0.0),
+                               torch.tensor([-1.0, 1.0, -1.0, 1.0]))
     # per-group, ddof 1: sqrt(2) and sqrt(8)
     expected = torch.tensor([-1 / math.sqrt(2), 1 / math.sqrt(2), -2 / math.sqrt(8), 2 / math.sqrt(8)])
     torch.testing.assert_close(group_advantages(rewards, groups, "group", eps=0.0, ddof=1), expected)

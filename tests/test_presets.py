@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 GOLDEN = ROOT / "tests" / "golden"
-WALL_CLOCK = {"train/steps_per_second", "train/seconds", "train/cpu_seconds"}  # the logged values that depend on the machine's speed
+# the logged values that depend on the machine's speed
+WALL_CLOCK = {"train/steps_per_second", "train/seconds", "train/cpu_seconds"}
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 # Overrides that cut a run to a few seconds, per algorithm (the preset's `algo._target_`): one or two epochs or steps,
@@ -42,9 +43,10 @@ SHORT = {
                    "algo.train.stratified_steps=1", "algo.train.timestep_fraction=1.0"],
     "rl.dpo.OnlineDPO": [*TINY_POLICY, "algo.train.batch_size=2", "algo.train.optimizer_steps=1",
                          "algo.checkpoint.every=1"],
-    "rl.dpo.OfflineDPO": ["algo.train.max_steps=2", "algo.train.batch_size=2", "algo.train.gradient_accumulation_steps=1",
-                          "algo.checkpoint.every=2", "algo.train.eval_every=2", "algo.train.eval_repeats=1",
-                          "algo.train.eval_batch_size=2", "data.eval_pairs=4", *TINY_EVAL],
+    "rl.dpo.OfflineDPO": ["algo.train.max_steps=2", "algo.train.batch_size=2",
+                          "algo.train.gradient_accumulation_steps=1", "algo.checkpoint.every=2",
+                          "algo.train.eval_every=2", "algo.train.eval_repeats=1", "algo.train.eval_batch_size=2",
+                          "data.eval_pairs=4", *TINY_EVAL],
     "rl.refl.ReFL": ["algo.train.max_steps=2", "algo.train.batch_size=1", "algo.checkpoint.every=2",
                      "algo.refl.num_inference_steps=2", "algo.refl.stop_range=[0,1]", "algo.refl.k=1", *TINY_EVAL],
     "rl.sft.SFT": TINY_SUPERVISED,

@@ -36,7 +36,8 @@ def test_geneval_report_by_hand():
     card = protocols.load_protocol("geneval")
     assert card.images_per_prompt == 4 and card.rewards == [["reward=geneval", "reward.score=correct"]]
     assert len(ev.protocol_prompts(card, None)) == 553  # GenEval's prompts
-    row = {f"eval/correct_{t}_mean": v for t, v in zip(protocols.GENEVAL_TASKS, (1.0, 0.5, 0.25, 0.75, 0.0, 0.5), strict=True)}
+    row = {f"eval/correct_{t}_mean": v
+           for t, v in zip(protocols.GENEVAL_TASKS, (1.0, 0.5, 0.25, 0.75, 0.0, 0.5), strict=True)}
     summary = protocols.report(card, row)
     assert summary["geneval/counting"] == 0.25 and summary["geneval/overall"] == pytest.approx(3.0 / 6)
     assert "geneval/overall" not in protocols.report(card, {"eval/correct_counting_mean": 1.0})  # a task missing

@@ -68,7 +68,8 @@ def test_an_image_to_image_card_loads_with_the_img2img_pipeline(tmp_path):
     config = fake_run(tmp_path, {"_target_": "pipelines.load_pipeline", "path": None},
                       algo={"sampling": {"strength": 0.6}})
     card = ModelCard.load(write_model_card(tmp_path, config, example_prompt="a handwritten digit 3"))
-    assert card.data.pipeline_tag == "image-to-image" and "StableDiffusion3Img2ImgPipeline(**base.components)" in card.text
+    assert (card.data.pipeline_tag == "image-to-image"
+            and "StableDiffusion3Img2ImgPipeline(**base.components)" in card.text)
     assert "image=source_image, strength=0.6" in card.text
 
 
@@ -150,7 +151,8 @@ def test_push_uploads_final_with_its_card(tmp_path, monkeypatch):
      ("pipe = StableDiffusion3Pipeline.from_pretrained('stabilityai/stable-diffusion-3.5-medium', "
       "torch_dtype=torch.bfloat16)")),
     ({"_target_": "pipelines.load_pipeline", "path": "/models/sd3.5_medium.safetensors"},
-     "pipe = StableDiffusion3Pipeline.from_single_file('/models/sd3.5_medium.safetensors', torch_dtype=torch.bfloat16)"),
+     ("pipe = StableDiffusion3Pipeline.from_single_file('/models/sd3.5_medium.safetensors', "
+      "torch_dtype=torch.bfloat16)")),
     ({"_target_": "pipelines.digits.load_digits_pipeline", "world": "data/digits_world"},
      "base = load_digits_pipeline('data/digits_world')\npipe = StableDiffusion3Pipeline(**base.components)"),
     ({"_target_": "pipelines.load_pipeline", "path": None, "tiny_seed": 2}, "base = load_pipeline(None, tiny_seed=2)"),

@@ -347,8 +347,10 @@ def test_a_request_without_a_valid_length_is_refused(strict_server, head, status
     ({**GOOD, "images": npy(np.zeros((2, 4, 8, 8), np.float32))}, "NCHW array with 3 channels, got shape (2, 4, 8, 8)"),
     ({**GOOD, "images": npy(np.zeros((0, 3, 8, 8), np.float32)), "prompts": [], "metadata": []},
      "the batch of images is empty"),
-    ({**GOOD, "images": npy(np.zeros((2, 3, 0, 8), np.float32))}, "images must have a positive height and width, got shape (2, 3, 0, 8)"),
-    ({**GOOD, "images": base64.b64encode(base64.b64decode(GOOD["images"])[:-4]).decode()}, "needs 1536 bytes, got 1532"),
+    ({**GOOD, "images": npy(np.zeros((2, 3, 0, 8), np.float32))},
+     "images must have a positive height and width, got shape (2, 3, 0, 8)"),
+    ({**GOOD, "images": base64.b64encode(base64.b64decode(GOOD["images"])[:-4]).decode()},
+     "needs 1536 bytes, got 1532"),
     ({**GOOD, "images": base64.b64encode(npy_header((10**6, 3, 1024, 1024)) + b"\0" * 16).decode()},
      "needs 12582912000000 bytes, got 16"),  # a header that claims 12 TB allocates nothing
     ({**GOOD, "images": npy(IMAGES * 3)}, "images must be in [0, 1]"),

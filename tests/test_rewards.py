@@ -93,13 +93,15 @@ def test_real_laion_head_computes_its_documented_linear_map():
 def test_shipped_head_by_name_equals_the_file():
     by_name = load_head_file("sac+logos+ava1-l14-linearMSE.pth")
     by_path = load_head_file(str(REAL_HEAD))
-    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b)
+               for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values(), strict=True))
 
 
 def test_head_file_with_wrong_keys_names_the_expected_format(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(1, 768), "fc.bias": torch.zeros(1)}, bad)
-    with pytest.raises(ModelLoadError, match=r"expected an improved-aesthetic-predictor MLP \(keys layers.\{0,2,4,6,7\}"):
+    with pytest.raises(ModelLoadError,
+                       match=r"expected an improved-aesthetic-predictor MLP \(keys layers.\{0,2,4,6,7\}"):
         load_head_file(str(bad))
     torch.save(torch.zeros(3), bad)
     with pytest.raises(ModelLoadError, match="not a state dict"):
@@ -303,7 +305,8 @@ TINY_OVERRIDES = {
                   "reward.clip.processor=null"],
     "hpsv2": ["reward.clip.model=tiny-ViT-1024", "reward.clip.pretrained=null"],
     "multi": ["reward.components.aesthetic.clip.model=tiny-ViT-768", "reward.components.aesthetic.clip.pretrained=null",
-              "reward.components.clip_score.clip.backend=open_clip", "reward.components.clip_score.clip.model=tiny-ViT-768",
+              "reward.components.clip_score.clip.backend=open_clip",
+              "reward.components.clip_score.clip.model=tiny-ViT-768",
               "reward.components.clip_score.clip.pretrained=null"],
     "jpeg_compressibility": [],
     "jpeg_incompressibility": [],
@@ -389,7 +392,8 @@ def test_score_cli_prints_one_json_line_per_image(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     result = run_score("reward=aesthetic", f"images={tmp_path}")  # fails on the image, before loading any weights
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read image") and "broken.png" in result.stderr
+    assert (result.stderr.strip().splitlines()[-1].startswith("error: cannot read image")
+            and "broken.png" in result.stderr)
 
 
 @pytest.mark.parametrize("backend", ["open_clip", "hf"])

@@ -102,7 +102,8 @@ def test_per_sample_timesteps_match_one_at_a_time():
     t = scheduler.timesteps[[1, 7, 4]]
     _, batch_lp, batch_mean, _ = sde_step_with_logprob(scheduler, v, t, x, 0.7, prev_sample=prev)
     for i in range(3):
-        _, lp, mean, _ = sde_step_with_logprob(scheduler, v[i : i + 1], t[i : i + 1], x[i : i + 1], 0.7, prev[i : i + 1])
+        _, lp, mean, _ = sde_step_with_logprob(scheduler, v[i : i + 1], t[i : i + 1], x[i : i + 1], 0.7,
+                                               prev[i : i + 1])
         torch.testing.assert_close(batch_lp[i : i + 1], lp)
         torch.testing.assert_close(batch_mean[i : i + 1], mean)
 

@@ -102,7 +102,8 @@ def test_full_fine_tune_saves_a_pipeline_that_from_pretrained_loads(tmp_path, di
     )(context(tmp_path, digits))
     tuned = StableDiffusion3Pipeline.from_pretrained(tmp_path / "final")
     base = load_pipeline()
-    changed = [not torch.equal(a, b) for a, b in zip(tuned.transformer.parameters(), base.transformer.parameters(), strict=True)]
+    changed = [not torch.equal(a, b)
+               for a, b in zip(tuned.transformer.parameters(), base.transformer.parameters(), strict=True)]
     assert any(changed)
     tuned.set_progress_bar_config(disable=True)
     assert tuned("a digit", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 32, 32)
@@ -200,9 +201,11 @@ def test_lora_targets_and_blocks_resolve_on_the_real_sd35_medium_architecture():
     everywhere = transformer_lora_targets(transformer, LoraSpec())
     assert len(everywhere) == 24 * 8 - 1  # the last block has no text-stream output projection (context_pre_only)
     assert "transformer_blocks.23.attn.to_add_out" not in everywhere
-    chosen = transformer_lora_targets(transformer, LoraSpec(blocks=[0, 5, 12], target_modules=["attn2.to_q", "attn.to_q"]))
-    assert chosen == ["transformer_blocks.0.attn2.to_q", "transformer_blocks.0.attn.to_q", "transformer_blocks.5.attn2.to_q",
-                      "transformer_blocks.5.attn.to_q", "transformer_blocks.12.attn2.to_q", "transformer_blocks.12.attn.to_q"]
+    chosen = transformer_lora_targets(transformer,
+                                      LoraSpec(blocks=[0, 5, 12], target_modules=["attn2.to_q", "attn.to_q"]))
+    assert chosen == ["transformer_blocks.0.attn2.to_q", "transformer_blocks.0.attn.to_q",
+                      "transformer_blocks.5.attn2.to_q", "transformer_blocks.5.attn.to_q",
+                      "transformer_blocks.12.attn2.to_q", "transformer_blocks.12.attn.to_q"]
     with pytest.raises(ConfigError, match=r"blocks \[24\] do not exist"):
         transformer_lora_targets(transformer, LoraSpec(blocks=[0, 24]))
     with pytest.raises(ConfigError, match=r"\['attn2.to_q'\] are not in"):

@@ -71,7 +71,8 @@ def test_a_transformer_file_replaces_the_folders_transformer(tiny_files):
     other = load_pipeline(str(tiny_files / "other"))
     want, got = other.transformer.state_dict(), swapped.transformer.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert torch.equal(swapped.vae.state_dict()["decoder.conv_out.weight"], base.vae.state_dict()["decoder.conv_out.weight"])
+    assert torch.equal(swapped.vae.state_dict()["decoder.conv_out.weight"],
+                       base.vae.state_dict()["decoder.conv_out.weight"])
     assert not torch.equal(images(swapped), images(base))  # the transformer of seed 1 draws other images ...
     base.transformer = other.transformer  # ... exactly those of the folder's pipeline with that transformer
     assert torch.equal(images(swapped), images(base))
@@ -131,7 +132,8 @@ def test_bad_single_files_fail_in_one_line(tmp_path, tiny_files, monkeypatch):
         ({"path": str(tiny_files / "full.safetensors")}, "of no published size: set model.config"),
         ({"path": str(tiny_files / "full.safetensors"), "config": str(tmp_path / "nowhere")},
          "model.config=" + str(tmp_path / "nowhere") + ": no such folder"),
-        ({"path": str(tiny_files / "full.safetensors"), "config": "no-org/no-configs"}, "not in the local Hugging Face"),
+        ({"path": str(tiny_files / "full.safetensors"), "config": "no-org/no-configs"},
+         "not in the local Hugging Face"),
         ({"config": str(tiny_files / "folder")}, "model.config completes a single-file checkpoint"),
         ({"transformer_file": str(tiny_files / "transformer.safetensors")}, "replaces the transformer of model.path"),
         ({"path": str(tiny_files / "folder"), "transformer_file": str(sdxl)}, "holds no SD3 transformer"),
@@ -201,7 +203,8 @@ def test_rl_run_samples_from_a_single_file_as_from_its_folder(tiny_files, tmp_pa
                                 cwd=root, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[name] = [np.asarray(PIL.Image.open(p)) for p in sorted((tmp_path / name / "samples").glob("0*.png"))]
-    assert len(outputs["file"]) == 2 and all(np.array_equal(a, b) for a, b in zip(outputs["file"], outputs["folder"], strict=True))
+    assert len(outputs["file"]) == 2 and all(np.array_equal(a, b)
+                                             for a, b in zip(outputs["file"], outputs["folder"], strict=True))
 
 
 def test_checks_before_a_run_do_not_download_a_hub_file(monkeypatch):
@@ -211,7 +214,8 @@ def test_checks_before_a_run_do_not_download_a_hub_file(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: None)
-    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name, revision=None: name == "sd3.5_medium.safetensors")
+    monkeypatch.setattr(huggingface_hub, "file_exists",
+                        lambda repo, name, revision=None: name == "sd3.5_medium.safetensors")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("downloaded at check time"))
     assert single_file.locate("org/repo/sd3.5_medium.safetensors", download=False) is None
     check_model_source({"path": "org/repo/sd3.5_medium.safetensors"})

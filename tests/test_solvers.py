@@ -84,7 +84,8 @@ def test_pipeline_dpm2_sampling_matches_the_stock_pipeline_with_diffusers_dpm_so
 
 def test_flash_schedule_regrids_the_steps_after_the_window():
     """MixGRPO-Flash on 25 steps with the window ending at L = 3: ratio 0.4 leaves int(22 * 0.4) = 8 points, 7 steps
-    after the window (11 in all); ratio 0.2, 3 (7 in all); the first post-window sigma is the schedule's sigma[L + 1]."""
+    after the window (11 in all); ratio 0.2, 3 (7 in all); the first post-window sigma is the schedule's
+    sigma[L + 1]."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from pipelines.solvers import flash_sigmas, time_shift

@@ -1,5 +1,5 @@
-"""The wandb sweep files in experiments/sweeps/ start `python -m rl.run` with Hydra overrides, and every job they can start
-composes; Hydra's own multirun (`python -m rl.run -m ...`) gives one complete run directory per job."""
+"""The wandb sweep files in experiments/sweeps/ start `python -m rl.run` with Hydra overrides, and every job they can
+start composes; Hydra's own multirun (`python -m rl.run -m ...`) gives one complete run directory per job."""
 
 import itertools
 import json
@@ -60,7 +60,8 @@ def test_sweep_file_is_a_wandb_sweep_of_rl_run(path):
     assert (ROOT / sweep["program"]).is_file()
     assert sweep["command"] == COMMAND
     assert sweep["method"] in {"grid", "random", "bayes"}
-    assert sweep["metric"]["name"] in ("eval/reward_mean", "eval/correct_mean") and sweep["metric"]["goal"] == "maximize"
+    assert (sweep["metric"]["name"] in ("eval/reward_mean", "eval/correct_mean")
+            and sweep["metric"]["goal"] == "maximize")
     for name, spec in sweep["parameters"].items():
         assert len({"value", "values", "distribution"} & set(spec)) == 1, name
         if "distribution" in spec:
@@ -103,8 +104,9 @@ TINY_JOB = {
 @pytest.mark.slow  # four short training jobs: 75-80 s on two shared cores
 def test_hydra_multirun_gives_one_run_directory_per_job(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "rl.run", "-m", "algo=ddpo,grpo", "seed=0,1", "model=tiny", "reward=jpeg_compressibility",
-         *(f"++{key}={value}" for key, value in TINY_JOB.items()), f"hydra.sweep.dir={tmp_path}"],
+        [sys.executable, "-m", "rl.run", "-m", "algo=ddpo,grpo", "seed=0,1", "model=tiny",
+         "reward=jpeg_compressibility", *(f"++{key}={value}" for key, value in TINY_JOB.items()),
+         f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

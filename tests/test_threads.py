@@ -73,4 +73,5 @@ def test_a_run_reports_bad_cpu_threads_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rl.run", "algo=sample", "cpu_threads=none",
                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "error: cpu_threads must be auto or a positive whole number, got 'none'"
+    assert out.stderr.strip().splitlines()[-1] == ("error: cpu_threads must be auto or a positive whole number, "
+                                                   "got 'none'")

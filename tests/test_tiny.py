@@ -44,7 +44,8 @@ def test_t5_tokenizer_has_t5_layout_and_is_deterministic():
         tiny._t5_vocab.cache_clear()
         assert build_t5_tokenizer().get_vocab() == vocabulary
     # ... also in another process with another number of threads (training runs in parallel)
-    code = "import json; from pipelines.tiny import build_t5_tokenizer; print(json.dumps(build_t5_tokenizer().get_vocab()))"
+    code = ("import json; from pipelines.tiny import build_t5_tokenizer; "
+            "print(json.dumps(build_t5_tokenizer().get_vocab()))")
     env = {**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
     assert json.loads(other.stdout) == vocabulary
