@@ -12,7 +12,8 @@
 3. **Transformer**: a 4-block SD3 MMDiT, trained from random with this project's supervised trainer
    (`experiment=sft_digits_world_base`) on the images and captions, for a short fixed budget.
 4. **Text encoders**: the tiny model's random CLIP and T5 encoders (`pipelines/tiny.py`, frozen), with prompts cut to
-   `pipelines.digits.TEXT_LENGTH` tokens: digit prompts are at most 12 tokens long, and short text makes every step about 4x faster.
+   `pipelines.digits.TEXT_LENGTH` tokens: digit prompts are at most 12 tokens long, and short text makes every step
+   about 4x faster.
 
 The transformer and VAE weights this produced ship in `assets/digits_world/` (fp16, about 6 MB); the text encoders are
 rebuilt from their seed, and a fingerprint of their weights and vocabularies checks that this machine builds the ones

@@ -17,7 +17,8 @@ from rewards.multi import MultiReward
 def as_generated_images(digits: np.ndarray) -> torch.Tensor:
     """8 x 8 digits in [0, 1] as the 32 px RGB images the digits world trains on (bicubic upscaling, as
     rl.data.digits_imagefolder writes them)."""
-    pictures = [PIL.Image.fromarray((d * 255).round().astype(np.uint8)).resize((32, 32), PIL.Image.BICUBIC) for d in digits]
+    pictures = [PIL.Image.fromarray((d * 255).round().astype(np.uint8)).resize((32, 32), PIL.Image.BICUBIC)
+                for d in digits]
     pictures = [np.asarray(p.convert("RGB")) for p in pictures]
     return torch.as_tensor(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
 
