@@ -60,8 +60,8 @@ def test_a_stock_load_lora_weights_gives_the_trained_models_images(trained):
 
 
 def test_diffusers_loads_no_adapter_from_the_comfyui_file(trained):
-    """What README.md and the model card warn of: `load_lora_weights` given the ComfyUI file raises nothing but loads
-    no adapter (diffusers only warns that no key has its prefix); the images stay the base model's."""
+    """What docs/evaluation.md and the model card warn of: `load_lora_weights` given the ComfyUI file raises nothing
+    but loads no adapter (diffusers only warns that no key has its prefix); the images stay the base model's."""
     stock = StableDiffusion3Pipeline(**build_tiny_components())
     before = sample(stock)
     stock.load_lora_weights(trained[1], weight_name=ORIGINAL_FILE)
