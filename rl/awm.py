@@ -27,12 +27,12 @@ import torch
 
 from pipelines.configs import check_values
 from pipelines.errors import ConfigError
+from rl.batching import image_indices, update_layout
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import awm_advantages, awm_log_prob, awm_policy_loss, group_advantages, velocity_kl
 from rl.matching import MatchingConfig, NoisedBatch, matching_update
 from rl.policy_copy import PolicyCopy, capped_linear_decay
-from rl.ppo import ppo_indices, update_layout
 from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch
 from rl.session import TrainingConfig, open_session
 
@@ -94,21 +94,18 @@ def run(ctx: RunContext, config: AWM) -> None:
     steps_per_sample = train.steps_per_sample(sampling.steps_taken)
     layout = update_layout(sampling, train, config.epochs, steps_per_sample, "train")
     trailing = PolicyCopy() if ema_policy.beta > 0 else None
-    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
-                     accumulation=layout.accumulation, gradient_checkpointing=train.gradient_checkpointing,
-                     prompts_only=True, reference=config.beta > 0,
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", layout=layout,
+                     gradient_checkpointing=train.gradient_checkpointing, prompts_only=True, reference=config.beta > 0,
                      state={"ema_policy": trailing} if trailing is not None else None)
     if trailing is not None:
         trailing.ensure(s.parameters)  # the trained weights at the start, or the copy a resume restored
     reference = s.reference_policy() if config.beta > 0 else None
-    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
-        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
-    for epoch in s.steps("awm"):
+    for epoch in s.steps("awm", first=lambda step: held_out(s, eval, step, force=True)):
         # 1. Sample this process's share of the epoch with the current policy; keep the final latents; score them.
-        samples = sample_epoch(s, sampling, epoch, None, ppo_indices(sampling, train, ctx.seed, epoch),
+        samples = sample_epoch(s, sampling, epoch, None, image_indices(sampling, train.batch_size, ctx.seed, epoch),
                                final_only=True)
         if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
-            metrics = epoch_metrics(samples, {}, s, epoch + 1, layout.samples_per_process)
+            metrics = epoch_metrics(samples, {}, s, epoch + 1)
             if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
                 return
             continue
@@ -157,7 +154,7 @@ def run(ctx: RunContext, config: AWM) -> None:
             stats["ema_policy_deviation"] = trailing.deviation(s.parameters)
             stats["ema_policy_decay"] = decay
             trailing.update(s.parameters, decay)
-        metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)
+        metrics = epoch_metrics(samples, stats, s, epoch + 1)
         if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
             return
 

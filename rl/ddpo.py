@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pipelines.configs import check_values
+from rl.batching import image_indices
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
-from rl.ppo import PPOConfig, ppo_indices, ppo_layout, ppo_update
+from rl.ppo import PPOConfig, ppo_layout, ppo_update
 from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch, sde_window
 from rl.session import TrainingConfig, open_session
 
@@ -94,18 +95,15 @@ def run(ctx: RunContext, config: DDPO) -> None:
     tracker = PerPromptStatTracker(config.buffer_size, config.min_count)
     ctx.require_reward("ddpo")
     layout = ppo_layout(sampling, ppo, config.epochs)
-    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
-                     accumulation=layout.accumulation,
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", layout=layout,
                      gradient_checkpointing=ppo.gradient_checkpointing, prompts_only=True,
                      state={"stat_tracker": tracker})
-    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
-        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
-    for epoch in s.steps("ddpo"):
+    for epoch in s.steps("ddpo", first=lambda step: held_out(s, eval, step, force=True)):
         # 1. Sample and score.
         samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),
-                               ppo_indices(sampling, ppo, ctx.seed, epoch))
+                               image_indices(sampling, ppo.batch_size, ctx.seed, epoch))
         if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
-            metrics = epoch_metrics(samples, {}, s, epoch + 1, layout.samples_per_process)
+            metrics = epoch_metrics(samples, {}, s, epoch + 1)
             if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
                 return
             continue
@@ -120,7 +118,7 @@ def run(ctx: RunContext, config: DDPO) -> None:
         stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch, samples.indices)
 
         # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
-        metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)
+        metrics = epoch_metrics(samples, stats, s, epoch + 1)
         if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
             return
 

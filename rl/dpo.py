@@ -22,13 +22,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from pipelines.configs import check_values
 from pipelines.errors import ConfigError
 from rl import seeds
+from rl.batching import UpdateLayout, dealt_chunks, group_images
 from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
 from rl.data import DataError
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import best_worst_pairs, dpo_loss, flow_matching_loss, sample_training_timesteps
 from rl.preferences import PreferenceData, PreferenceDataset, collate_pairs
-from rl.rollouts import SamplingConfig, dealt_chunks, epoch_metrics, sample_epoch
+from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch
 from rl.session import Session, TrainingConfig, collect, open_session
 from rl.supervised import Encoder, LossConfig, batches
 
@@ -280,24 +281,19 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
     if sampling.sde_window is not None:
         raise ConfigError("online DPO trains on final images and samples every step alike; "
                           "algo.sampling.sde_window must be null")
-    local, accumulation = online_layout(sampling, train)
-    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch",
-                     updates=config.epochs * train.inner_epochs * train.optimizer_steps, accumulation=accumulation,
-                     reference=True, gradient_checkpointing=train.gradient_checkpointing)
+    layout = online_layout(sampling, train, config.epochs)
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", layout=layout, reference=True,
+                     gradient_checkpointing=train.gradient_checkpointing)
     reference = s.reference_policy()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
-    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
-        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
-    k = sampling.images_per_prompt
-    for epoch in s.steps("dpo_online"):
+    for epoch in s.steps("dpo_online", first=lambda step: held_out(s, eval, step, force=True)):
         # 1. Sample whole groups on each process (ODE with noise_level 0, or the SDE), and score them: the groups of
         # the pair batches this process trains in the first pass (dealt from the global group order).
         chunks = dealt_chunks(ctx.seed, epoch, sampling.prompts_per_epoch, train.batch_size,
                               s.accelerator.num_processes, s.accelerator.process_index)
-        indices = [group * k + j for _, chunk in chunks for group in chunk for j in range(k)]
-        samples = sample_epoch(s, sampling, epoch, None, indices)
+        samples = sample_epoch(s, sampling, epoch, None, group_images(chunks, sampling.images_per_prompt))
         if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
-            metrics = epoch_metrics(samples, {}, s, epoch + 1, local)
+            metrics = epoch_metrics(samples, {}, s, epoch + 1)
             if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
                 return
             continue
@@ -313,15 +309,15 @@ def run_online(ctx: RunContext, config: OnlineDPO) -> None:
 
         # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
         stats["reward_gap"] = s.accelerator.reduce((rewards[winners] - rewards[losers]).mean(), "mean").item()
-        metrics = epoch_metrics(samples, stats, s, epoch + 1, local)
+        metrics = epoch_metrics(samples, stats, s, epoch + 1)
         if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
             return
     s.finish()
 
 
-def online_layout(sampling: SamplingConfig, train: OnlineTrainConfig) -> tuple[int, int]:
-    """Samples per process and micro-batches per optimiser step; each process must hold whole groups, so that it can
-    pair them without gathering latents. Checked before anything loads."""
+def online_layout(sampling: SamplingConfig, train: OnlineTrainConfig, epochs: int) -> UpdateLayout:
+    """Samples per process, micro-batches per optimiser step, optimiser steps in all; each process must hold whole
+    groups, so that it can pair them without gathering latents. Checked before anything loads."""
     from accelerate import PartialState
 
     num_processes = PartialState().num_processes
@@ -341,7 +337,7 @@ def online_layout(sampling: SamplingConfig, train: OnlineTrainConfig) -> tuple[i
         raise ConfigError(
             f"{forwards} training forwards per epoch do not split into {train.optimizer_steps} optimiser steps"
         )
-    return local, forwards // train.optimizer_steps
+    return UpdateLayout(local, forwards // train.optimizer_steps, epochs * train.inner_epochs * train.optimizer_steps)
 
 
 def online_update(s: Session, config: OnlineDPO, reference, scheduler, rollouts, pairs: tuple, epoch: int,

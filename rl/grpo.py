@@ -16,10 +16,11 @@ import torch
 
 from pipelines.configs import check_values
 from pipelines.errors import ConfigError
+from rl.batching import image_indices
 from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import group_advantages, kl_to_reference
-from rl.ppo import ExtraLoss, PPOConfig, ppo_indices, ppo_layout, ppo_update
+from rl.ppo import ExtraLoss, PPOConfig, ppo_layout, ppo_update
 from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch, sde_window
 from rl.session import TrainingConfig, open_session
 
@@ -64,18 +65,15 @@ def run(ctx: RunContext, config: GRPO) -> None:
     sampling, ppo, eval = config.sampling, config.ppo, config.eval
     ctx.require_reward("grpo")
     layout = ppo_layout(sampling, ppo, config.epochs)
-    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", updates=layout.updates,
-                     accumulation=layout.accumulation,
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", layout=layout,
                      gradient_checkpointing=ppo.gradient_checkpointing, prompts_only=True, reference=config.beta > 0)
     kl = kl_penalty(config.beta, s.reference_policy(), sampling.sde_type) if config.beta > 0 else None
-    if s.state.step == 0 or s.evaluation_pending:  # the base model's held-out reward (the curve's start), or a
-        held_out(s, eval, s.state.step, force=True)  # step whose evaluation failed before the run stopped
-    for epoch in s.steps("grpo"):
+    for epoch in s.steps("grpo", first=lambda step: held_out(s, eval, step, force=True)):
         # 1. Sample this process's share of G images for each of the epoch's prompts, and score them.
         samples = sample_epoch(s, sampling, epoch, sde_window(sampling, ctx.seed, epoch),
-                               ppo_indices(sampling, ppo, ctx.seed, epoch))
+                               image_indices(sampling, ppo.batch_size, ctx.seed, epoch))
         if not s.rewards_usable(samples.all_rewards):  # NaN or infinite: nothing stores or trains on them
-            metrics = epoch_metrics(samples, {}, s, epoch + 1, layout.samples_per_process)
+            metrics = epoch_metrics(samples, {}, s, epoch + 1)
             if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
                 return
             continue
@@ -89,7 +87,7 @@ def run(ctx: RunContext, config: GRPO) -> None:
         stats = ppo_update(s, samples.rollouts, advantages, sampling, ppo, epoch, samples.indices, extra_loss=kl)
 
         # 4. Log; evaluate on held-out prompts every few epochs; checkpoint.
-        metrics = epoch_metrics(samples, stats, s, epoch + 1, layout.samples_per_process)
+        metrics = epoch_metrics(samples, stats, s, epoch + 1)
         if s.end_epoch(metrics, lambda step: held_out(s, eval, step)):
             return
 

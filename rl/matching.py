@@ -3,9 +3,10 @@ and AWM (`rl/awm.py`); `docs/algorithms.md` section 10.
 
 Neither needs the trajectory or a log-probability: each rollout keeps its final latent `x0` only. The update re-noises
 it, `x_t = (1 - t) x0 + t eps`, with fresh noise at some of the sampler's own timesteps, and the method's loss compares
-velocities there. `matching_update` runs an epoch's micro-batches in PPO's layout (`rl.ppo.micro_batches`: N processes
-train in each optimiser step what one process trains with the same global batch) and asks the method for the loss of
-each micro-batch; the noise of a sample depends only on the run's seed, the epoch, the pass, the sample and the step.
+velocities there. `matching_update` runs an epoch's micro-batches in the online methods' layout
+(`rl.batching.micro_batches`: N processes train in each optimiser step what one process trains with the same global
+batch) and asks the method for the loss of each micro-batch; the noise of a sample depends only on the run's seed, the
+epoch, the pass, the sample and the step.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pipelines import guided_velocity
 from pipelines.configs import check_values
 from pipelines.errors import ConfigError
 from rl import seeds
+from rl.batching import micro_batches
 from rl.losses import awm_timestep_indices
-from rl.ppo import micro_batches
 from rl.rollouts import Rollouts, SamplingConfig
 from rl.session import collect
 
@@ -61,7 +62,7 @@ class MatchingConfig:
 
     def draw_columns(self, num_steps: int) -> Callable[[int, torch.Generator], torch.Tensor] | None:
         """For `stratified`: each sample's steps, one per stratum (a draw per sample, where AWM shares one draw across
-        a micro-batch); None for the orders `rl.ppo.micro_batches` draws itself."""
+        a micro-batch); None for the orders `rl.batching.micro_batches` draws itself."""
         if self.timestep_order != "stratified":
             return None
 

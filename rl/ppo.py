@@ -11,15 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from accelerate import PartialState
 
 from pipelines import transition_log_probs
 from pipelines.configs import check_values
 from pipelines.errors import ConfigError
 from pipelines.sde import sigmas_for_timesteps
-from rl import seeds
+from rl.batching import UpdateLayout, micro_batches, update_layout
 from rl.losses import ppo_clip_loss, ratio_norm_log_ratio
-from rl.rollouts import Rollouts, SamplingConfig, dealt_chunks, stochastic_step_count
+from rl.rollouts import Rollouts, SamplingConfig, stochastic_step_count
 from rl.session import collect
 
 # forward(index, column) -> (log_prob, mean, std_dev_t) of the chosen samples' chosen stochastic steps
@@ -57,77 +56,13 @@ class PPOConfig:
                               "the re-scoring gives: set algo.ppo.recompute_old_log_probs=true")
 
 
-@dataclass(frozen=True)
-class PPOLayout:
-    """How an epoch's samples are trained: samples per process, micro-batches per optimiser step, optimiser steps in
-    all (for the LR schedule)."""
-
-    samples_per_process: int
-    accumulation: int
-    updates: int
-
-
-def ppo_indices(sampling: SamplingConfig, ppo: PPOConfig, seed: int, epoch: int) -> list[int]:
-    """The global indices of the images this process samples in `epoch`: those of the micro-batches it trains in the
-    first pass of the update (`rl.rollouts.dealt_chunks`)."""
-    state = PartialState()
-    chunks = dealt_chunks(seed, epoch, sampling.prompts_per_epoch * sampling.images_per_prompt, ppo.batch_size,
-                          state.num_processes, state.process_index)
-    return sorted(index for _, chunk in chunks for index in chunk)
-
-
-def micro_batches(indices: list[int], total: int, num_sde: int, ppo, seed: int, epoch: int, inner: int,
-                  num_processes: int, rank: int, draw_columns: Callable | None = None
-                  ) -> list[tuple[list[int], list[int]]]:
-    """One pass of the update on this process, in order: per micro-batch, the global indices of its samples and the
-    stochastic step (column) each trains. `indices` are this process's samples (of `total` in the epoch).
-
-    One permutation of all `total` samples and one draw of every sample's steps (its own random subset, or the first
-    ones, or `draw_columns(total, generator)`'s) come from `(seed, epoch, inner)` alone. The first pass trains the
-    chunks `dealt_chunks` gave this process (the samples it holds); later passes train this process's samples in that
-    pass's permutation order (so that, with `inner_epochs > 1`, only the first pass is the same on N processes as on
-    one). `ppo` is a `PPOConfig`, or another update's options with its `batch_size`, `timestep_fraction` and
-    `timestep_order` (`rl.matching.MatchingConfig`)."""
-    generator = seeds.update_order(seed, epoch, inner)
-    order = torch.randperm(total, generator=generator)
-    num_train_steps = max(1, int(num_sde * ppo.timestep_fraction))
-    if draw_columns is not None:
-        columns = draw_columns(total, generator)
-    elif ppo.timestep_order == "first":
-        columns = torch.arange(num_train_steps).expand(total, -1)
-    else:
-        columns = torch.stack([torch.randperm(num_sde, generator=generator)[:num_train_steps] for _ in range(total)])
-    if inner == 0:
-        chunks = [order[s : s + ppo.batch_size].tolist() for s in range(0, total, ppo.batch_size)]
-        chunks = chunks[rank::num_processes]
-    else:
-        mine = set(indices)
-        kept = [i for i in order.tolist() if i in mine]
-        chunks = [kept[s : s + ppo.batch_size] for s in range(0, len(kept), ppo.batch_size)]
-    return [(chunk, columns[chunk, j].tolist()) for chunk in chunks for j in range(columns.shape[1])]
-
-
-def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> PPOLayout:
+def ppo_layout(sampling: SamplingConfig, ppo: PPOConfig, epochs: int) -> UpdateLayout:
     """The layout of a PPO method, with the batch sizes checked against each other before anything loads."""
     if ppo.ratio_norm and sampling.sde_type != "sde":
         raise ConfigError("algo.ppo.ratio_norm=true (GRPO-Guard) normalises the Gaussian SDE step's ratio: set "
                           "algo.sampling.sde_type=sde")
     num_sde = stochastic_step_count(sampling)
     return update_layout(sampling, ppo, epochs, max(1, int(num_sde * ppo.timestep_fraction)), "ppo")
-
-
-def update_layout(sampling: SamplingConfig, train, epochs: int, num_train_steps: int, group: str) -> PPOLayout:
-    """The layout of an update that trains `num_train_steps` steps of each sample in micro-batches of
-    `train.batch_size` (`algo.<group>`), `train.optimizer_steps` optimiser steps per pass, checked before anything
-    loads."""
-    local = sampling.samples_per_process(PartialState().num_processes)
-    if local % train.batch_size:
-        raise ConfigError(f"{local} images per process are not a multiple of {group}.batch_size={train.batch_size}")
-    forwards = (local // train.batch_size) * num_train_steps
-    if forwards % train.optimizer_steps:
-        raise ConfigError(
-            f"{forwards} training forwards per epoch do not split into {train.optimizer_steps} optimiser steps")
-    return PPOLayout(local, forwards // train.optimizer_steps, epochs * train.inner_epochs * train.optimizer_steps)
 
 
 @torch.no_grad()
@@ -156,10 +91,10 @@ def ppo_update(
 
     Samples are shuffled, and each sample trains on `timestep_fraction` of its stochastic steps: its own random subset
     in random order (`timestep_order=random`), or the first ones in order (`first`), with a new layout for each inner
-    epoch (`micro_batches`: drawn from the global sample index, so that N processes train what one does). The old
-    log-probabilities are the sampling policy's in every inner epoch (re-scored in each layout before the first
-    update, or the stored ones). Re-scoring runs only where it is needed: the micro-batches of the first optimiser
-    step see unchanged weights, so their training forward's own (detached) log-probability is the old one.
+    epoch (`rl.batching.micro_batches`: drawn from the global sample index, so that N processes train what one
+    does). The old log-probabilities are the sampling policy's in every inner epoch (re-scored in each layout before
+    the first update, or the stored ones). Re-scoring runs only where it is needed: the micro-batches of the first
+    optimiser step see unchanged weights, so their training forward's own (detached) log-probability is the old one.
     """
     accelerator, transformer = session.accelerator, session.transformer
     num_sde = len(rollouts.sde_steps)

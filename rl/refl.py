@@ -213,12 +213,10 @@ def run(ctx: RunContext, config: ReFL) -> None:
         pretrain_batches = batches(pretraining, train.pretrain_batch_size, s)
         encoder = Encoder(s.pipe, max_sequence_length)
         train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(s.pipe.scheduler.config)
-    if state.step == 0 or s.evaluation_pending:  # the start, or a step whose evaluation failed before a stop
-        held_out(s, eval, state.step, force=True)
 
     # 2. Train: sample -> decode -> reward -> loss (+ regulariser) -> step; log, evaluate, checkpoint.
     samples_per_step = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
-    for _ in s.steps(refl.method):
+    for _ in s.steps(refl.method, first=lambda step: held_out(s, eval, step, force=True)):
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(train.gradient_accumulation_steps):
             generator = seeds.training_step(ctx.seed, seeds.global_micro_batch(

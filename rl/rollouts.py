@@ -4,8 +4,8 @@ log-probabilities (`docs/algorithms.md` section 1), and scoring.
 An epoch samples `prompts_per_epoch` prompts, each `images_per_prompt` times (a group), spread over the processes;
 every image has a global index from which its seeds are derived (`rl/seeds.py`), so what an image is does not depend
 on the batch size or the number of processes. Which images a process samples is decided by how the update will train
-them (`dealt_chunks`): each process samples the images of the micro-batches it trains, so that N processes train, in
-each optimiser step, exactly what one process trains with the same global batch.
+them (`rl/batching.py`): each process samples the images of the micro-batches it trains, so that N processes train,
+in each optimiser step, exactly what one process trains with the same global batch.
 """
 
 from __future__ import annotations
@@ -137,23 +137,9 @@ class Rollouts:
         return self.latents.shape[0]
 
 
-def dealt_chunks(seed: int, epoch: int, units: int, chunk: int, num_processes: int, rank: int
-                 ) -> list[tuple[int, list[int]]]:
-    """This process's share of an epoch's first update pass, in training order, as `(global chunk number, units)`.
-
-    The epoch's `units` (images for PPO, groups for online DPO) are put in the order of one permutation drawn from
-    `(seed, epoch)` alone, cut into chunks of `chunk` units (one training micro-batch each), and dealt to the processes
-    in turn: chunk c to process c mod N. When each process's optimiser step covers whole chunks, the union over the
-    processes of what they train in optimiser step k is what one process trains in its step k
-    (`tests/test_policy.py`)."""
-    order = torch.randperm(units, generator=seeds.update_order(seed, epoch, 0)).tolist()
-    chunks = [order[start : start + chunk] for start in range(0, units, chunk)]
-    return [(number, chunks[number]) for number in range(rank, len(chunks), num_processes)]
-
-
 def epoch_jobs(num_prompts: int, epoch: int, seed: int, sampling: SamplingConfig, indices: list[int]
                ) -> list[SampleJob]:
-    """The images with global index in `indices` (this process's share of the epoch, see `dealt_chunks`), in index
+    """The images with global index in `indices` (this process's share of the epoch, see `rl.batching`), in index
     order; every chosen prompt is repeated `images_per_prompt` times over all processes (image i is of group
     i // images_per_prompt).
 
@@ -430,8 +416,7 @@ def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[
     )
 
 
-def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session, epoch: int,
-                  samples_per_process: int) -> dict[str, float]:
+def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session, epoch: int) -> dict[str, float]:
     """The training metrics of an epoch: reward statistics over all processes, the update's diagnostics, counters."""
     rewards = samples.all_rewards
     metrics = {"train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item()}
@@ -440,5 +425,5 @@ def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session, epoch
     metrics.update({f"train/{name}": value for name, value in stats.items()})
     metrics["train/lr"] = session.lr_scheduler.get_last_lr()[0]
     metrics["train/epoch"] = epoch
-    metrics["train/samples"] = epoch * samples_per_process * session.accelerator.num_processes
+    metrics["train/samples"] = epoch * session.layout.samples_per_process * session.accelerator.num_processes
     return metrics

@@ -8,8 +8,8 @@ other (and logs `train/seconds`, the wall time spent training, evaluations and c
 resumes, and `train/cpu_seconds`, the process's CPU time over the same spans: what a compute-matched comparison of
 methods budgets, the second unaffected by other work on a shared machine):
 
-    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", ...)
-    for epoch in s.steps("grpo"):                  # from the resumed step to the last, with a progress bar
+    s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", layout=layout, ...)
+    for epoch in s.steps("grpo", first=evaluate):  # from the resumed step to the last, with a progress bar
         ...                                        # the algorithm's own work; s.backward_and_step(loss, stats)
         if s.end_epoch(metrics, evaluate):          # EMA, log, evaluate when due, checkpoint; True: stop here
             return
@@ -47,6 +47,7 @@ from pipelines.lora_layout import ORIGINAL_FILE, write_original
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
 from rewards.base import RewardUnavailableError
+from rl.batching import UpdateLayout
 from rl.checkpoints import CheckpointConfig, Checkpointer, Stateful, TrainState
 from rl.context import RunContext
 from rl.evaluation import SecondsMarks
@@ -268,7 +269,9 @@ class Session:
     optim: OptimConfig
     checkpoint: CheckpointConfig
     total_steps: int  # the algorithm's steps in all (epochs, or optimiser steps)
+    updates: int  # optimiser steps in all (the LR schedule's length): total_steps, or the epochs' layout's
     unit: str  # what a step is, in log lines: "epoch" or "step"
+    layout: UpdateLayout | None = None  # an epoch algorithm's: samples per process, micro-batches per optimiser step
     start: int = 0  # the step this invocation started (or resumed) at
     started: float = field(default_factory=time.time)
     timing_since: float = field(default_factory=time.time)  # when the training time now counting began
@@ -288,11 +291,17 @@ class Session:
 
     # ---------------------------------------------------------------------------------------------- the loop
 
-    def steps(self, desc: str) -> Iterator[int]:
+    def steps(self, desc: str, first: Callable[[int], None] | None = None) -> Iterator[int]:
         """The steps still to run, from the resumed one, with a progress bar; the loop body ends with `end_epoch` or
         `end_step`, which advance `state.step`. Meanwhile SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) let the
         current step finish (the progress bar says so), then write a checkpoint and exit with 130 / 143 and one line
-        (`_advance`); a second signal acts at once, through the handler in place before the loop (`rl.console`)."""
+        (`_advance`); a second signal acts at once, through the handler in place before the loop (`rl.console`).
+
+        `first(step)`, the held-out evaluation, runs before the first step of a new run (the base model's: the curve's
+        start) and of a resume from a checkpoint whose step's evaluation failed (`evaluation_pending`: that step's);
+        it must evaluate whether or not its schedule has the step due."""
+        if first is not None and (self.state.step == 0 or self.evaluation_pending):
+            first(self.state.step)
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc=desc,
                              disable=not self.accelerator.is_local_main_process)
         self.started = self.timing_since = time.time()
@@ -582,7 +591,7 @@ def open_session(
     config: TrainingConfig,
     *,
     total_steps: int,
-    updates: int | None = None,
+    layout: UpdateLayout | None = None,
     accumulation: int = 1,
     unit: str = "step",
     gradient_checkpointing: bool = False,
@@ -591,17 +600,19 @@ def open_session(
     load_pipeline: Callable[..., StableDiffusion3LogProbPipeline] | None = None,
     prompts_only: bool = False,
 ) -> Session:
-    """Load the model with `config.lora` (or trainable), the optimiser for `updates` optimiser steps (default
-    `total_steps`) with `accumulation` micro-batches each, the EMA, the reward, the checkpoints with the named `state`
-    objects beside the counters; resume from the latest checkpoint when `config.checkpoint.resume`. With `reference`,
-    the session keeps the reference policy for `Session.reference_policy` (for full fine-tuning, a frozen copy of the
-    weights before any resume). `prompts_only`: the algorithm encodes only its prompt sets (not captions), so their
-    embeddings may be precomputed (`prompt_encoder`)."""
+    """Load the model with `config.lora` (or trainable), the optimiser for `total_steps` optimiser steps of
+    `accumulation` micro-batches each (an epoch algorithm's `layout` gives both instead), the EMA, the reward, the
+    checkpoints with the named `state` objects beside the counters; resume from the latest checkpoint when
+    `config.checkpoint.resume`. With `reference`, the session keeps the reference policy for `Session.reference_policy`
+    (for full fine-tuning, a frozen copy of the weights before any resume). `prompts_only`: the algorithm encodes only
+    its prompt sets (not captions), so their embeddings may be precomputed (`prompt_encoder`)."""
     lora, optim, ema, checkpoint = config.lora, config.optim, config.ema, config.checkpoint
     every_seconds = getattr(getattr(config, "eval", None), "every_seconds", 0)  # algorithms with held-out evaluation
     if every_seconds and ema.enabled:
         raise ConfigError("algo.eval.every_seconds evaluates the weights of the last step before each mark, which an "
                           "EMA does not keep: set algo.ema.enabled=false or algo.eval.every_seconds=0")
+    updates = layout.updates if layout is not None else total_steps
+    accumulation = layout.accumulation if layout is not None else accumulation
     accelerator = ctx.accelerator(gradient_accumulation_steps=accumulation)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = (load_pipeline or ctx.load_pipeline)(device=accelerator.device)
@@ -610,7 +621,7 @@ def open_session(
     text = prompt_encoder(ctx, pipe, accelerator, prompts_only)
     parameters = trainable_parameters(modules)
     optimizer = build_optimizer(parameters, optim)
-    lr_scheduler = build_lr_scheduler(optimizer, optim, updates or total_steps, accelerator.num_processes)
+    lr_scheduler = build_lr_scheduler(optimizer, optim, updates, accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(modules[0], optimizer, lr_scheduler)
     counters = TrainState()
     ema_model = EMAModel(parameters, decay=ema.decay) if ema.enabled else None
@@ -639,7 +650,8 @@ def open_session(
         ctx=ctx, accelerator=accelerator, pipe=pipe, transformer=transformer, modules=modules, parameters=parameters,
         optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, text=text, state=counters,
         checkpointer=checkpointer,
-        ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, unit=unit,
+        ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, updates=updates,
+        unit=unit, layout=layout,
         start=counters.step, frozen_reference=frozen, initial_weight_norm=initial_norm, evaluation_pending=pending,
         seconds_marks=SecondsMarks(every_seconds, config.eval.seconds_clock) if every_seconds else None,
     )

@@ -151,7 +151,7 @@ def test_mixgrpo_presets_carry_mixgrpo_s_own_cadence(preset, every):
     from rl.ppo import ppo_layout
 
     with pytest.MonkeyPatch.context() as patch:  # the layout on MixGRPO's 8 GPUs per node: 48 images per GPU
-        patch.setattr("rl.ppo.PartialState", lambda: type("State", (), {"num_processes": 8})())
+        patch.setattr("rl.batching.PartialState", lambda: type("State", (), {"num_processes": 8})())
         layout = ppo_layout(instantiate(sampling), instantiate(algo.ppo), algo.epochs)
     assert (layout.samples_per_process, layout.updates) == (48, 300 * 4)
 

@@ -195,7 +195,7 @@ def test_epoch_jobs_form_complete_groups_across_processes():
 
 
 def ppo_share(sampling, ppo, seed, epoch, num_processes, rank):
-    from rl.rollouts import dealt_chunks
+    from rl.batching import dealt_chunks
 
     chunks = dealt_chunks(seed, epoch, sampling.prompts_per_epoch * sampling.images_per_prompt, ppo.batch_size,
                           num_processes, rank)
@@ -208,7 +208,7 @@ def test_n_processes_train_in_each_optimiser_step_what_one_process_trains(order,
     """The PPO layout is drawn from the global sample index: in each optimiser step of the first pass, the union over
     N processes of their (sample, step) micro-batches is one process's step, and every process trains only the samples
     it sampled. (Later passes, with inner_epochs > 1, shuffle each process's own samples.)"""
-    from rl.ppo import micro_batches
+    from rl.batching import micro_batches
 
     sampling = SamplingConfig(prompts_per_epoch=4, images_per_prompt=4)  # 16 samples
     ppo = PPOConfig(batch_size=2, timestep_fraction=0.5, timestep_order=order, optimizer_steps=2)
@@ -321,7 +321,8 @@ def test_cps_with_a_kl_term_trains_with_finite_losses(tmp_path, monkeypatch):
 
 
 def test_timestep_order_first_trains_the_first_steps_in_order(tmp_path, monkeypatch):
-    """`timestep_order=first` (Flow-GRPO) trains the first `timestep_fraction` of the steps, in order, never the last."""
+    """`timestep_order=first` (Flow-GRPO) trains the first `timestep_fraction` of the steps, in order, never the
+    last."""
     trained, schedules = [], []
     original_forward, original_update = rl.ppo.transition_log_probs, rl.ppo.ppo_update
 
