@@ -9,12 +9,11 @@ refuses a fused adapter that is not block-diagonal (one trained on `qkv` itself 
 from the same table as the single-file checkpoint (pipelines/single_file.py), whose weights diffusers' own converter
 reads back; a test merges both layouts into their models and compares the weights.
 
-    python -m pipelines.lora_layout RUN_DIR/final            # writes final/comfyui_lora.safetensors
+    python -m scripts.write_comfyui_lora RUN_DIR/final       # writes final/comfyui_lora.safetensors
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -176,21 +175,5 @@ def _metadata_from_run(config_file: Path, state: dict) -> dict:
             if any(k.startswith(component + ".") for k in state)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a run's diffusers LoRA in the layout ComfyUI reads")
-    parser.add_argument("final", type=Path, help="a folder holding pytorch_lora_weights.safetensors (a run's final/)")
-    parser.add_argument("--layers", type=int,
-                        help="the transformer's block count (SD3 Medium 24, SD3.5 Medium 24, SD3.5 Large 38); needed "
-                             "only when the context modulation is adapted")
-    args = parser.parse_args(argv)
-    try:
-        if not (args.final / DIFFUSERS_FILE).is_file():
-            raise ValueError(f"{args.final} holds no {DIFFUSERS_FILE}")
-        print(f"wrote {write_original(args.final, args.layers)}")
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command moved out of this library module
+    sys.exit("error: this command moved: python -m scripts.write_comfyui_lora RUN_DIR/final [--layers N]")

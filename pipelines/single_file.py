@@ -13,13 +13,13 @@ Loading goes through diffusers' own `from_single_file` (pipelines/loading.py); t
   `text_encoders.{clip_l,clip_g,t5xxl}.transformer.` as in Stability AI's files. Tests load what it writes back through
   diffusers and compare images, so the two directions are checked against each other.
 
-    python -m pipelines.single_file export MODEL_DIR OUT.safetensors [--no-t5] [--transformer-only]
+    python -m scripts.export_single_file MODEL_DIR OUT.safetensors [--no-t5] [--transformer-only]   # the command
 """
 
 from __future__ import annotations
 
-import argparse
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,22 +280,6 @@ def save_single_file(components: dict, file: str | Path, include_t5: bool = True
     return file
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a diffusers SD3 / SD3.5 folder as one single-file checkpoint")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="a diffusers pipeline folder -> OUT.safetensors")
-    export.add_argument("model", help="a diffusers SD3 pipeline folder (or a hub id, when reachable)")
-    export.add_argument("out", type=Path)
-    export.add_argument("--no-t5", action="store_true", help="leave T5 out (as sd3_medium_incl_clips.safetensors)")
-    export.add_argument("--transformer-only", action="store_true", help="only model.diffusion_model.*")
-    args = parser.parse_args(argv)
-    from pipelines.loading import load_pipeline
-
-    pipe = load_pipeline(args.model, dtype="float32")
-    file = save_single_file(pipe.components, args.out, include_t5=not args.no_t5,
-                            transformer_only=args.transformer_only)
-    print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command moved out of this library module
+    sys.exit("error: this command moved: python -m scripts.export_single_file MODEL_DIR OUT.safetensors [--no-t5] "
+             "[--transformer-only]")

@@ -179,3 +179,21 @@ def test_a_file_saved_without_metadata_takes_the_adapter_size_from_the_runs_conf
     written = load_file(str(write_original(old, layers=2)))
     want = load_file(str(final / ORIGINAL_FILE))
     assert written.keys() == want.keys() and all(torch.equal(written[k], want[k]) for k in want)
+
+
+def test_the_command_writes_the_comfyui_file_and_refuses_a_folder_without_a_lora(trained, tmp_path, capsys):
+    """`python -m scripts.write_comfyui_lora RUN_DIR/final`, for a run from before runs wrote the file themselves."""
+    from scripts.write_comfyui_lora import main
+
+    _, final = trained
+    old = tmp_path / "final"
+    old.mkdir()
+    (old / "pytorch_lora_weights.safetensors").write_bytes((final / "pytorch_lora_weights.safetensors").read_bytes())
+    main([str(old), "--layers", "2"])
+    assert capsys.readouterr().out.strip() == f"wrote {old / ORIGINAL_FILE}"
+    written, want = load_file(str(old / ORIGINAL_FILE)), load_file(str(final / ORIGINAL_FILE))
+    assert written.keys() == want.keys() and all(torch.equal(written[k], want[k]) for k in want)
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path)])
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip() == f"error: {tmp_path} holds no " \
+        "pytorch_lora_weights.safetensors"

@@ -221,3 +221,24 @@ def test_checks_before_a_run_do_not_download_a_hub_file(monkeypatch):
     check_model_source({"path": "org/repo/sd3.5_medium.safetensors"})
     with pytest.raises(ModelLoadError, match="org/repo has no file sd3_5_typo.safetensors"):
         check_model_source({"path": "org/repo/sd3_5_typo.safetensors"})
+
+
+def test_the_export_command_writes_the_folder_as_the_single_file_and_the_old_command_names_it(tiny_files, tmp_path,
+                                                                                               capsys):
+    """`python -m scripts.export_single_file` (the command moved out of the library module, which now only names it)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from scripts.export_single_file import main
+
+    main([str(tiny_files / "folder"), str(tmp_path / "out.safetensors"), "--no-t5"])
+    assert "wrote" in capsys.readouterr().out
+    written, want = load_file(str(tmp_path / "out.safetensors")), load_file(str(tiny_files / "no_t5.safetensors"))
+    assert written.keys() == want.keys() and all(torch.equal(written[k], want[k]) for k in want)
+    old = subprocess.run([sys.executable, "-m", "pipelines.single_file", "export", "x", "y"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert old.returncode == 1 and old.stderr.strip().splitlines()[-1] == (  # after runpy's warning about the package
+        "error: this command moved: python -m scripts.export_single_file MODEL_DIR OUT.safetensors [--no-t5] "
+        "[--transformer-only]")
