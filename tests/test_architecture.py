@@ -1,6 +1,7 @@
-"""The layering of docs/architecture.md, checked on the source: which package may import which, that no algorithm
-imports another, that algo configs share their blocks through config groups instead of repeating them, and that every
-user error derives from the one base class."""
+"""The layering of docs/architecture.md, checked on the source: which package may import which, that no module imports
+itself through others (no import circle), that no algorithm imports another (nor the PPO update unless it is one),
+that algo configs share their blocks through config groups instead of repeating them, and that every user error
+derives from the one base class."""
 
 import ast
 import re
@@ -25,10 +26,24 @@ ALGORITHMS = sorted(
 )
 
 
+def type_checking_blocks(tree: ast.AST) -> set[int]:
+    """The ids of the nodes inside `if TYPE_CHECKING:` blocks (imports for annotations only: never run)."""
+    inside = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            inside |= {id(child) for statement in node.body for child in ast.walk(statement)}
+    return inside
+
+
 def project_imports(path: Path) -> set[str]:
-    """The project modules a file imports (`rl.session`, `pipelines`, ...), at any depth of the file."""
+    """The project modules a file imports (`rl.session`, `pipelines`, ...), at any depth of the file; imports for
+    annotations only (`if TYPE_CHECKING:`) are not counted."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    annotations_only = type_checking_blocks(tree)
+    for node in ast.walk(tree):
+        if id(node) in annotations_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -41,6 +56,57 @@ def project_imports(path: Path) -> set[str]:
 
 def sources(package: str) -> list[Path]:
     return sorted((ROOT / package).glob("**/*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each project module and the project modules it imports (`from rl.ppo import x` is an import of `rl.ppo`;
+    `from rl import seeds` of `rl.seeds`)."""
+    modules = {module_name(p): p for package in PACKAGES for p in sources(package)}
+
+    def resolve(name: str) -> str | None:
+        parts = name.split(".")
+        return next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in modules), None)
+
+    return {module: {resolve(name) for name in project_imports(path)} - {None, module}
+            for module, path in modules.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (strongly connected components of
+    more than one module; Tarjan's algorithm)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = counter[0]
+        counter[0] += 1
+        stack.append(module)
+        on_stack.add(module)
+        for other in sorted(graph.get(module, ())):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in on_stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                other = stack.pop()
+                on_stack.discard(other)
+                component.append(other)
+                if other == module:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
 
 
 def test_the_algorithms_are_found():
@@ -56,6 +122,22 @@ def test_no_package_imports_a_layer_above_it(package):
         if name.split(".")[0] not in LOWER[package]
     }
     assert not upward, sorted(upward)
+
+
+def test_circles_are_found():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_module_imports_itself_through_others():
+    found = circles(import_graph())
+    assert not found, f"import circles: {found}"
+
+
+def test_only_the_ppo_methods_import_the_ppo_update():
+    """The batching every online method shares is `rl/batching.py`; `rl/ppo.py` is PPO's (GRPO and DDPO)."""
+    importers = {module for module, imported in import_graph().items() if "rl.ppo" in imported}
+    assert {module for module in importers if module.startswith("rl.")} == {"rl.grpo", "rl.ddpo"}, sorted(importers)
 
 
 def test_no_algorithm_imports_another():
