@@ -10,6 +10,7 @@ import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +26,9 @@ from rl.policy_copy import PolicyCopy
 from rl.prompts import Prompt, source_image
 from rl.rollouts import check_strength, score
 from rl.tracking import image_grid, info_means, log_image, metric_name
+
+if TYPE_CHECKING:  # the session imports this module
+    from rl.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +202,7 @@ def eval_metrics(scores: torch.Tensor, info: dict[str, torch.Tensor]) -> dict[st
     return metrics
 
 
-def held_out(session, config: EvalConfig, step: int, force: bool = False) -> None:
+def held_out(session: Session, config: EvalConfig, step: int, force: bool = False) -> None:
     """Evaluate after `step` steps of a `rl.session.Session` when due (every `config.every`, and the last) or
     `force`d, with the EMA weights when kept: log `eval/*` (and `eval_guidance_<g>/*` at each extra guidance scale),
     print a line, save the grid. Then the evaluations at training-seconds marks this step passed (`SecondsMarks`)."""
@@ -240,13 +244,13 @@ class SecondsMarks:
         self.copy = PolicyCopy()
         self.copy_seconds, self.copy_step = 0.0, 0
 
-    def start(self, session) -> None:
+    def start(self, session: Session) -> None:
         """At the loop's start: copy the weights the first step begins from."""
         self.copy.tensors = None
         self.copy.ensure(session.parameters)
         self.copy_seconds, self.copy_step = session.training_seconds(self.clock), session.state.step
 
-    def after_step(self, session, config: EvalConfig, step: int) -> None:
+    def after_step(self, session: Session, config: EvalConfig, step: int) -> None:
         """After `step`: evaluate the copy (the previous step's end) at each mark in [its seconds, now), then copy the
         weights of this step's end."""
         ctx, accelerator = session.ctx, session.accelerator
@@ -273,7 +277,7 @@ class SecondsMarks:
         self.copy_seconds, self.copy_step = now, step
 
 
-def validate(session, validation: ValidationConfig, step: int) -> None:
+def validate(session: Session, validation: ValidationConfig, step: int) -> None:
     """When due, sample the first held-out prompts at fixed seeds (with the EMA weights when kept) and save the
     grid; nothing is scored."""
     ctx, accelerator = session.ctx, session.accelerator

@@ -23,7 +23,7 @@ from rl import seeds
 from rl.batching import micro_batches
 from rl.losses import awm_timestep_indices
 from rl.rollouts import Rollouts, SamplingConfig
-from rl.session import collect
+from rl.session import Session, collect
 
 
 @dataclass
@@ -89,7 +89,7 @@ class NoisedBatch:
 
 
 def matching_update(
-    session,
+    session: Session,
     rollouts: Rollouts,
     train: MatchingConfig,
     sampling: SamplingConfig,

@@ -19,7 +19,7 @@ from pipelines.sde import sigmas_for_timesteps
 from rl.batching import UpdateLayout, micro_batches, update_layout
 from rl.losses import ppo_clip_loss, ratio_norm_log_ratio
 from rl.rollouts import Rollouts, SamplingConfig, stochastic_step_count
-from rl.session import collect
+from rl.session import Session, collect
 
 # forward(index, column) -> (log_prob, mean, std_dev_t) of the chosen samples' chosen stochastic steps
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -77,7 +77,7 @@ def old_log_probs(forward, layouts: list[list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def ppo_update(
-    session,
+    session: Session,
     rollouts: Rollouts,
     advantages: torch.Tensor,
     sampling: SamplingConfig,

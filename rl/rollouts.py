@@ -14,6 +14,7 @@ import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from rewards import Reward
 from rl import seeds
 from rl.prompts import Prompt, source_image
 from rl.tracking import info_means
+
+if TYPE_CHECKING:  # the session imports this module (through rl.batching)
+    from rl.session import Session
 
 
 @dataclass
@@ -389,7 +393,7 @@ class EpochSamples:
         return values[torch.tensor(self.indices, device=values.device)]
 
 
-def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[int] | None,
+def sample_epoch(session: Session, sampling: SamplingConfig, epoch: int, sde_steps: list[int] | None,
                  indices: list[int], final_only: bool = False) -> EpochSamples:
     """Sample the images with global index in `indices` (this process's share of the epoch), score them, and gather
     every process's rewards by global index (`rl.session.Session` gives the model, reward and accelerator).
@@ -416,7 +420,7 @@ def sample_epoch(session, sampling: SamplingConfig, epoch: int, sde_steps: list[
     )
 
 
-def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session, epoch: int) -> dict[str, float]:
+def epoch_metrics(samples: EpochSamples, stats: dict[str, float], session: Session, epoch: int) -> dict[str, float]:
     """The training metrics of an epoch: reward statistics over all processes, the update's diagnostics, counters."""
     rewards = samples.all_rewards
     metrics = {"train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item()}

@@ -2,18 +2,18 @@
 
 `open_session` does, once and in the same order for every algorithm: the accelerator (logging to `metrics.jsonl` and
 the trackers), the model (frozen parts in the mixed-precision dtype; LoRA adapters, or the whole transformer,
-trainable), the optimiser and its LR schedule, the EMA of the trained weights, the checkpoints (named pieces, see
-`rl/checkpoints.py`) and the resume. The returned `Session` then gives the algorithm's loop what it shares with every
-other (and logs `train/seconds`, the wall time spent training, evaluations and checkpoints left out, kept across
-resumes, and `train/cpu_seconds`, the process's CPU time over the same spans: what a compute-matched comparison of
-methods budgets, the second unaffected by other work on a shared machine):
+trainable), the optimiser and its LR schedule with their guards (`rl/optim.py`), the EMA of the trained weights, the
+checkpoints (named pieces, see `rl/checkpoints.py`) and the resume. The returned `Session` then gives the algorithm's
+loop what it shares with every other (and logs `train/seconds`, the wall time spent training, evaluations and
+checkpoints left out, kept across resumes, and `train/cpu_seconds`, the process's CPU time over the same spans: what a
+compute-matched comparison of methods budgets, the second unaffected by other work on a shared machine):
 
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", layout=layout, ...)
     for epoch in s.steps("grpo", first=evaluate):  # from the resumed step to the last, with a progress bar
         ...                                        # the algorithm's own work; s.backward_and_step(loss, stats)
         if s.end_epoch(metrics, evaluate):          # EMA, log, evaluate when due, checkpoint; True: stop here
             return
-    s.finish()                                     # final/ in diffusers' format, curves.png
+    s.finish()                                     # final/ in diffusers' format, curves.png (rl/export.py)
 
 `with s.ema_weights():` runs a block on the EMA weights (when kept); `s.reference_policy()` gives a context in which the
 transformer is the frozen reference. An algorithm's "step" is whatever it counts: epochs for GRPO, DDPO and online
@@ -35,15 +35,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import StableDiffusion3Pipeline
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipelines import StableDiffusion3LogProbPipeline
-from pipelines.configs import check_values
-from pipelines.errors import ConfigError, UserError
-from pipelines.lora_layout import ORIGINAL_FILE, write_original
+from pipelines.errors import ConfigError
 from pipelines.text import PromptEncoder, precompute, text_encoders
 from rewards import Reward
 from rewards.base import RewardUnavailableError
@@ -51,62 +47,13 @@ from rl.batching import UpdateLayout
 from rl.checkpoints import CheckpointConfig, Checkpointer, Stateful, TrainState
 from rl.context import RunContext
 from rl.evaluation import SecondsMarks
-from rl.lora import LoraSpec, add_text_encoder_lora, add_transformer_lora, save_lora
-from rl.model_card import write_model_card
-from rl.tracking import plot_eval_curves
+from rl.export import export_run
+from rl.lora import LoraSpec, add_text_encoder_lora, add_transformer_lora
+from rl.optim import Guards, OptimConfig, build_lr_scheduler, build_optimizer, weight_norm
 
 EVALUATION_PENDING = "evaluation_pending"  # in a checkpoint written when its step's held-out evaluation failed
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and its learning-rate schedule (`algo.optim`)."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    use_8bit: bool = False  # bitsandbytes' 8-bit AdamW (CUDA only)
-    lr_scheduler: str = "constant"  # any of diffusers.optimization's: constant, linear, cosine, ...
-    warmup_steps: int = 0
-    nonfinite_patience: int = 3  # optimiser steps in a row with NaN / inf gradients (skipped) before the run stops
-    dead_after: int = 10  # optimiser steps in a row with a gradient norm of exactly 0: a dead run
-    max_weight_growth: float = 10.0  # the trained weights' norm past this many times its initial value: exploding
-    stop_on_divergence: bool = False  # a dead or exploding run stops (one line) instead of warning once
-
-    def __post_init__(self):
-        check_values("algo.optim", self, positive=("lr", "max_grad_norm", "nonfinite_patience", "dead_after",
-                                                   "max_weight_growth"),
-                     at_least_zero=("weight_decay", "warmup_steps"))
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"algo.optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        step = self.lr / (1 - self.betas[0])  # AdamW's first step: lr / (1 - beta1), in float32 arithmetic
-        if step >= torch.finfo(torch.float32).max:
-            raise ConfigError(f"algo.optim.lr={self.lr:g} overflows float32 in AdamW's first step (lr / (1 - beta1) = "
-                              f"{step:g}); no learning rate near that trains anything")
-        from diffusers.optimization import SchedulerType
-
-        schedules = [kind.value for kind in SchedulerType]
-        if self.lr_scheduler not in schedules:
-            raise ConfigError(f"algo.optim.lr_scheduler must be one of {', '.join(schedules)}, got "
-                              f"{self.lr_scheduler!r}")
-
-
-class NonFiniteError(UserError):
-    """Training produced non-finite gradients for `optim.nonfinite_patience` optimiser steps in a row."""
-
-
-class DivergenceError(UserError):
-    """A dead or exploding run, stopped because `optim.stop_on_divergence` is set."""
-
-
-def weight_norm(parameters: Iterable[torch.Tensor]) -> float:
-    """The L2 norm of all `parameters` together (one device sync)."""
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float())
-                                                       for p in parameters])))
 
 
 @dataclass
@@ -126,29 +73,6 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    parameters = [p for p in parameters if p.requires_grad]
-    if not parameters:
-        raise ConfigError("nothing to train: no parameter requires gradients (check algo.lora)")
-    kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=config.eps)
-    if config.use_8bit:
-        if not torch.cuda.is_available():
-            raise ConfigError("algo.optim.use_8bit=true needs a CUDA GPU (bitsandbytes); set it to false")
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, **kwargs)
-
-
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int, num_processes: int):
-    """diffusers' LR schedule over `total_steps` optimiser steps; accelerate steps a prepared scheduler once per
-    process, so warm-up and length are counted in process-steps."""
-    return get_scheduler(
-        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps * num_processes,
-        num_training_steps=total_steps * num_processes,
-    )
 
 
 def cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -199,28 +123,6 @@ def trainable_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Pa
     return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
-def save_final(
-    directory, pipe: StableDiffusion3LogProbPipeline, lora: LoraSpec | None, modules: list[torch.nn.Module],
-    accelerator: Accelerator,
-) -> None:
-    """Write `<run dir>/final/`: the LoRA in diffusers' format and in the layout ComfyUI reads
-    (pipelines/lora_layout.py), or a full `StableDiffusion3Pipeline` folder."""
-    if not accelerator.is_main_process:
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    unwrapped = [accelerator.unwrap_model(m) for m in modules]
-    if lora is not None:
-        encoders = unwrapped[1:] if lora.text_encoders else [None, None]
-        save_lora(directory, unwrapped[0], *encoders)
-        try:  # the ComfyUI layout is a convenience: a LoRA it cannot express leaves the run's end intact
-            write_original(directory, layers=len(unwrapped[0].transformer_blocks))
-        except ValueError as error:
-            logger.warning("final/%s not written: %s", ORIGINAL_FILE, error)
-    else:
-        components = {**pipe.components, "transformer": unwrapped[0]}
-        StableDiffusion3Pipeline(**components).save_pretrained(directory)
-
-
 def prompt_encoder(ctx: RunContext, pipe: StableDiffusion3LogProbPipeline, accelerator: Accelerator,
                    prompts_only: bool) -> PromptEncoder:
     """The session's `PromptEncoder`. With the model's `precompute_prompt_embeds`, and when the algorithm encodes
@@ -267,6 +169,7 @@ class Session:
     ema: EMAModel | None
     lora: LoraSpec | None
     optim: OptimConfig
+    guards: Guards  # the non-finite and divergence guards (rl/optim.py)
     checkpoint: CheckpointConfig
     total_steps: int  # the algorithm's steps in all (epochs, or optimiser steps)
     updates: int  # optimiser steps in all (the LR schedule's length): total_steps, or the epochs' layout's
@@ -281,12 +184,6 @@ class Session:
     frozen_reference: torch.nn.Module | None = None  # full fine-tuning's reference: the initial transformer
     stop_signal: int | None = None  # SIGINT or SIGTERM, once received
     outer_handlers: dict = field(default_factory=dict)  # the signal handlers in place before the step loop
-    skipped_nonfinite: int = 0  # updates skipped for non-finite rewards or gradients since the last record
-    nonfinite_rewards: int = 0  # NaN or infinite rewards since the last record
-    nonfinite_in_a_row: int = 0
-    zero_gradient_in_a_row: int = 0
-    initial_weight_norm: float = 0.0  # of the trained weights as initialised (before any resume)
-    warned: set[str] = field(default_factory=set)  # the divergence warnings already given
     evaluation_pending: bool = False  # resumed from a checkpoint whose step's held-out evaluation failed: redo it
 
     # ---------------------------------------------------------------------------------------------- the loop
@@ -348,7 +245,7 @@ class Session:
             stats["grad_norm"] = grad_norm
             norm = float(grad_norm)  # one device sync per optimiser step
             skip = self.accelerator.scaler is None and not math.isfinite(norm)
-            self._guard(skip, norm == 0.0)
+            self.guards.count(skip, norm == 0.0, self.state.step + 1)
         if not skip:
             self.optimizer.step()
         self.lr_scheduler.step()
@@ -359,60 +256,7 @@ class Session:
         When one is NaN or infinite, nothing may store or train on them: the epoch's update is skipped (no advantage,
         no per-prompt statistic, no pair, no optimiser step; logged as `train/nonfinite_rewards` and
         `train/skipped_nonfinite`), and it counts towards `optim.nonfinite_patience` like a skipped optimiser step."""
-        bad = int((~torch.isfinite(rewards)).sum())
-        if bad == 0:
-            return True
-        self.nonfinite_rewards += bad
-        logger.warning("%s %d: %d of %d rewards are NaN or infinite: this %s's update is skipped", self.unit,
-                       self.state.step + 1, bad, rewards.numel(), self.unit)
-        self._guard(True, False)
-        return False
-
-    def _guard(self, skipped: bool, zero: bool) -> None:
-        """Count skipped (non-finite) and zero-gradient optimiser steps in a row; stop or warn past their limits."""
-        self.skipped_nonfinite += int(skipped)
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
-        if self.nonfinite_in_a_row >= self.optim.nonfinite_patience:
-            latest = self.checkpointer.latest()
-            raise NonFiniteError(
-                f"{self.unit} {self.state.step + 1}: {self.nonfinite_in_a_row} updates in a row were skipped for NaN "
-                f"or infinite rewards, advantages, losses or gradients, so the run stopped; its weights are those of "
-                f"the last finite step, and " + (f"the latest checkpoint ({latest.name}) holds finite weights"
-                                                 if latest is not None else "no checkpoint was written yet"))
-        self.zero_gradient_in_a_row = self.zero_gradient_in_a_row + 1 if zero else 0
-        if self.zero_gradient_in_a_row == self.optim.dead_after:
-            self._diverged("dead", f"{self.unit} {self.state.step + 1}: the gradient norm has been exactly 0 for "
-                                   f"{self.optim.dead_after} optimiser steps in a row (optim.dead_after): nothing is "
-                                   f"learned; a dead run? check the learning rate and the reward")
-
-    def _check_weights(self, step: int, record: bool) -> None:
-        """After every step: weights that are NaN, infinite or so large that their norm overflows float32 (an
-        exploding run past repair: such a model only makes NaN images) stop the run before anything evaluates or
-        saves them. At each record (`record`): an exploding run's weights grow past `optim.max_weight_growth` times
-        their initial norm (a warning, or a stop under `optim.stop_on_divergence`)."""
-        norm = weight_norm(self.parameters)
-        if not math.isfinite(norm):
-            latest = self.checkpointer.latest()
-            raise NonFiniteError(f"{self.unit} {step}: the trained weights became NaN, infinite or overflowing (their "
-                                 f"norm is not a float32 number): an exploding run, stopped before evaluating or "
-                                 f"saving them; " + (f"the latest checkpoint ({latest.name}) holds earlier weights"
-                                                     if latest is not None else "no checkpoint was written")
-                                 + "; lower the learning rate")
-        if record and norm > self.optim.max_weight_growth * self.initial_weight_norm:
-            self._diverged("exploding", f"{self.unit} {step}: the trained weights' norm grew from "
-                                        f"{self.initial_weight_norm:.4g} to {norm:.4g}, past optim.max_weight_growth="
-                                        f"{self.optim.max_weight_growth:g} times; an exploding run? lower the "
-                                        f"learning rate")
-
-    def _diverged(self, kind: str, message: str) -> None:
-        """Stop with `message` under `optim.stop_on_divergence` (before this step's checkpoint: the latest one holds
-        the weights from before); otherwise warn, once per kind."""
-        if self.optim.stop_on_divergence:
-            raise DivergenceError(f"{message} (stopped: optim.stop_on_divergence=true; the latest checkpoint holds "
-                                  f"earlier weights)")
-        if kind not in self.warned:
-            self.warned.add(kind)
-            logger.warning("%s (set algo.optim.stop_on_divergence=true to stop such a run)", message)
+        return self.guards.rewards_finite(rewards, self.state.step + 1)
 
     def end_epoch(self, metrics: dict[str, float], evaluate: Callable[[int], None]) -> bool:
         """After an epoch's update: log `metrics`, then `_advance`. True when this invocation should stop now."""
@@ -448,15 +292,10 @@ class Session:
         if self.progress is not None:
             self.progress.update(1)
         if metrics is not None:
-            if self.skipped_nonfinite:  # since the last record
-                metrics = {**metrics, "train/skipped_nonfinite": self.skipped_nonfinite}
-                self.skipped_nonfinite = 0
-            if self.nonfinite_rewards:
-                metrics = {**metrics, "train/nonfinite_rewards": self.nonfinite_rewards}
-                self.nonfinite_rewards = 0
-            metrics = {**metrics, "train/seconds": self.state.seconds, "train/cpu_seconds": self.state.cpu_seconds}
+            metrics = {**metrics, **self.guards.since_last_record(), "train/seconds": self.state.seconds,
+                       "train/cpu_seconds": self.state.cpu_seconds}
             self.accelerator.log(metrics, step=step)
-        self._check_weights(step, record=metrics is not None)
+        self.guards.check_weights(self.parameters, step, record=metrics is not None)
         evaluate(step)
         if self.checkpointer.due(step, self.total_steps):
             self._save(step)
@@ -514,8 +353,9 @@ class Session:
             raise
 
     def _save(self, step: int) -> None:
-        """Checkpoint `step`; never weights that are NaN, infinite or overflowing (`_check_weights` stops the run)."""
-        self._check_weights(step, record=False)
+        """Checkpoint `step`; never weights that are NaN, infinite or overflowing (`Guards.check_weights` stops the
+        run)."""
+        self.guards.check_weights(self.parameters, step, record=False)
         self.checkpointer.save(step)
 
     def _stop_requested(self) -> bool:
@@ -531,13 +371,7 @@ class Session:
         LoRA in ComfyUI's layout and a model card); plot the held-out curves (`curves.png`); close the trackers."""
         if self.ema is not None:
             self.ema.copy_to(self.parameters)
-        run_dir = self.ctx.run_dir
-        save_final(run_dir / "final", self.pipe, self.lora, self.modules, self.accelerator)
-        if self.accelerator.is_main_process:  # final/README.md: the hub model card (rl/model_card.py)
-            prompts = self.ctx.eval_prompts or self.ctx.train_prompts
-            write_model_card(run_dir, self.ctx.config, example_prompt=prompts[0].text if prompts else "a photo")
-        if self.accelerator.is_main_process and plot_eval_curves(run_dir) is not None:
-            logger.info("held-out curves: %s; image grids: %s", run_dir / "curves.png", run_dir / "samples")
+        export_run(self.ctx, self.pipe, self.lora, self.modules, self.accelerator)
         self.accelerator.end_training()
 
     # -------------------------------------------------------------------------------------------- the weights
@@ -650,8 +484,10 @@ def open_session(
         ctx=ctx, accelerator=accelerator, pipe=pipe, transformer=transformer, modules=modules, parameters=parameters,
         optimizer=optimizer, lr_scheduler=lr_scheduler, reward=reward, text=text, state=counters,
         checkpointer=checkpointer,
-        ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint, total_steps=total_steps, updates=updates,
+        ema=ema_model, lora=lora, optim=optim, checkpoint=checkpoint,
+        guards=Guards(optim, unit, checkpointer.latest, initial_weight_norm=initial_norm), total_steps=total_steps,
+        updates=updates,
         unit=unit, layout=layout,
-        start=counters.step, frozen_reference=frozen, initial_weight_norm=initial_norm, evaluation_pending=pending,
+        start=counters.step, frozen_reference=frozen, evaluation_pending=pending,
         seconds_marks=SecondsMarks(every_seconds, config.eval.seconds_clock) if every_seconds else None,
     )

@@ -19,7 +19,7 @@ from rl.context import RunContext
 from rl.data import EpochBatchSampler, ImageCaptionDataset, collate
 from rl.evaluation import ValidationConfig, validate
 from rl.losses import check_weighting_scheme, flow_matching_loss, sample_training_timesteps
-from rl.session import TrainingConfig, collect, open_session
+from rl.session import Session, TrainingConfig, collect, open_session
 
 
 @dataclass
@@ -145,7 +145,7 @@ class Encoder:
         return prompt_embeds, pooled
 
 
-def batches(data, batch_size: int, session, collate_fn=collate, num_workers: int = 0):
+def batches(data, batch_size: int, session: Session, collate_fn=collate, num_workers: int = 0):
     """This process's endless stream of batches of `data` (a dataset of `(index, epoch, seed)` items), from the
     session's saved data position (`rl.session.Session`)."""
     accelerator = session.accelerator

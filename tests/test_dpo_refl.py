@@ -21,10 +21,11 @@ from rl.context import RunContext
 from rl.data import DataError
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
+from rl.optim import OptimConfig
 from rl.preferences import PreferenceData
 from rl.prompts import load_prompts
 from rl.refl import ReFLConfig, ReFLTrainConfig, reward_loss
-from rl.session import OptimConfig, prepare_models
+from rl.session import prepare_models
 from rl.tracking import LoggerConfig
 from scripts.make_preference_pairs import make_pairs
 

@@ -29,10 +29,10 @@ from rl.checkpoints import CheckpointConfig, CheckpointError, changed_options, l
 from rl.context import RunContext
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
+from rl.optim import DivergenceError, NonFiniteError, OptimConfig
 from rl.ppo import PPOConfig
 from rl.prompts import load_prompts
 from rl.rollouts import SamplingConfig
-from rl.session import DivergenceError, NonFiniteError, OptimConfig
 from rl.tracking import JsonlTracker, LoggerConfig, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +306,7 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_it_resumes_exactly(tmp_pat
 PAUSED_RUN = """
 import runpy, sys, time
 phase = sys.argv.pop(1)
-import pipelines, rl.grpo, rl.session
+import pipelines, rl.export, rl.grpo
 def paused(original):
     def pause(*args, **kwargs):
         print("PAUSED", flush=True)
@@ -318,7 +318,7 @@ if phase == "loading":
 elif phase == "evaluation":
     rl.grpo.held_out = paused(rl.grpo.held_out)
 else:
-    rl.session.save_final = paused(rl.session.save_final)
+    rl.export.save_final = paused(rl.export.save_final)
 sys.argv[0] = "rl.run"
 runpy.run_module("rl.run", run_name="__main__", alter_sys=True)
 """

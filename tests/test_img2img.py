@@ -22,11 +22,11 @@ from rl.context import RunContext
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
 from rl.matching import MatchingConfig
+from rl.optim import OptimConfig
 from rl.ppo import PPOConfig
 from rl.prompts import PromptSetError, load_prompts
 from rl.rollouts import SamplingConfig, steps_taken
 from rl.run import check_image_prompts
-from rl.session import OptimConfig
 from rl.tracking import LoggerConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from rl.checkpoints import CheckpointConfig
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
 from rl.matching import MatchingConfig
+from rl.optim import OptimConfig
 from rl.rollouts import SamplingConfig
-from rl.session import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

@@ -17,10 +17,10 @@ from rl import grpo, rollouts
 from rl.context import RunContext
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
+from rl.optim import OptimConfig
 from rl.ppo import PPOConfig
 from rl.prompts import load_prompts
 from rl.rollouts import SamplingConfig, epoch_jobs, sample_rollouts
-from rl.session import OptimConfig
 from rl.tracking import LoggerConfig
 
 WALL_CLOCK = {"train/steps_per_second", "train/seconds", "train/cpu_seconds"}

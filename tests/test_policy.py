@@ -22,10 +22,10 @@ from rl.checkpoints import CheckpointConfig
 from rl.context import RunContext
 from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
+from rl.optim import OptimConfig
 from rl.ppo import PPOConfig
 from rl.prompts import load_prompts
 from rl.rollouts import SamplingConfig, epoch_jobs
-from rl.session import OptimConfig
 from rl.tracking import LoggerConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,9 @@ from rl.context import RunContext
 from rl.data import DataError, EpochBatchSampler, ImageCaptionData, digits_imagefolder, import_data_extra
 from rl.evaluation import ValidationConfig
 from rl.lora import LoraSpec, add_transformer_lora, transformer_lora_targets
+from rl.optim import OptimConfig
 from rl.prompts import Prompt
-from rl.session import EmaConfig, OptimConfig
+from rl.session import EmaConfig
 from rl.supervised import LossConfig, TrainConfig
 from rl.tracking import LoggerConfig
 from scripts.save_tiny_model import save_tiny_model
