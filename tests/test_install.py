@@ -52,3 +52,28 @@ def test_ci_runs_the_readmes_commands_with_the_constraints():
     assert re.search(r"^python3 -m venv ", ci, re.M), "CI does not build a fresh virtual environment"
     assert re.search(r"^pytest$", ci, re.M), "CI runs another test command than the README's"
 
+
+
+def test_the_wheel_holds_the_code_and_no_study_outputs(tmp_path):
+    """`pip wheel .` packages the five code packages and none of the committed run outputs (`results/`) or tests.
+    Built from a copy of the files git knows (a clean checkout's), so that no earlier build's leftovers count."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    source = tmp_path / "source"
+    for name in files:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--quiet", "-w", str(tmp_path)],
+                   cwd=source, check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("sd3_rl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names if "/" in name and ".dist-info/" not in name}
+    assert tops == {"rl", "rewards", "pipelines", "experiments", "scripts"}, tops
+    assert "rl/run.py" in names and "experiments/method_comparison.py" in names
+    assert not [name for name in names if name.endswith(("metrics.jsonl", ".png")) or "results/" in name]
