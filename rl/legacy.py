@@ -41,9 +41,19 @@ RENAMED_ALGORITHMS = {
     "rl.grpo.run": "rl.grpo.GRPO", "rl.ddpo.run": "rl.ddpo.DDPO", "rl.dpo.run_offline": "rl.dpo.OfflineDPO",
     "rl.dpo.run_online": "rl.dpo.OnlineDPO", "rl.refl.run": "rl.refl.ReFL",
 }
+# Command-line options that name something renamed: the old option and its new spelling.
+RENAMED_OPTIONS = {
+    "algo=grpo_digits": "experiment=grpo_digits",  # the default job's preset lives only in conf/experiment/
+}
 # old key -> CheckpointConfig field; epoch algorithms kept them in `algo`, step algorithms in `algo.train`
 CHECKPOINT_KEYS = {"checkpoint_every": "every", "keep_checkpoints": "keep", "resume": "resume",
                    "exit_after_epochs": "exit_after", "exit_after_steps": "exit_after"}
+
+
+def renamed_options(argv: list[str]) -> str | None:
+    """One line naming the new spelling of every renamed option on the command line `argv`; None when none is."""
+    found = [f"{arg} is now {RENAMED_OPTIONS[arg]}" for arg in argv if arg in RENAMED_OPTIONS]
+    return "; ".join(found) + " (renamed; run the command with the new name)" if found else None
 
 
 def upgrade_config(config: DictConfig) -> tuple[DictConfig, list[str]]:

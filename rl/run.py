@@ -44,9 +44,21 @@ from pipelines.option_types import check_option_types  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
 from rl.context import RunContext  # noqa: E402
 from rl.evaluation import check_prompt_images  # noqa: E402
+from rl.legacy import renamed_options  # noqa: E402
 from rl.run_lock import LOCK_FILE, hold_run_dir, release_run_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+# What `python -m rl.run` runs when the command line names neither an algo nor an experiment: GRPO in the digits world
+# (conf/experiment/grpo_digits.yaml), a few minutes on a CPU. Naming an algo (`algo=ddpo reward=aesthetic`) or another
+# experiment replaces it.
+DEFAULT_JOB = "experiment=grpo_digits"
+
+
+def with_default_job(argv: list[str]) -> list[str]:
+    """The command line `argv` with `DEFAULT_JOB` added when it names neither `algo=` nor `experiment=`."""
+    named = {arg.lstrip("+~").split("=")[0] for arg in argv if "=" in arg and not arg.startswith("-")}
+    return argv if named & {"algo", "experiment"} else [*argv, DEFAULT_JOB]
 
 
 def check_config(cfg: DictConfig, run_dir: Path) -> object:
@@ -253,6 +265,10 @@ def check_before_start(argv: list[str]) -> Path | None:
     unknown algo or reward, a key that does not exist; Hydra itself would print several lines and exit 1) and every
     bad value `check_config` finds. Left to Hydra: its own flags (`--help`, `-m` sweeps, ...). Returns the run
     directory (None when left to Hydra)."""
+    renamed = renamed_options(argv)
+    if renamed:
+        print(f"error: {renamed}", file=sys.stderr)
+        sys.exit(2)
     if any(arg.startswith("-") for arg in argv):
         return None
     try:
@@ -274,6 +290,7 @@ def check_before_start(argv: list[str]) -> Path | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = with_default_job(sys.argv[1:])
     checked_dir = check_before_start(sys.argv[1:])
     if checked_dir is not None and checked_dir.is_dir() and os.environ.get("RANK", "0") == "0":
         with exit_on_user_error():  # an existing run directory: refuse a second run before Hydra writes into it

@@ -90,12 +90,33 @@ def test_model_presets_point_at_the_published_checkpoints():
     assert "tiny_seed" not in compose_with("model=sd35_medium").model  # real checkpoints carry no tiny-model options
 
 
-def test_the_default_run_is_grpo_in_the_digits_world():
-    cfg = compose_with()
-    assert cfg.algo._target_ == "rl.grpo.GRPO" and cfg.algo.sampling.sde_window == 3
+def test_the_default_run_is_grpo_in_the_digits_world_and_naming_an_algo_replaces_it():
+    from rl.run import DEFAULT_JOB, with_default_job
+
+    assert with_default_job([]) == [DEFAULT_JOB] == ["experiment=grpo_digits"]
+    assert with_default_job(["seed=1", "model=tiny"]) == ["seed=1", "model=tiny", DEFAULT_JOB]
+    assert with_default_job(["algo=ddpo", "reward=aesthetic"]) == ["algo=ddpo", "reward=aesthetic"]
+    assert with_default_job(["experiment=nft_digits"]) == ["experiment=nft_digits"]
+    assert with_default_job(["-m", "algo=grpo,ddpo"]) == ["-m", "algo=grpo,ddpo"]
+    cfg = compose_with(*with_default_job([]))
+    assert cfg.algo._target_ == "rl.grpo.GRPO" and cfg.algo.sampling.sde_window == 3 and cfg.algo.epochs == 50
     assert cfg.model._target_ == "pipelines.digits.load_digits_pipeline"
     assert cfg.reward._target_ == "rewards.digits.DigitReward" and cfg.prompts.eval.file == "digits_world_eval.txt"
-    assert compose_with("experiment=grpo_digits").algo == cfg.algo  # the preset names the same run
+    assert compose_with(*with_default_job(["model=tiny"])).model._target_ == "pipelines.load_pipeline"  # CLI wins
+    plain = compose_with("algo=grpo")  # an algo on its own starts from the tiny model, no reward, Flow-GRPO's settings
+    assert plain.model._target_ != cfg.model._target_ and plain.get("reward") is None and plain.algo.epochs != 50
+    assert not (CONF / "algo" / "grpo_digits.yaml").exists()  # the preset lives in conf/experiment/ only
+
+
+def test_a_renamed_option_fails_in_one_line_naming_the_new_one(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rl.run", "algo=grpo_digits", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: algo=grpo_digits is now experiment=grpo_digits (renamed; run the command with the new name)"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_dpo_and_refl_configs_carry_the_published_defaults():
