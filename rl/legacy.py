@@ -31,7 +31,8 @@ RENAMED_TARGETS = {
     "rl.session.OptimConfig": "rl.optim.OptimConfig",
     "rl.sft.EmaConfig": "rl.session.EmaConfig",
     "rl.sft.LossConfig": "rl.supervised.LossConfig",
-    "rl.sft.TrainConfig": "rl.supervised.TrainConfig",
+    "rl.sft.TrainConfig": "rl.supervised.SupervisedStepConfig",
+    "rl.supervised.TrainConfig": "rl.supervised.SupervisedStepConfig",  # beside rl.session.TrainingConfig: renamed
     "rl.sft.ValidationConfig": "rl.evaluation.ValidationConfig",
     "experiments.digits_world.load_digits_pipeline": "pipelines.digits.load_digits_pipeline",
 }

@@ -37,7 +37,7 @@ class LossConfig:
 
 
 @dataclass
-class TrainConfig:
+class SupervisedStepConfig:
     """Steps and batches of the supervised loop (`algo.train`)."""
 
     max_steps: int = 500  # optimiser steps
@@ -159,7 +159,7 @@ class SupervisedConfig(TrainingConfig):
     """The supervised loop's options (`algo=sft`, and `algo=dreambooth`'s besides its own), and the session's."""
 
     loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: SupervisedStepConfig = field(default_factory=SupervisedStepConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
 

@@ -26,7 +26,7 @@ from rl.lora import LoraSpec, add_transformer_lora, transformer_lora_targets
 from rl.optim import OptimConfig
 from rl.prompts import Prompt
 from rl.session import EmaConfig
-from rl.supervised import LossConfig, TrainConfig
+from rl.supervised import LossConfig, SupervisedStepConfig
 from rl.tracking import LoggerConfig
 from scripts.save_tiny_model import save_tiny_model
 
@@ -64,7 +64,7 @@ def test_lora_sft_lowers_the_training_loss_on_real_digits(tmp_path, digits):
     sft.SFT(
         lora=LoraSpec(rank=16),
         optim=OptimConfig(lr=3e-3),
-        train=TrainConfig(max_steps=60, batch_size=16),
+        train=SupervisedStepConfig(max_steps=60, batch_size=16),
         checkpoint=CheckpointConfig(every=1000),
         validation=ValidationConfig(every=0),
     )(context(tmp_path, digits))
@@ -78,7 +78,7 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_images(tmp_path,
     sft.SFT(
         lora=LoraSpec(rank=8, text_encoders=True),
         optim=OptimConfig(lr=1e-2),
-        train=TrainConfig(max_steps=3, batch_size=4),
+        train=SupervisedStepConfig(max_steps=3, batch_size=4),
         checkpoint=CheckpointConfig(every=1000),
         validation=ValidationConfig(every=0),
     )(context(tmp_path, digits, model_path=str(tiny_folder)))
@@ -97,7 +97,7 @@ def test_full_fine_tune_saves_a_pipeline_that_from_pretrained_loads(tmp_path, di
     sft.SFT(
         lora=None,
         optim=OptimConfig(lr=1e-4),
-        train=TrainConfig(max_steps=2, batch_size=4),
+        train=SupervisedStepConfig(max_steps=2, batch_size=4),
         checkpoint=CheckpointConfig(every=1000),
         validation=ValidationConfig(every=0),
     )(context(tmp_path, digits))
@@ -118,7 +118,7 @@ def test_resumed_run_ends_with_the_same_weights_and_losses(tmp_path, digits):
         sft.SFT(
             lora=LoraSpec(rank=4),
             optim=OptimConfig(lr=5e-3, lr_scheduler="cosine", warmup_steps=2),
-            train=TrainConfig(max_steps=6, batch_size=3, gradient_accumulation_steps=2, caption_dropout=0.3),
+            train=SupervisedStepConfig(max_steps=6, batch_size=3, gradient_accumulation_steps=2, caption_dropout=0.3),
             checkpoint=CheckpointConfig(every=3, exit_after=exit_after),
             validation=ValidationConfig(every=0),
             ema=EmaConfig(enabled=True, decay=0.9),
@@ -155,7 +155,7 @@ def test_dreambooth_with_prior_preservation_and_text_encoder_lora(tmp_path):
         num_class_images=4,
         class_num_inference_steps=3,
         lora=LoraSpec(rank=4, text_encoders=True),
-        train=TrainConfig(max_steps=4, batch_size=1),
+        train=SupervisedStepConfig(max_steps=4, batch_size=1),
         checkpoint=CheckpointConfig(every=2),
         validation=ValidationConfig(every=2, num_inference_steps=3),
     )(ctx)
@@ -254,14 +254,14 @@ def test_data_errors_are_clear(tmp_path, caplog):
 
 def test_caching_latents_with_augmentation_is_refused(tmp_path, digits):
     with pytest.raises(ConfigError, match="cache_latents needs"):
-        sft.SFT(train=TrainConfig(cache_latents=True))(context(tmp_path, digits, random_flip=True))
+        sft.SFT(train=SupervisedStepConfig(cache_latents=True))(context(tmp_path, digits, random_flip=True))
 
 
 def test_cached_latents_and_embeddings_train_like_uncached(tmp_path, digits):
     def train(run_dir, cache):
         sft.SFT(
             lora=LoraSpec(rank=4),
-            train=TrainConfig(max_steps=3, batch_size=4, cache_latents=cache, cache_text_embeddings=cache),
+            train=SupervisedStepConfig(max_steps=3, batch_size=4, cache_latents=cache, cache_text_embeddings=cache),
             checkpoint=CheckpointConfig(every=1000),
             validation=ValidationConfig(every=0),
         )(context(run_dir, digits))
@@ -275,7 +275,7 @@ def test_full_fine_tune_resumes_exactly(tmp_path, digits):
         sft.SFT(
             lora=None,
             optim=OptimConfig(lr=1e-4),
-            train=TrainConfig(max_steps=4, batch_size=2),
+            train=SupervisedStepConfig(max_steps=4, batch_size=2),
             checkpoint=CheckpointConfig(every=2, exit_after=exit_after),
             validation=ValidationConfig(every=0),
         )(context(run_dir, digits))
