@@ -21,7 +21,7 @@ from torch import nn
 
 from pipelines.hub import ModelLoadError, check_hub_file, looks_like_hub_id
 from rewards.base import Reward
-from rewards.clip import ClipModel
+from rewards.clip_model import ClipModel
 
 SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "assets" / "aesthetic"
 IMPROVED_KEYS = {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}

@@ -34,7 +34,7 @@ import torch
 
 from pipelines.hub import ModelLoadError, check_hub_file, looks_like_hub_id
 from rewards.base import Reward, RewardInputError
-from rewards.clip import ClipModel
+from rewards.clip_model import ClipModel
 from rewards.geneval_rules import COLORS, Detection, geneval_correct, kept_detections, relative_position
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

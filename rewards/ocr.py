@@ -1,5 +1,5 @@
 """Text rendering as Flow-GRPO scores it: an OCR engine reads the image, and the reward is 1 minus the normalised edit
-distance between what it read and the text the prompt puts between double quotes (`rewards/ocr_score.py` has the
+distance between what it read and the text the prompt puts between double quotes (`rewards/ocr_rule.py` has the
 rule). Not differentiable.
 
 Engines (`reward.engine`):
@@ -34,7 +34,7 @@ import PIL.Image
 import torch
 
 from rewards.base import Reward, RewardInputError
-from rewards.ocr_score import ocr_score, quoted_text
+from rewards.ocr_rule import ocr_score, quoted_text
 
 ENGINES = ("rapidocr", "paddleocr", "tesseract")
 

@@ -35,6 +35,9 @@ RENAMED_TARGETS = {
     "rl.supervised.TrainConfig": "rl.supervised.SupervisedStepConfig",  # beside rl.session.TrainingConfig: renamed
     "rl.sft.ValidationConfig": "rl.evaluation.ValidationConfig",
     "experiments.digits_world.load_digits_pipeline": "pipelines.digits.load_digits_pipeline",
+    # reward files named by what they hold (issue 32): CLIP's towers, the CLIP-similarity rewards
+    "rewards.clip.ClipModel": "rewards.clip_model.ClipModel",
+    "rewards.clip_score.ClipSimilarityReward": "rewards.clip_similarity.ClipSimilarityReward",
 }
 # An algorithm was a function built with `_partial_: true`; it is now a config class whose instance runs it.
 RENAMED_ALGORITHMS = {

@@ -1,7 +1,7 @@
 """Text-rendering training prompts that are not the OCR benchmark's.
 
 Flow-GRPO's OCR test prompts (`assets/prompts/ocr_test.txt`, 1018) describe a scene holding a short text in double
-quotes, the target the OCR reward reads for (`rewards/ocr_score.py`). The training set here is built the same way from
+quotes, the target the OCR reward reads for (`rewards/ocr_rule.py`). The training set here is built the same way from
 parts written for it: scene templates (shop fronts, road and warning signs, book covers, t-shirts, mugs, labels,
 screens, posters, cakes, chalkboard menus ...), each with the kinds of text it plausibly shows, and short English
 phrases of those kinds (1 to 4 words) combined from the word lists below ("Miller's Bakery", "Bridge Out Ahead",
@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-from rewards.ocr_score import normalise, quoted_text
+from rewards.ocr_rule import normalise, quoted_text
 
 DEFAULT_SIZE = 5000
 DEFAULT_SEED = 2026

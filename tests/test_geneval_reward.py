@@ -14,7 +14,7 @@ import torch
 from pipelines.errors import UserError
 from pipelines.hub import ModelLoadError
 from rewards.base import RewardInputError
-from rewards.clip import ClipModel
+from rewards.clip_model import ClipModel
 from rewards.geneval import GREY, TASKS, GenEvalReward, box_of_mask, colour_crop, geneval_partial_score
 from rewards.geneval_rules import COLORS, geneval_correct
 from rl.tracking import info_means

@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from rewards.ocr_score import normalise, quoted_text
+from rewards.ocr_rule import normalise, quoted_text
 from rl import ocr_prompts as op
 from scripts import make_ocr_train_prompts
 

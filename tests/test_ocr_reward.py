@@ -161,7 +161,7 @@ def test_score_cli_on_a_folder_of_images(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     # "closed" (6) against "opendaily": c->o ... by the capped distance: not contained, so 1 - min(lev, 6) / 6
-    from rewards.ocr_score import levenshtein
+    from rewards.ocr_rule import levenshtein
     assert [r["score"] for r in lines] == pytest.approx([1.0, 1 - min(levenshtein("opendaily", "closed"), 6) / 6])
     assert [r["ocr_exact"] for r in lines] == [1.0, 0.0]
 

@@ -135,16 +135,23 @@ def test_legacy_rewrites_an_old_config_in_todays_spelling(tmp_path, case):
 
 
 def test_a_config_from_before_the_session_split_and_renames_upgrades_and_builds():
-    """Issue 32 moved `OptimConfig` to `rl.optim` and renamed `rl.supervised.TrainConfig`: a run directory written
-    before (its config naming `rl.session.OptimConfig` and `rl.supervised.TrainConfig`) reads in today's spelling."""
+    """Issue 32 moved `OptimConfig` to `rl.optim`, renamed `rl.supervised.TrainConfig` and two reward files: a run
+    directory written before (its config naming the old targets) reads in today's spelling."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        today = compose("config", overrides=["algo=sft", "model=tiny"])
-    text = OmegaConf.to_yaml(today).replace("rl.optim.OptimConfig", "rl.session.OptimConfig").replace(
-        "rl.supervised.SupervisedStepConfig", "rl.supervised.TrainConfig")
-    assert "rl.session.OptimConfig" in text and "rl.supervised.TrainConfig" in text
+        today = compose("config", overrides=["algo=sft", "model=tiny", "reward=pickscore"])
+    text = OmegaConf.to_yaml(today)
+    for old, new in (("rl.session.OptimConfig", "rl.optim.OptimConfig"),
+                     ("rl.supervised.TrainConfig", "rl.supervised.SupervisedStepConfig"),
+                     ("rewards.clip.ClipModel", "rewards.clip_model.ClipModel"),
+                     ("rewards.clip_score.ClipSimilarityReward", "rewards.clip_similarity.ClipSimilarityReward")):
+        assert new in text
+        text = text.replace(new, old)
     upgraded, changes = legacy.upgrade_config(OmegaConf.create(text))
-    assert sorted(changes) == ["algo.optim._target_: rl.session.OptimConfig -> rl.optim.OptimConfig",
-                               "algo.train._target_: rl.supervised.TrainConfig -> rl.supervised.SupervisedStepConfig"]
+    assert sorted(changes) == [
+        "algo.optim._target_: rl.session.OptimConfig -> rl.optim.OptimConfig",
+        "algo.train._target_: rl.supervised.TrainConfig -> rl.supervised.SupervisedStepConfig",
+        "reward._target_: rewards.clip_score.ClipSimilarityReward -> rewards.clip_similarity.ClipSimilarityReward",
+        "reward.clip._target_: rewards.clip.ClipModel -> rewards.clip_model.ClipModel"]
     assert upgraded == today
     algo = instantiate(upgraded.algo)
     assert type(algo.optim).__module__ == "rl.optim" and type(algo.train).__name__ == "SupervisedStepConfig"

@@ -21,8 +21,8 @@ from pipelines.hub import ModelLoadError
 from pipelines.tiny import build_clip_tokenizer
 from rewards import RewardInputError
 from rewards.aesthetic import AestheticReward, improved_head, load_head_file
-from rewards.clip import ClipModel
-from rewards.clip_score import ClipSimilarityReward
+from rewards.clip_model import ClipModel
+from rewards.clip_similarity import ClipSimilarityReward
 from rewards.jpeg import JpegSizeReward, jpeg_size_kb
 from rewards.multi import MultiReward
 from rewards.preprocess import clip_preprocess

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rewards.base import Reward
-from rewards.clip import ClipModel, cosine_similarity
+from rewards.clip_model import ClipModel, cosine_similarity
 
 
 class ClipSimilarityReward(Reward):

@@ -1,10 +1,10 @@
-"""Flow-GRPO's OCR score (rewards/ocr_score.py) by hand: the quoted text, the normalisation, the edit distance, the cap
+"""Flow-GRPO's OCR score (rewards/ocr_rule.py) by hand: the quoted text, the normalisation, the edit distance, the cap
 and the containment rule."""
 
 import pytest
 
 from rewards.base import RewardInputError
-from rewards.ocr_score import levenshtein, normalise, ocr_distance, ocr_score, quoted_text
+from rewards.ocr_rule import levenshtein, normalise, ocr_distance, ocr_score, quoted_text
 
 
 def test_the_asked_text_is_between_the_first_quotes():
