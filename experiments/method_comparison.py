@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.seed_statistics import Interval, interval, paired_difference, within_noise
+from rl.legacy import current_override
 from rl.tracking import read_metrics
 
 ACCURACY = "eval/correct_mean"  # held-out accuracy at the image points (or the validation accuracy when tuning)
@@ -71,6 +72,11 @@ class Method:
     knob: str
     values: tuple
     why: str  # why this knob: the one the method's own papers or presets vary, or a known weakness of the preset
+    folder: str = ""  # the knob's name in the tuning runs' folders, if not its last part (named before a rename)
+
+    @property
+    def folder_name(self) -> str:
+        return self.folder or self.knob.rsplit(".", 1)[-1]
 
 
 METHODS = {
@@ -89,9 +95,10 @@ METHODS = {
                    "where the one gradient step is: early (the preset) or late (as ImageReward's last quarter)"),
     "draft": Method("draft_digits", "DRaFT", "algo.refl.k", (10, 1),
                     "K: all steps (the preset) or DRaFT-1, the paper's usual best"),
-    "nft": Method("nft_digits", "DiffusionNFT", "algo.beta", (0.1, 1.0), "beta: DiffusionNFT's OCR and GenEval values"),
-    "awm": Method("awm_digits", "AWM", "algo.ema_policy.beta", (1.0, 0.1),
-                  "the weight of the KL to the trailing copy (AWM: 1)"),
+    "nft": Method("nft_digits", "DiffusionNFT", "algo.policy_mix", (0.1, 1.0),
+                  "DiffusionNFT's beta: its OCR and GenEval values", folder="beta"),
+    "awm": Method("awm_digits", "AWM", "algo.ema_kl_beta", (1.0, 0.1),
+                  "the weight of the KL to the trailing copy (AWM: 1)", folder="beta"),
 }
 
 
@@ -121,6 +128,7 @@ class Plan:
     images_per_step: int
     steps_option: str  # algo.epochs or algo.train.max_steps
     lr: float
+    target: str  # the algorithm's config class (`rl.nft.NFT`): which of its options were renamed (rl/legacy.py)
     training_guidance: float | None = None
 
 
@@ -134,10 +142,10 @@ def plan(method: str) -> Plan:
     if "sampling" in algo:  # the online methods count epochs of prompts x images
         guidance = algo.sampling.guidance_scale
         return Plan(method, preset, algo.sampling.prompts_per_epoch * algo.sampling.images_per_prompt, "algo.epochs",
-                    algo.optim.lr, guidance if guidance != algo.eval.guidance_scale else None)
+                    algo.optim.lr, algo._target_, guidance if guidance != algo.eval.guidance_scale else None)
     guidance = algo.refl.guidance_scale  # ReFL, DRaFT
     return Plan(method, preset, algo.train.batch_size * algo.train.gradient_accumulation_steps, "algo.train.max_steps",
-                algo.optim.lr, guidance if guidance != algo.eval.guidance_scale else None)
+                algo.optim.lr, algo._target_, guidance if guidance != algo.eval.guidance_scale else None)
 
 
 # ------------------------------------------------------------------------------------------------------- running
@@ -185,20 +193,21 @@ def evaluation_options(plan: Plan, images: int, seconds: float, evaluations: int
     return options
 
 
-def ran_with(run_dir: Path, options: list[str]) -> bool:
-    """Whether the run in `run_dir` was launched with every one of `options` (True where nothing ran yet)."""
+def ran_with(run_dir: Path, options: list[str], target: str = "") -> bool:
+    """Whether the run in `run_dir` was launched with every one of `options` (True where nothing ran yet), both read
+    in today's spelling of the algorithm `target`'s options (a run launched before a rename still counts)."""
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if not overrides.exists():
         return True
-    given = {line.removeprefix("- ").strip() for line in overrides.read_text().splitlines()}
-    return all(option in given for option in options)
+    given = {current_override(line.removeprefix("- ").strip(), target) for line in overrides.read_text().splitlines()}
+    return all(current_override(option, target) in given for option in options)
 
 
 def run_to_budgets(plan: Plan, seed: int, run_dir: Path, images: int, seconds: float, evaluations: int,
                    extra: list[str], threads: int | None = None) -> None:
     """Run (or resume, or continue) one seed until it has sampled `images` and trained `seconds` CPU seconds. Past
     the image budget, only the seconds marks are evaluated."""
-    if not ran_with(run_dir, extra):
+    if not ran_with(run_dir, extra, plan.target):
         raise SystemExit(f"{run_dir} ran with other settings than {' '.join(extra)} (a tuning choice changed since?): "
                          "move it away and run again")
     steps = math.ceil(images / plan.images_per_step)
@@ -269,12 +278,12 @@ class Runs:
 
 
 def read_runs(out: Path, method: str, seeds: list[int], images: int, seconds: float, evaluations: int,
-              guidance: float | None, options: list[str]) -> tuple[Runs, list[int]]:
+              guidance: float | None, options: list[str], target: str = "") -> tuple[Runs, list[int]]:
     """The finished runs among `seeds` made with `options`, and the seeds not finished (or made with others)."""
     runs, missing = Runs({}, {}, {}), []
     for seed in seeds:
         run_dir = out / method / f"seed_{seed}"
-        if not ran_with(run_dir, options):
+        if not ran_with(run_dir, options, target):
             missing.append(seed)
             continue
         records = read_metrics(run_dir)
@@ -421,7 +430,7 @@ def tune(method: str, base: Plan, args, extra: list[str], run: bool) -> tuple[di
     for factor in LR_FACTORS:
         for value in spec.values:
             lr = base.lr * factor
-            name = f"lr_{lr:.3g}_{knob}_{slug(value)}"
+            name = f"lr_{lr:.3g}_{spec.folder_name}_{slug(value)}"
             run_dir = args.out / "tuning" / method / name
             options = [f"algo.optim.lr={lr:g}", override(spec.knob, value)]
             if run:
@@ -439,15 +448,15 @@ def tune(method: str, base: Plan, args, extra: list[str], run: bool) -> tuple[di
     return {**chosen, "validation_accuracy": scores}, []
 
 
-def read_method(out: Path, method: str, guidance: float | None, options: list[str],
-                args) -> tuple[Runs | None, list[int]]:
+def read_method(out: Path, plan: Plan, options: list[str], args) -> tuple[Runs | None, list[int]]:
     """A method's finished base seeds made with the tuned `options`, with its extra seeds once all of them are in;
     None and the unfinished base seeds if any is."""
-    runs, missing = read_runs(out, method, args.seeds, args.images, args.seconds, args.evaluations, guidance, options)
+    runs, missing = read_runs(out, plan.method, args.seeds, args.images, args.seconds, args.evaluations,
+                              plan.training_guidance, options, plan.target)
     if missing:
         return None, missing
-    more, more_missing = read_runs(out, method, args.extra_seeds, args.images, args.seconds, args.evaluations,
-                                   guidance, options)
+    more, more_missing = read_runs(out, plan.method, args.extra_seeds, args.images, args.seconds, args.evaluations,
+                                   plan.training_guidance, options, plan.target)
     if args.extra_seeds and not more_missing:
         for part in ("by_images", "by_seconds", "at_training_guidance"):
             getattr(runs, part).update(getattr(more, part))
@@ -464,7 +473,7 @@ def report(args, plans: dict[str, Plan]) -> tuple[dict, dict, dict, list[str]]:
             pending.append(f"{METHODS[method].label}: {len(missing)} of its 4 tuning runs unfinished")
             continue
         chosen[method] = choice
-        runs, missing = read_method(args.out, method, plans[method].training_guidance, choice["options"], args)
+        runs, missing = read_method(args.out, plans[method], choice["options"], args)
         if runs is None:
             pending.append(f"{METHODS[method].label}: seeds {missing} unfinished (or run with other settings than "
                            "the tuned ones)")

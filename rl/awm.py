@@ -32,24 +32,9 @@ from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import awm_advantages, awm_log_prob, awm_policy_loss, group_advantages, velocity_kl
 from rl.matching import MatchingConfig, NoisedBatch, matching_update
-from rl.policy_copy import PolicyCopy, capped_linear_decay
+from rl.policy_copy import PolicyCopy, TrailingCopyConfig, capped_linear_decay
 from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch
 from rl.session import TrainingConfig, open_session
-
-
-@dataclass
-class EmaPolicy:
-    """AWM's KL-EMA (`algo.ema_policy`): a copy of the policy that trails it, `psi <- delta psi + (1 - delta) theta`
-    after each epoch with `delta = min(rate * optimiser steps so far, cap)`, and the weight of the KL to it."""
-
-    beta: float = 1.0  # the weight of mean_d (v - v_ema)^2 (AWM: 1); 0 keeps no copy
-    rate: float = 0.001
-    cap: float = 0.3
-
-    def __post_init__(self):
-        check_values("algo.ema_policy", self, at_least_zero=("beta", "rate"))
-        if not 0 <= self.cap <= 1:
-            raise ConfigError(f"algo.ema_policy.cap must be in [0, 1], got {self.cap!r}")
 
 
 @dataclass(kw_only=True)
@@ -66,7 +51,8 @@ class AWM(TrainingConfig):
     advantage_ddof: int = 0  # the std divides by n - ddof: 0 as AWM (np.std)
     weighting: str = "ghuber"  # the log-likelihood surrogate: ghuber (AWM's generalised Huber) or uniform (-m)
     power: float = 0.25  # ghuber's power p
-    ema_policy: EmaPolicy = field(default_factory=EmaPolicy)
+    ema_kl_beta: float = 1.0  # the weight of mean_d (v - v_ema)^2, the KL to the trailing copy (AWM: 1); 0: no copy
+    ema_policy: TrailingCopyConfig = field(default_factory=lambda: TrailingCopyConfig(cap=0.3))  # how it trails
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=1.0, noise_level=0.0,
                                                                             num_inference_steps=14))
     train: MatchingConfig = field(default_factory=lambda: MatchingConfig(timestep_order="stratified",
@@ -75,7 +61,8 @@ class AWM(TrainingConfig):
 
     def __post_init__(self):
         check_values("algo", self, positive=("epochs", "adv_clip", "advantage_max", "power", "clip_range"),
-                     at_least_zero=("beta",))
+                     at_least_zero=("beta", "ema_kl_beta"))
+        self.ema_policy.check("algo.ema_policy")
         if self.weighting not in ("ghuber", "uniform"):
             raise ConfigError(f"algo.weighting must be ghuber or uniform, got {self.weighting!r}")
         if self.sampling.images_per_prompt < 2:
@@ -93,10 +80,10 @@ def run(ctx: RunContext, config: AWM) -> None:
     ctx.require_reward("awm")
     steps_per_sample = train.steps_per_sample(sampling.steps_taken)
     layout = update_layout(sampling, train, config.epochs, steps_per_sample, "train")
-    trailing = PolicyCopy() if ema_policy.beta > 0 else None
+    trailing = PolicyCopy() if config.ema_kl_beta > 0 else None
     s = open_session(ctx, config, total_steps=config.epochs, unit="epoch", layout=layout,
-                     gradient_checkpointing=train.gradient_checkpointing, prompts_only=True, reference=config.beta > 0,
-                     state={"ema_policy": trailing} if trailing is not None else None)
+                     gradient_checkpointing=train.gradient_checkpointing, prompts_only=True,
+                     reference=config.beta > 0, state={"ema_policy": trailing} if trailing is not None else None)
     if trailing is not None:
         trailing.ensure(s.parameters)  # the trained weights at the start, or the copy a resume restored
     reference = s.reference_policy() if config.beta > 0 else None
@@ -140,7 +127,7 @@ def run(ctx: RunContext, config: AWM) -> None:
                 with torch.no_grad(), trailing.swapped_in(s.parameters):
                     v_trailing = batch.velocity()
                 kl_ema = velocity_kl(v, v_trailing).mean()
-                loss = loss + ema_policy.beta * kl_ema
+                loss = loss + config.ema_kl_beta * kl_ema
                 stats["kl_ema"] = kl_ema.detach()
             return loss, stats
 
@@ -150,7 +137,7 @@ def run(ctx: RunContext, config: AWM) -> None:
         # 4. The trailing copy follows the trained weights; log; evaluate every few epochs; checkpoint.
         if trailing is not None:
             optimizer_steps = (epoch + 1) * train.inner_epochs * train.optimizer_steps
-            decay = capped_linear_decay(optimizer_steps, ema_policy.rate, ema_policy.cap)
+            decay = capped_linear_decay(optimizer_steps, ema_policy.rate, ema_policy.cap, ema_policy.flat)
             stats["ema_policy_deviation"] = trailing.deviation(s.parameters)
             stats["ema_policy_decay"] = decay
             trailing.update(s.parameters, decay)

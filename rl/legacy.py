@@ -38,6 +38,16 @@ RENAMED_TARGETS = {
     # reward files named by what they hold (issue 32): CLIP's towers, the CLIP-similarity rewards
     "rewards.clip.ClipModel": "rewards.clip_model.ClipModel",
     "rewards.clip_score.ClipSimilarityReward": "rewards.clip_similarity.ClipSimilarityReward",
+    # NFT's old policy and AWM's KL-EMA share one trailing-copy config (issue 32)
+    "rl.nft.OldPolicyDecay": "rl.policy_copy.TrailingCopyConfig",
+    "rl.awm.EmaPolicy": "rl.policy_copy.TrailingCopyConfig",
+}
+# Keys of an algorithm's config renamed (old dotted key under `algo` -> new), so that `beta` / `kl_beta` name a KL
+# weight in every method: DiffusionNFT's beta mixes the implicit policies; AWM's KL-EMA weight left the shared
+# trailing-copy config.
+RENAMED_KEYS = {
+    "rl.nft.NFT": {"beta": "policy_mix"},
+    "rl.awm.AWM": {"ema_policy.beta": "ema_kl_beta"},
 }
 # An algorithm was a function built with `_partial_: true`; it is now a config class whose instance runs it.
 RENAMED_ALGORITHMS = {
@@ -60,6 +70,44 @@ def renamed_options(argv: list[str]) -> str | None:
     return "; ".join(found) + " (renamed; run the command with the new name)" if found else None
 
 
+def renamed_key_hint(argv: list[str]) -> str | None:
+    """For a command line that did not compose: the new name of each `algo.<key>=...` it sets that an algorithm
+    renamed (`algo.beta` of DiffusionNFT is `algo.policy_mix`); None when it sets none."""
+    keys = {arg.lstrip("+~").split("=")[0] for arg in argv if "=" in arg}
+    hints = [f"{target.rsplit('.', 1)[-1]}'s algo.{old} is now algo.{new}" for target, renamed in RENAMED_KEYS.items()
+             for old, new in renamed.items() if f"algo.{old}" in keys]
+    return "; ".join(hints) or None
+
+
+def current_override(option: str, target: str) -> str:
+    """A command-line `option` (`algo.beta=0.1`) of the algorithm `target` (`rl.nft.NFT`) in today's spelling."""
+    key, sep, value = option.partition("=")
+    for old, new in RENAMED_KEYS.get(target, {}).items():
+        if key == f"algo.{old}":
+            return f"algo.{new}{sep}{value}"
+    return option
+
+
+def rename_keys(algo: dict, renamed: dict[str, str]) -> list[str]:
+    """Move each old dotted key of `algo` (a plain config dict) to its new one; a line for each move."""
+    changes = []
+    for old, new in renamed.items():
+        *parents, leaf = old.split(".")
+        node = algo
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = algo
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target[new_leaf] = value
+        changes.append(f"algo.{old} -> algo.{new}")
+    return changes
+
+
 def upgrade_config(config: DictConfig) -> tuple[DictConfig, list[str]]:
     """`config` in today's spelling, and a line for each change (none for a config that is already current)."""
     data = OmegaConf.to_container(config, resolve=False)
@@ -79,6 +127,8 @@ def upgrade_config(config: DictConfig) -> tuple[DictConfig, list[str]]:
 
     retarget(data, "")
     algo = data.get("algo")
+    if isinstance(algo, dict) and algo.get("_target_") in RENAMED_KEYS:
+        changes += rename_keys(algo, RENAMED_KEYS[algo["_target_"]])
     if isinstance(algo, dict) and algo.get("_target_") in RENAMED_ALGORITHMS:
         changes.append(f"algo._target_: {algo['_target_']} -> {RENAMED_ALGORITHMS[algo['_target_']]}")
         algo["_target_"] = RENAMED_ALGORITHMS[algo["_target_"]]

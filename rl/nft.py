@@ -4,8 +4,9 @@
 Each epoch: (1) sample a group of images per prompt with the *old* policy, deterministically (DPM-Solver++ 2M or Euler,
 without guidance as published), keeping only each final latent; (2) advantages within groups, mapped to an optimality
 probability `r`; (3) train on the final latents re-noised at the sampler's timesteps: the implicit positive policy
-`v+ = beta v + (1 - beta) v_old` is pulled towards the data where `r` is high, the negative `v- = (1 + beta) v_old -
-beta v` where it is low (`rl.losses.nft_loss`), plus a small KL to the base model; (4) the old policy trails the
+`v+ = b v + (1 - b) v_old` is pulled towards the data where `r` is high, the negative `v- = (1 + b) v_old - b v` where
+it is low (`rl.losses.nft_loss`; `b` is DiffusionNFT's beta, `algo.policy_mix` here, so that `beta` names a KL weight
+in every method), plus a small KL to the base model (`kl_beta`); (4) the old policy trails the
 trained one (`old <- eta old + (1 - eta) theta`, eta from `capped_linear_decay`); log, evaluate, checkpoint.
 
 No log-probabilities, no SDE and no guidance: a training sample costs one forward of the old policy and one of the
@@ -26,25 +27,9 @@ from rl.context import RunContext
 from rl.evaluation import EvalConfig, held_out
 from rl.losses import group_advantages, nft_loss, nft_optimality_prob, velocity_kl
 from rl.matching import MatchingConfig, NoisedBatch, matching_update
-from rl.policy_copy import PolicyCopy, capped_linear_decay
+from rl.policy_copy import PolicyCopy, TrailingCopyConfig, capped_linear_decay
 from rl.rollouts import SamplingConfig, epoch_metrics, sample_epoch
 from rl.session import TrainingConfig, open_session
-
-
-@dataclass
-class OldPolicyDecay:
-    """How fast the old policy trails the trained one (`algo.old_policy`): after each epoch,
-    `old <- eta old + (1 - eta) theta` with `eta = capped_linear_decay(optimiser steps so far, rate, cap, flat)`
-    (DiffusionNFT's decay type 1: rate 0.001, cap 0.5; type 2, OCR: rate 0.0075, cap 0.999, flat 75)."""
-
-    rate: float = 0.001
-    cap: float = 0.5
-    flat: int = 0
-
-    def __post_init__(self):
-        check_values("algo.old_policy", self, at_least_zero=("rate", "flat"))
-        if not 0 <= self.cap <= 1:
-            raise ConfigError(f"algo.old_policy.cap must be in [0, 1], got {self.cap!r}")
 
 
 @dataclass(kw_only=True)
@@ -52,22 +37,23 @@ class NFT(TrainingConfig):
     """`algo=nft` (conf/algo/nft.yaml): DiffusionNFT's options, and the session's (`TrainingConfig`)."""
 
     epochs: int = 100
-    beta: float = 1.0  # DiffusionNFT's beta: how far the implicit policies sit from the old one (0.1 for OCR); not a
-    #                     KL weight (that is kl_beta)
+    policy_mix: float = 1.0  # DiffusionNFT's beta, how far the implicit policies sit from the old one (0.1 for
+    #                          OCR): v+ = mix v + (1 - mix) v_old; not a KL weight (that is kl_beta)
     kl_beta: float = 1e-4  # the weight of the KL (mean squared velocity difference) to the base model
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip], then mapped to r in [0, 1]
     advantage_std: Literal["global", "group"] = "global"  # normalise advantages by the std of all rewards ("global") or
     #                                                       of each group
     advantage_ddof: int = 0  # the std divides by n - ddof: 0 as DiffusionNFT (np.std)
     adaptive_loss: bool = True  # the released self-normalised x0-space loss; false: the paper's velocity loss
-    old_policy: OldPolicyDecay = field(default_factory=OldPolicyDecay)
+    old_policy: TrailingCopyConfig = field(default_factory=TrailingCopyConfig)  # how the old policy trails
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=1.0, noise_level=0.0,
                                                                             solver="dpm2"))
     train: MatchingConfig = field(default_factory=MatchingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        check_values("algo", self, positive=("epochs", "beta", "adv_clip"), at_least_zero=("kl_beta",))
+        check_values("algo", self, positive=("epochs", "policy_mix", "adv_clip"), at_least_zero=("kl_beta",))
+        self.old_policy.check("algo.old_policy")
         if self.sampling.images_per_prompt < 2:
             raise ConfigError("DiffusionNFT compares the images of a group: algo.sampling.images_per_prompt must be "
                               "at least 2")
@@ -112,7 +98,7 @@ def run(ctx: RunContext, config: NFT) -> None:
                 v_old = batch.velocity()
             v = batch.velocity()
             policy_loss = nft_loss(v, v_old, batch.x0, batch.noise, batch.sigmas, optimality[batch.rows],  # noqa: B023
-                                   config.beta, config.adaptive_loss, config.adv_clip).mean()
+                                   config.policy_mix, config.adaptive_loss, config.adv_clip).mean()
             stats = {"policy_loss": policy_loss.detach(),
                      "velocity_change": ((v.detach() - v_old) ** 2).mean()}  # how far theta has left the old policy
             if reference is None:

@@ -12,8 +12,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+
+from pipelines.configs import check_values
+from pipelines.errors import ConfigError
+
+
+@dataclass
+class TrailingCopyConfig:
+    """How fast the copy trails the trained weights (NFT's `algo.old_policy`, AWM's `algo.ema_policy`): after each
+    epoch, `copy <- d copy + (1 - d) theta` with `d = capped_linear_decay(optimiser steps so far, rate, cap, flat)`
+    (DiffusionNFT's decay type 1: rate 0.001, cap 0.5; type 2, OCR: rate 0.0075, cap 0.999, flat 75; AWM's KL-EMA:
+    rate 0.001, cap 0.3)."""
+
+    rate: float = 0.001
+    cap: float = 0.5
+    flat: int = 0  # optimiser steps with d = 0 (the copy follows the weights exactly) before the ramp
+
+    def check(self, section: str) -> None:
+        """Raise `ConfigError` naming `<section>.<field>` for a value out of its range."""
+        check_values(section, self, at_least_zero=("rate", "flat"))
+        if not 0 <= self.cap <= 1:
+            raise ConfigError(f"{section}.cap must be in [0, 1], got {self.cap!r}")
 
 
 @torch.no_grad()

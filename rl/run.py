@@ -44,7 +44,7 @@ from pipelines.option_types import check_option_types  # noqa: E402
 from rl.checkpoints import check_resume  # noqa: E402
 from rl.context import RunContext  # noqa: E402
 from rl.evaluation import check_prompt_images  # noqa: E402
-from rl.legacy import renamed_options  # noqa: E402
+from rl.legacy import renamed_key_hint, renamed_options  # noqa: E402
 from rl.run_lock import LOCK_FILE, hold_run_dir, release_run_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -282,7 +282,8 @@ def check_before_start(argv: list[str]) -> Path | None:
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).split("Config search path")[0]  # Hydra's search path says nothing to the user
         lines = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
-        print(f"error: {' '.join(lines)}", file=sys.stderr)
+        hint = renamed_key_hint(argv)  # an option an algorithm renamed: say the new name
+        print(f"error: {' '.join(lines)}" + (f" ({hint})" if hint else ""), file=sys.stderr)
         sys.exit(2)
     with exit_on_user_error():
         check_config(cfg, run_dir)

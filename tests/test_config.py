@@ -117,6 +117,13 @@ def test_a_renamed_option_fails_in_one_line_naming_the_new_one(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: algo=grpo_digits is now experiment=grpo_digits (renamed; run the command with the new name)"]
     assert not (tmp_path / "run").exists()
+    out = subprocess.run([sys.executable, "-m", "rl.run", "experiment=nft_digits", "algo.beta=0.1",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
+                         cwd=CONF.parent)
+    (line,) = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and line.startswith("error: ") and line.endswith(
+        "(NFT's algo.beta is now algo.policy_mix)"), line
+    assert not (tmp_path / "run").exists()
 
 
 def test_dpo_and_refl_configs_carry_the_published_defaults():

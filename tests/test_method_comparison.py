@@ -153,7 +153,7 @@ def test_tune_only_runs_four_settings_on_the_validation_phrasings(monkeypatch, t
     assert all("prompts.eval.file=digits_world_validation.txt" in extra for *_, extra in calls)
     choice, missing = mc.tune("nft", mc.plan("nft"), mc.argparse.Namespace(
         out=tmp_path, images=3200, evaluations=10, threads=None), [], run=False)
-    assert missing == [] and choice["options"] == ["algo.optim.lr=0.006", "algo.beta=1"]
+    assert missing == [] and choice["options"] == ["algo.optim.lr=0.006", "algo.policy_mix=1"]
     assert not (tmp_path / "results.md").exists()
 
 
@@ -164,7 +164,7 @@ def test_a_tie_within_float_rounding_keeps_the_earlier_setting_and_one_look_more
     monkeypatch.setattr(mc, "read_metrics", lambda run_dir: run_records(accuracy=lambda k: scores[run_dir.name]))
     args = mc.argparse.Namespace(out=tmp_path, images=3200, evaluations=10, threads=None)
     choice, _ = mc.tune("awm", mc.plan("awm"), args, [], run=False)
-    assert choice["run"] == "lr_0.0015_beta_1" and choice["options"][1] == "algo.ema_policy.beta=1"
+    assert choice["run"] == "lr_0.0015_beta_1" and choice["options"][1] == "algo.ema_kl_beta=1"
     scores["lr_0.0015_beta_0.1"] = scores["lr_0.0015_beta_1"] + 1 / 240  # one correct look more of 3 x 80
     assert mc.tune("awm", mc.plan("awm"), args, [], run=False)[0]["run"] == "lr_0.0015_beta_0.1"
 
@@ -176,15 +176,20 @@ def test_a_seed_run_made_with_other_settings_than_the_tuned_ones_is_refused_and_
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text("- experiment=awm_digits\n- seed=0\n- algo.optim.lr=0.0015\n"
                                                         "- algo.ema_policy.beta=0.1\n")
-    tuned = ["algo.optim.lr=0.0015", "algo.ema_policy.beta=1"]
-    assert mc.ran_with(run_dir, tuned[:1]) and not mc.ran_with(run_dir, tuned)
-    assert mc.ran_with(tmp_path / "awm" / "seed_1", tuned)  # nothing ran there yet
-    with pytest.raises(SystemExit, match="seed_0 ran with other settings than algo.optim.lr=0.0015 algo.ema_policy"):
+    tuned, awm = ["algo.optim.lr=0.0015", "algo.ema_kl_beta=1"], "rl.awm.AWM"
+    assert mc.ran_with(run_dir, tuned[:1], awm) and not mc.ran_with(run_dir, tuned, awm)
+    assert mc.ran_with(tmp_path / "awm" / "seed_1", tuned, awm)  # nothing ran there yet
+    with pytest.raises(SystemExit, match="seed_0 ran with other settings than algo.optim.lr=0.0015 algo.ema_kl_beta"):
         mc.run_to_budgets(mc.plan("awm"), 0, run_dir, 3200, 600.0, 10, tuned)
     write(run_dir, run_records())  # finished, but with beta 0.1: not one of the tuned setting's seeds
-    runs, missing = mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned)
+    runs, missing = mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned, awm)
     assert missing == [0] and runs.by_images == {}
-    assert mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned[:1])[1] == []
+    assert mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned[:1], awm)[1] == []
+    # a run launched before the rename (algo.ema_policy.beta=1) is the tuned setting's (algo.ema_kl_beta=1)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- experiment=awm_digits\n- algo.optim.lr=0.0015\n"
+                                                        "- algo.ema_policy.beta=1\n")
+    assert mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned, awm)[1] == []
+    assert mc.read_runs(tmp_path, "awm", [0], 3200, 600.0, 10, None, tuned, "rl.grpo.GRPO")[1] == [0]
 
 
 def test_report_runs_nothing_and_tables_only_methods_with_every_run(monkeypatch, tmp_path):
@@ -193,7 +198,7 @@ def test_report_runs_nothing_and_tables_only_methods_with_every_run(monkeypatch,
         plan, spec = mc.plan(method), mc.METHODS[method]
         for factor in mc.LR_FACTORS:
             for value in spec.values:
-                name = f"lr_{plan.lr * factor:.3g}_{spec.knob.rsplit('.', 1)[-1]}_{mc.slug(value)}"
+                name = f"lr_{plan.lr * factor:.3g}_{spec.folder_name}_{mc.slug(value)}"
                 write(tmp_path / "tuning" / method / name, run_records())
         for seed in (0, 1, 2):
             records = run_records(accuracy=lambda k, seed=seed, level=level: 0.5 + 0.04 * k + level + 0.01 * seed)
@@ -203,7 +208,7 @@ def test_report_runs_nothing_and_tables_only_methods_with_every_run(monkeypatch,
     mc.main(["--out", str(tmp_path), "--report"])
     text = (tmp_path / "results.md").read_text()
     # end of images per seed 0.90, 0.91, 0.92: mean 0.91 +- 4.303 * 0.01 / sqrt(3) = 0.024843
-    assert "| DiffusionNFT | lr 0.0015, beta 0.1 | 3 | **0.910 [0.885, 0.935]** |" in text
+    assert "| DiffusionNFT | lr 0.0015, policy_mix 0.1 | 3 | **0.910 [0.885, 0.935]** |" in text
     assert "| AWM |" in text and "| ReFL" not in text and "ReFL: 3 of its 4 tuning runs unfinished" in text
     assert "| 0.300 [0.300, 0.300] |" in text  # at the training guidance
     summary = json.loads((tmp_path / "results.json").read_text())

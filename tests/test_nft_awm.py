@@ -18,6 +18,7 @@ from rl.evaluation import EvalConfig
 from rl.lora import LoraSpec
 from rl.matching import MatchingConfig
 from rl.optim import OptimConfig
+from rl.policy_copy import TrailingCopyConfig
 from rl.rollouts import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +74,8 @@ def test_resume_after_a_stop_continues_the_curve(tmp_path, algo):
     the trailing copy (AWM) come back from the checkpoint (a fresh copy of the resumed weights would change
     `old_deviation` / `ema_policy_deviation`, the samples and the losses)."""
     every_2, stop_after_2 = CheckpointConfig(every=2), CheckpointConfig(every=2, exit_after=2)
-    extra = {"old_policy": nft.OldPolicyDecay(rate=0.3, cap=0.6)} if algo is nft else {
-        "ema_policy": awm.EmaPolicy(rate=0.3, cap=0.6)}
+    extra = {"old_policy": TrailingCopyConfig(rate=0.3, cap=0.6)} if algo is nft else {
+        "ema_policy": TrailingCopyConfig(rate=0.3, cap=0.6)}
     run = config_class(algo)
     run(epochs=4, checkpoint=every_2, **small_configs(algo), **extra)(context(tmp_path / "whole"))
     run(epochs=4, checkpoint=stop_after_2, **small_configs(algo), **extra)(context(tmp_path / "split"))
@@ -100,8 +101,8 @@ def test_nft_samples_with_the_old_policy(tmp_path):
     """With a decay of 1 the old policy never leaves the initial weights: every epoch's rollouts are the base model's
     (the same rewards as a run whose weights barely move), while the trained weights, evaluated on held-out prompts,
     have moved. With a decay of 0 the old policy is the latest weights, and the rollouts change."""
-    frozen_old = nft.OldPolicyDecay(rate=1.0, cap=1.0)  # eta = min(n, 1) = 1 from the first epoch on
-    latest = nft.OldPolicyDecay(rate=0.0, cap=0.0)
+    frozen_old = TrailingCopyConfig(rate=1.0, cap=1.0)  # eta = min(n, 1) = 1 from the first epoch on
+    latest = TrailingCopyConfig(rate=0.0, cap=0.0)
     still = {**small_configs(nft), "optim": OptimConfig(lr=1e-12)}
     nft.NFT(epochs=2, old_policy=frozen_old, **small_configs(nft))(context(tmp_path / "frozen"))
     nft.NFT(epochs=2, old_policy=latest, **small_configs(nft))(context(tmp_path / "latest"))

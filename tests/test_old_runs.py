@@ -155,3 +155,32 @@ def test_a_config_from_before_the_session_split_and_renames_upgrades_and_builds(
     assert upgraded == today
     algo = instantiate(upgraded.algo)
     assert type(algo.optim).__module__ == "rl.optim" and type(algo.train).__name__ == "SupervisedStepConfig"
+
+
+@pytest.mark.parametrize("preset", ["nft_digits", "awm_digits"])
+def test_nft_and_awm_configs_from_before_the_shared_trailing_copy_upgrade_and_build(preset):
+    """DiffusionNFT's `algo.beta` (the implicit policies' mix) is `algo.policy_mix`, AWM's `algo.ema_policy.beta` is
+    `algo.ema_kl_beta`, and both trailing copies are `rl.policy_copy.TrailingCopyConfig`: an old config reads so."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        today = compose("config", overrides=[f"experiment={preset}"])
+    old = OmegaConf.to_container(today)
+    algo = old["algo"]
+    if preset == "nft_digits":
+        algo["beta"] = algo.pop("policy_mix")
+        algo["old_policy"]["_target_"] = "rl.nft.OldPolicyDecay"
+    else:
+        algo["ema_policy"]["beta"] = algo.pop("ema_kl_beta")
+        algo["ema_policy"]["_target_"] = "rl.awm.EmaPolicy"
+        del algo["ema_policy"]["flat"]  # AWM's old config had none (its schedule had no flat start)
+    upgraded, changes = legacy.upgrade_config(OmegaConf.create(old))
+    renamed = {"nft_digits": "algo.beta -> algo.policy_mix", "awm_digits": "algo.ema_policy.beta -> algo.ema_kl_beta"}
+    assert renamed[preset] in changes and len(changes) == 2
+    if preset == "awm_digits":
+        assert "flat" not in upgraded.algo.ema_policy  # the dataclass default (0, as AWM's schedule) fills it
+        upgraded.algo.ema_policy.flat = 0
+    assert upgraded == today
+    built = instantiate(upgraded.algo)
+    assert type(built.old_policy if preset == "nft_digits" else built.ema_policy).__name__ == "TrailingCopyConfig"
+    assert legacy.current_override("algo.beta=0.1", "rl.nft.NFT") == "algo.policy_mix=0.1"
+    assert legacy.current_override("algo.beta=0.1", "rl.grpo.GRPO") == "algo.beta=0.1"  # GRPO's beta is a KL weight
+    assert legacy.current_override("algo.ema_policy.beta=1", "rl.awm.AWM") == "algo.ema_kl_beta=1"
