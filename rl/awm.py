@@ -136,8 +136,8 @@ def run(ctx: RunContext, config: AWM) -> None:
 
         # 4. The trailing copy follows the trained weights; log; evaluate every few epochs; checkpoint.
         if trailing is not None:
-            optimizer_steps = (epoch + 1) * train.inner_epochs * train.optimizer_steps
-            decay = capped_linear_decay(optimizer_steps, ema_policy.rate, ema_policy.cap, ema_policy.flat)
+            decay = capped_linear_decay(s.optimizer_steps_through(epoch), ema_policy.rate, ema_policy.cap,
+                                        ema_policy.flat)
             stats["ema_policy_deviation"] = trailing.deviation(s.parameters)
             stats["ema_policy_decay"] = decay
             trailing.update(s.parameters, decay)

@@ -111,8 +111,7 @@ def run(ctx: RunContext, config: NFT) -> None:
         stats = matching_update(s, samples.rollouts, train, sampling, epoch, samples.indices, loss_fn)
 
         # 4. The old policy trails the trained one; log; evaluate on held-out prompts every few epochs; checkpoint.
-        optimizer_steps = (epoch + 1) * train.inner_epochs * train.optimizer_steps
-        decay = capped_linear_decay(optimizer_steps, config.old_policy.rate, config.old_policy.cap,
+        decay = capped_linear_decay(s.optimizer_steps_through(epoch), config.old_policy.rate, config.old_policy.cap,
                                     config.old_policy.flat)
         stats["old_deviation"] = old.deviation(s.parameters)
         stats["old_decay"] = decay

@@ -251,6 +251,11 @@ class Session:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def optimizer_steps_through(self, epoch: int) -> int:
+        """The optimiser steps of the LR schedule once epoch `epoch` (counted from 0) has trained: each epoch takes the
+        same number (`updates / total_steps`; the epoch algorithms' `UpdateLayout`)."""
+        return (epoch + 1) * (self.updates // self.total_steps)
+
     def rewards_usable(self, rewards: torch.Tensor) -> bool:
         """Whether an epoch's rewards (gathered from every process, so every process decides alike) are all finite.
         When one is NaN or infinite, nothing may store or train on them: the epoch's update is skipped (no advantage,
