@@ -89,7 +89,7 @@ def test_bolder_digit_rewards_the_ink_added_to_the_source_and_keeps_the_digit(tm
         path = tmp_path / f"source_{i}.png"
         PIL.Image.fromarray((source.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
         paths.append({"image": str(path)})
-    stored = torch.stack([torch.from_numpy(np.asarray(PIL.Image.open(p["image"]))).permute(2, 0, 1).float() / 255
+    stored = torch.stack([torch.from_numpy(np.array(PIL.Image.open(p["image"]))).permute(2, 0, 1).float() / 255
                           for p in paths])
     bolder = (sources * 1.5).clamp(0, 1)  # brighter strokes: more ink
     prompts = [f"a handwritten digit {n}" for n in labels[:4]]
