@@ -404,7 +404,7 @@ def write_table(out: Path, rows: list[dict], settings: dict, run_dir: Path) -> N
 
 
 def mean_columns(row: dict) -> list[tuple[str, str]]:
-    """`(key, label)` of each held-out mean in a table row, as the README names them: `eval/reward_mean` -> reward,
+    """`(key, label)` of each held-out mean in a table row, as the docs' tables name them: `eval/reward_mean` -> reward,
     `eval/correct_mean` -> accuracy, `eval/aesthetic/reward_mean` -> aesthetic/reward."""
     columns = []
     for key in row:

@@ -200,8 +200,8 @@ def start_processes() -> PartialState:
     gpus = torch.cuda.device_count()
     if state.num_processes == 1 and gpus > 1:
         logger.warning("this machine has %d GPUs and this run uses one; to train on all of them: accelerate launch "
-                       "--config_file scripts/accelerate/multi_gpu.yaml --num_processes %d -m rl.run ... (README, "
-                       "\"Distributed training\")", gpus, gpus)
+                       "--config_file scripts/accelerate/multi_gpu.yaml --num_processes %d -m rl.run ... "
+                       "(docs/models.md, \"Distributed training\")", gpus, gpus)
     return state
 
 

@@ -3,10 +3,10 @@ wait between parallel regions.
 
 On a shared CPU machine torch's defaults oversubscribe: one thread per core, each spinning for a long while when it
 waits, so a run beside another busy process loses scheduler slices at every barrier. `python -m scripts.bench_threads`
-measures this; on two cores (README) two threads with OpenMP's default waiting were 1.9x faster than one thread on an
-idle machine but 1.7x slower than one beside a competing job, while spinning at most 1000 times before sleeping
-(GNU OpenMP's `GOMP_SPINCOUNT=1000`, the OpenMP that torch's Linux wheels use) kept 90% of the idle speed and made the
-busy case 2.1x faster than the default. So:
+measures this; on two cores (docs/performance.md) two threads with OpenMP's default waiting were 1.9x faster than one
+thread on an idle machine but 1.7x slower than one beside a competing job, while spinning at most 1000 times before
+sleeping (GNU OpenMP's `GOMP_SPINCOUNT=1000`, the OpenMP that torch's Linux wheels use) kept 90% of the idle speed
+and made the busy case 2.1x faster than the default. So:
 
 - OpenMP threads spin briefly, then sleep (`GOMP_SPINCOUNT=1000`). OpenMP reads it once, when torch loads it, so the
   entry points call `limit_openmp_spinning()` before they import torch.

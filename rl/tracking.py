@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("wandb", "tensorboard")
 
-# What a per-image value of a reward is called in the README and on plots, where its key alone does not say it: the
-# digits reward's `correct` (1 when the classifier reads the asked digit), whose mean is the model's accuracy.
+# What a per-image value of a reward is called in the docs' tables and on plots, where its key alone does not say
+# it: the digits reward's `correct` (1 when the classifier reads the asked digit), whose mean is the model's accuracy.
 METRIC_NAMES = {"correct": "accuracy"}
 
 

@@ -7,8 +7,8 @@ and backwards in the digits world) timed at several thread counts, on an idle ma
 Each configuration runs in a fresh process (OpenMP reads its settings once, at start); the competitor is another
 process doing the same work in a loop with the default thread count, as a second job on a shared machine would. It
 prints seconds per unit and every time as a ratio to one thread on the idle machine, all measured in this one run.
-The defaults of `rl/threads.py` (`cpu_threads=auto`, `GOMP_SPINCOUNT=1000`) were chosen from its output; the README
-quotes one run.
+The defaults of `rl/threads.py` (`cpu_threads=auto`, `GOMP_SPINCOUNT=1000`) were chosen from its output;
+docs/performance.md quotes one run.
 """
 
 from __future__ import annotations
