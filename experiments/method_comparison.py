@@ -473,7 +473,7 @@ def report(args, plans: dict[str, Plan]) -> tuple[dict, dict, dict, list[str]]:
             pending.append(f"{METHODS[method].label}: {len(missing)} of its 4 tuning runs unfinished")
             continue
         chosen[method] = choice
-        runs, missing = read_method(args.out, plans[method], choice["options"], args)
+        runs, missing = read_method(args.out, plans[method], [*args.overrides, *choice["options"]], args)  # as run
         if runs is None:
             pending.append(f"{METHODS[method].label}: seeds {missing} unfinished (or run with other settings than "
                            "the tuned ones)")

@@ -176,4 +176,5 @@ def _metadata_from_run(config_file: Path, state: dict) -> dict:
 
 
 if __name__ == "__main__":  # the command moved out of this library module
-    sys.exit("error: this command moved: python -m scripts.write_comfyui_lora RUN_DIR/final [--layers N]")
+    print("error: this command moved: python -m scripts.write_comfyui_lora RUN_DIR/final [--layers N]", file=sys.stderr)
+    sys.exit(2)

@@ -281,5 +281,6 @@ def save_single_file(components: dict, file: str | Path, include_t5: bool = True
 
 
 if __name__ == "__main__":  # the command moved out of this library module
-    sys.exit("error: this command moved: python -m scripts.export_single_file MODEL_DIR OUT.safetensors [--no-t5] "
-             "[--transformer-only]")
+    print("error: this command moved: python -m scripts.export_single_file MODEL_DIR OUT.safetensors [--no-t5] "
+          "[--transformer-only]", file=sys.stderr)
+    sys.exit(2)

@@ -180,12 +180,10 @@ def run_offline(ctx: RunContext, config: OfflineDPO) -> None:
         if force or (train.eval_every and (step % train.eval_every == 0 or step == train.max_steps)):
             evaluate_offline(s, config, reference, encoder, scheduler, held_out_pairs, step)
 
-    if state.step == 0:
-        evaluate(0, force=True)
-
-    # 2. Train: pairs -> latents -> DPO loss against the reference -> step; log, checkpoint, evaluate.
+    # 2. Train: pairs -> latents -> DPO loss against the reference -> step; log, checkpoint, evaluate (first: the
+    # start, or on a resume the step whose evaluation failed).
     samples_per_step = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
-    for _ in s.steps("dpo"):
+    for _ in s.steps("dpo", first=lambda step: evaluate(step, force=True)):
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(train.gradient_accumulation_steps):
             batch = next(data)

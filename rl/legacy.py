@@ -70,12 +70,12 @@ def renamed_options(argv: list[str]) -> str | None:
     return "; ".join(found) + " (renamed; run the command with the new name)" if found else None
 
 
-def renamed_key_hint(argv: list[str]) -> str | None:
-    """For a command line that did not compose: the new name of each `algo.<key>=...` it sets that an algorithm
-    renamed (`algo.beta` of DiffusionNFT is `algo.policy_mix`); None when it sets none."""
+def renamed_key_hint(argv: list[str], error: str) -> str | None:
+    """For a command line that did not compose with `error`: the new name of each `algo.<key>=...` it sets that an
+    algorithm renamed (`algo.beta` of DiffusionNFT is `algo.policy_mix`) and that the error names; None when none."""
     keys = {arg.lstrip("+~").split("=")[0] for arg in argv if "=" in arg}
     hints = [f"{target.rsplit('.', 1)[-1]}'s algo.{old} is now algo.{new}" for target, renamed in RENAMED_KEYS.items()
-             for old, new in renamed.items() if f"algo.{old}" in keys]
+             for old, new in renamed.items() if f"algo.{old}" in keys and f"'algo.{old}'" in error]
     return "; ".join(hints) or None
 
 

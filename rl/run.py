@@ -282,7 +282,7 @@ def check_before_start(argv: list[str]) -> Path | None:
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).split("Config search path")[0]  # Hydra's search path says nothing to the user
         lines = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
-        hint = renamed_key_hint(argv)  # an option an algorithm renamed: say the new name
+        hint = renamed_key_hint(argv, message)  # an option an algorithm renamed: say the new name
         print(f"error: {' '.join(lines)}" + (f" ({hint})" if hint else ""), file=sys.stderr)
         sys.exit(2)
     with exit_on_user_error():

@@ -124,6 +124,10 @@ def test_a_renamed_option_fails_in_one_line_naming_the_new_one(tmp_path):
     assert out.returncode == 2 and line.startswith("error: ") and line.endswith(
         "(NFT's algo.beta is now algo.policy_mix)"), line
     assert not (tmp_path / "run").exists()
+    from rl.legacy import renamed_key_hint  # only for a key the error names: AWM's algo.beta is valid, the typo is not
+
+    typo = "Could not override 'algo.epoch'. To append to your config use +algo.epoch=3"
+    assert renamed_key_hint(["experiment=awm_digits", "algo.beta=0.01", "algo.epoch=3"], typo) is None
 
 
 def test_dpo_and_refl_configs_carry_the_published_defaults():

@@ -239,6 +239,6 @@ def test_the_export_command_writes_the_folder_as_the_single_file_and_the_old_com
     assert written.keys() == want.keys() and all(torch.equal(written[k], want[k]) for k in want)
     old = subprocess.run([sys.executable, "-m", "pipelines.single_file", "export", "x", "y"], capture_output=True,
                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert old.returncode == 1 and old.stderr.strip().splitlines()[-1] == (  # after runpy's warning about the package
+    assert old.returncode == 2 and old.stderr.strip().splitlines()[-1] == (  # after runpy's warning about the package
         "error: this command moved: python -m scripts.export_single_file MODEL_DIR OUT.safetensors [--no-t5] "
         "[--transformer-only]")
