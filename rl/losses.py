@@ -110,6 +110,46 @@ def ratio_norm_log_ratio(
     return (log_prob - old_log_prob + squared / (2 * s**2)) * s
 
 
+def gaussian_step_kl(mean: torch.Tensor, old_mean: torch.Tensor, transition_std: torch.Tensor) -> torch.Tensor:
+    """Per sample, the exact KL between the old and the current Gaussian transition of an SDE step, which share their
+    per-element std `s` (B,): `mean_d (mu - mu_old)^2 / (2 s^2)`, a mean over latent elements as Flow-DPPO's code has
+    it (the paper's Eq. 14 sums them, larger by the latent size). In float32: Flow-DPPO's threshold (1e-5) is below
+    bf16's resolution of the means (ALGORITHMS-2026 section 10, pitfalls)."""
+    s = transition_std.float().reshape(-1)
+    squared = ((mean.float() - old_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    return squared / (2 * s**2)
+
+
+def dppo_keep(divergence: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor, threshold: float
+              ) -> torch.Tensor:
+    """Flow-DPPO's trust region (arXiv 2606.11025): which sample-steps keep their gradient. One is dropped only when
+    its KL from the old policy reached `threshold` *and* the update moves further in its advantage's direction (ratio
+    above 1 with a positive advantage, below 1 with a negative one); corrective moves and ratio exactly 1 always
+    pass."""
+    further = ((ratio > 1) & (advantages > 0)) | ((ratio < 1) & (advantages < 0))
+    return ~((divergence >= threshold) & further)
+
+
+def dppo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
+    transition_std: torch.Tensor, advantages: torch.Tensor, threshold: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-DPPO's loss: `mean(-A * ratio * keep)` with `ratio = exp(logp - logp_old)` and no ratio clip, `keep` from
+    `dppo_keep` on the detached KL (`gaussian_step_kl`) and ratio. Dropped entries stay in the mean's denominator (the
+    gradient shrinks with the dropped fraction, as in the reference) and are selected out with `where`, so that an
+    overflowing ratio there leaves the loss finite. A kept entry's gradient is `-A * ratio * grad logp / N`: the
+    importance-weighted policy gradient. Diagnostics: `kl_new_old_mean`, `masked_fraction`, `ratio`, `approx_kl`."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    with torch.no_grad():
+        divergence = gaussian_step_kl(mean, old_mean, transition_std)
+        keep = dppo_keep(divergence, ratio, advantages, threshold)
+    per_sample = torch.where(keep, -advantages * ratio, torch.zeros_like(ratio))
+    with torch.no_grad():
+        stats = {"kl_new_old_mean": divergence.mean(), "masked_fraction": (~keep).float().mean(),
+                 "ratio": ratio.mean(), "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean()}
+    return per_sample.mean(), stats
+
+
 def group_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, std: str = "global", eps: float = 1e-4, clip: float = 5.0,
     ddof: int = 0,

@@ -130,3 +130,46 @@ def test_per_prompt_stat_tracker_by_hand():
     restored = PerPromptStatTracker(buffer_size=4, min_count=3)
     restored.load_state_dict(tracker.state_dict())
     assert restored.buffers["a"] == tracker.buffers["a"] and restored.buffers["a"].maxlen == 4
+
+
+def test_flow_dppo_keeps_corrective_moves_and_drops_only_far_moves_in_the_advantages_direction():
+    """ALGORITHMS-2026 section 10's table: s = 0.5 (2 s^2 = 0.5), tau = 1e-5, D = 2 delta^2; delta = 0.01 gives
+    D = 2e-4 (past tau), delta = 0.001 gives D = 2e-6 (within it)."""
+    from rl.losses import dppo_keep, dppo_loss, gaussian_step_kl
+
+    std = torch.full((5,), 0.5)
+    old_mean = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0))
+    delta = torch.tensor([0.01, 0.01, 0.01, 0.01, 0.001]).reshape(5, 1, 1)
+    divergence = gaussian_step_kl(old_mean + delta, old_mean, std)
+    assert divergence.tolist() == pytest.approx([2e-4, 2e-4, 2e-4, 2e-4, 2e-6], rel=1e-4)
+    ratio = torch.tensor([1.1, 0.9, 0.9, 1.1, 1.1])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0])
+    assert dppo_keep(divergence, ratio, advantages, 1e-5).tolist() == [False, True, False, True, True]
+    assert dppo_keep(torch.full((2,), 1.0), torch.ones(2), torch.tensor([1.0, -1.0]), 1e-5).all()  # ratio 1: a tie
+    assert dppo_keep(divergence, ratio, advantages, 2e-4 + 1e-9).all()  # below the threshold nothing is dropped
+    edge = dppo_keep(torch.tensor([0.5, 0.5]), torch.tensor([1.1, 1.1]), torch.tensor([1.0, 1.0]), 0.5)
+    assert not edge.any()  # D at the threshold counts as past it (D >= tau)
+
+    log_prob = torch.log(ratio).requires_grad_(True)
+    loss, stats = dppo_loss(log_prob, torch.zeros(5), old_mean + delta, old_mean, std, advantages, 1e-5)
+    keep = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])
+    assert loss.item() == pytest.approx((-advantages * ratio * keep).sum().item() / 5, abs=1e-7)  # dropped stay in N
+    loss.backward()
+    assert log_prob.grad.tolist() == pytest.approx((-advantages * ratio * keep / 5).tolist(), abs=1e-7)
+    assert stats["masked_fraction"].item() == pytest.approx(0.4)
+    assert stats["kl_new_old_mean"].item() == pytest.approx((4 * 2e-4 + 2e-6) / 5, rel=1e-4)
+
+
+def test_flow_dppo_passes_everything_on_policy_and_stays_finite_where_a_dropped_ratio_overflows():
+    from rl.losses import dppo_loss
+
+    mean, std = torch.randn(3, 8), torch.full((3,), 0.3)
+    log_prob = torch.tensor([0.2, -0.2, 0.0])
+    loss, stats = dppo_loss(log_prob, torch.zeros(3), mean, mean.clone(), std, torch.tensor([1.0, -1.0, 2.0]), 1e-5)
+    assert stats["masked_fraction"].item() == 0.0 and stats["kl_new_old_mean"].item() == 0.0
+    assert loss.item() == pytest.approx((-math.exp(0.2) + math.exp(-0.2) - 2.0) / 3, abs=1e-6)
+    far = mean + 1.0  # D = 1 / (2 * 0.09): dropped where the move goes with the advantage
+    loss, stats = dppo_loss(torch.tensor([1000.0, 0.0, 0.0]), torch.zeros(3), far, mean, std,
+                            torch.tensor([1.0, 1.0, -1.0]), 1e-5)
+    assert math.isfinite(loss.item()) and stats["masked_fraction"].item() == pytest.approx(1 / 3)
+    assert loss.item() == pytest.approx((-1.0 + 1.0) / 3, abs=1e-6)  # the ratio-1 entries pass (ties never mask)
