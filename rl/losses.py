@@ -116,8 +116,7 @@ def gaussian_step_kl(mean: torch.Tensor, old_mean: torch.Tensor, transition_std:
     it (the paper's Eq. 14 sums them, larger by the latent size). In float32: Flow-DPPO's threshold (1e-5) is below
     bf16's resolution of the means (ALGORITHMS-2026 section 10, pitfalls)."""
     s = transition_std.float().reshape(-1)
-    squared = ((mean.float() - old_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
-    return squared / (2 * s**2)
+    return _per_sample_mean((mean.float() - old_mean.float()) ** 2) / (2 * s**2)
 
 
 def dppo_keep(divergence: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor, threshold: float
